@@ -1,0 +1,40 @@
+"""The `ctxpeft` command line: one entry point, one module per sub-command.
+
+Usage:
+    ctxpeft --help
+    ctxpeft info                 # versions, device, presets
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# name -> (module under service.commands, one-line help). Modules are imported lazily so
+# `ctxpeft --help` stays fast and a sub-command's heavy imports load only when it runs.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "info": ("info", "print versions, the selected device and the backbone presets"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ctxpeft", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(f"service.commands.{module_name}")
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(sub_parser)
+        sub_parser.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code: int = args._module.run(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
