@@ -1,0 +1,158 @@
+"""Context adapter layers: wrap an LM's existing `nn.Linear` and add the adapter of each
+token's (slot, context).
+
+    y_t = W (x_t * l_in) + b                       base projection, once for the whole batch
+        + ((x_t A_{s,c}) B_{s,c})                  Context-LoRA   (d_in x d_out never formed)
+        + b'_{s,c}                                 Context-BitFit
+    y_t = y_t * l_{s,c}                            Context-IA3    (k, v outputs; for down_proj
+                                                   the input x_t is scaled instead: l_in)
+    where s = slot of the token's row, c = context of the token.
+
+Three implementations of the gathered product, chosen by `Routing.path`:
+  row      per-row batched matmul: a row's weights are gathered once per batch (B copies,
+           not B x T) and the delta is added in place (baddbmm). Fast path.
+  segment  tokens grouped by (slot, context), one dense matmul per group.
+  token    per-token gather (B x T copies of A and B): the general reference.
+All three agree to float tolerance; tests hold the fast paths to the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from adapters.routing import NUM_CONTEXTS, Routing, StackedWeights, current_routing
+
+
+class ContextLinear(nn.Module):
+    """A frozen `nn.Linear` plus the routed adapter delta of layer `layer`, module `name`."""
+
+    def __init__(self, base: nn.Linear, layer: int, name: str) -> None:
+        super().__init__()
+        self.base = base
+        self.layer = layer
+        self.name = name
+
+    @property
+    def in_features(self) -> int:
+        return int(self.base.in_features)
+
+    @property
+    def out_features(self) -> int:
+        return int(self.base.out_features)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        routing = current_routing()
+        if routing is None:
+            return self.base(x)
+        if routing.path == "row":
+            rows = routing.row_weights(self.layer, self.name)
+            return self.base(x) if rows is None else _row_forward(self.base, x, rows, routing)
+        stacked = routing.source.stacked(self.layer, self.name)
+        if stacked is None:
+            return self.base(x)
+        if routing.path == "segment":
+            return _segment_forward(self.base, x, stacked, routing)
+        return _token_forward(self.base, x, stacked, routing)
+
+
+def _per_token(values: torch.Tensor, mask: torch.Tensor, uniform: int | None) -> torch.Tensor:
+    """Per-row, per-context vectors [B, C, d] -> per-token vectors [B, T or 1, d]."""
+    if uniform is not None:
+        return values[:, uniform].unsqueeze(1)
+    return torch.bmm(mask, values)
+
+
+def _row_forward(
+    base: nn.Linear, x: torch.Tensor, w: StackedWeights, routing: Routing
+) -> torch.Tensor:
+    uniform = routing.uniform_context()
+    mask = routing.context_mask(x.dtype)
+    if w.ia3 is not None and w.ia3_on_input:
+        x = x * _per_token(w.ia3, mask, uniform)
+    out = base(x)
+    if w.lora_A is not None and w.lora_B is not None:
+        grad = torch.is_grad_enabled()
+        if uniform is not None:
+            h = torch.bmm(x, w.lora_A[:, uniform])
+            b = w.lora_B[:, uniform]
+        else:
+            # All contexts side by side: [B, d_in, C*R]; zero the columns of the other
+            # contexts per token, then one matmul with the stacked B [B, C*R, d_out].
+            batch, _, d_in, rank = w.lora_A.shape
+            a = w.lora_A.permute(0, 2, 1, 3).reshape(batch, d_in, NUM_CONTEXTS * rank)
+            h = torch.bmm(x, a) * mask.repeat_interleave(rank, dim=2)
+            b = w.lora_B.reshape(batch, NUM_CONTEXTS * rank, -1)
+        out = torch.baddbmm(out, h, b) if grad else out.baddbmm_(h, b)
+    if w.bias is not None:
+        out = out + _per_token(w.bias, mask, uniform)
+    if w.ia3 is not None and not w.ia3_on_input:
+        out = out * _per_token(w.ia3, mask, uniform)
+    return out
+
+
+def _flat_keys(routing: Routing, tokens: int) -> torch.Tensor:
+    """slot * C + context for every token, flattened to [B * T]."""
+    keys = routing.slots.unsqueeze(1) * NUM_CONTEXTS + routing.contexts
+    return keys.expand(-1, tokens).reshape(-1) if keys.shape[1] != tokens else keys.reshape(-1)
+
+
+def _flatten_sc(t: torch.Tensor) -> torch.Tensor:
+    """[S, C, ...] -> [S * C, ...]"""
+    return t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])
+
+
+def _token_forward(
+    base: nn.Linear, x: torch.Tensor, w: StackedWeights, routing: Routing
+) -> torch.Tensor:
+    batch, tokens, d_in = x.shape
+    keys = _flat_keys(routing, tokens)
+    flat = x.reshape(-1, d_in)
+    if w.ia3 is not None and w.ia3_on_input:
+        flat = flat * _flatten_sc(w.ia3)[keys]
+    out = base(flat)
+    if w.lora_A is not None and w.lora_B is not None:
+        a = _flatten_sc(w.lora_A)[keys]  # [N, d_in, R]
+        b = _flatten_sc(w.lora_B)[keys]  # [N, R, d_out]
+        out = out + torch.bmm(torch.bmm(flat.unsqueeze(1), a), b).squeeze(1)
+    if w.bias is not None:
+        out = out + _flatten_sc(w.bias)[keys]
+    if w.ia3 is not None and not w.ia3_on_input:
+        out = out * _flatten_sc(w.ia3)[keys]
+    return out.reshape(batch, tokens, -1)
+
+
+def _segment_forward(
+    base: nn.Linear, x: torch.Tensor, w: StackedWeights, routing: Routing
+) -> torch.Tensor:
+    batch, tokens, d_in = x.shape
+    keys = _flat_keys(routing, tokens)
+    flat = x.reshape(-1, d_in)
+    order = torch.argsort(keys, stable=True)
+    uniq, counts = torch.unique_consecutive(keys[order], return_counts=True)
+    segments = list(zip(uniq.tolist(), torch.split(order, counts.tolist()), strict=True))
+    if w.ia3 is not None and w.ia3_on_input:
+        scale = torch.empty_like(flat[:, :1].expand(-1, d_in))
+        ia3 = _flatten_sc(w.ia3)
+        for key, idx in segments:
+            scale[idx] = ia3[key]
+        flat = flat * scale
+    out = base(flat)
+    lora_a = None if w.lora_A is None else _flatten_sc(w.lora_A)
+    lora_b = None if w.lora_B is None else _flatten_sc(w.lora_B)
+    bias = None if w.bias is None else _flatten_sc(w.bias)
+    ia3_out = None if (w.ia3 is None or w.ia3_on_input) else _flatten_sc(w.ia3)
+    for key, idx in segments:
+        seg = out[idx]
+        if lora_a is not None and lora_b is not None:
+            seg = seg + (flat[idx] @ lora_a[key]) @ lora_b[key]
+        if bias is not None:
+            seg = seg + bias[key]
+        if ia3_out is not None:
+            seg = seg * ia3_out[key]
+        out = out.index_copy(0, idx, seg)
+    return out.reshape(batch, tokens, -1)

@@ -1,0 +1,177 @@
+"""ContextPEFTModel: the frozen backbone with context layers injected, plus the sequence
+layout, the training loss and greedy generation with a KV cache.
+
+    sequence  = [BOS] + connector(vision(image)) + caption tokens (+ EOS when training)
+    contexts  =  text  +        image x n_img      + text ...
+
+Every LM call takes a `WeightSource` (the serving bank or one trainable adapter set) and the
+per-row slots explicitly; they reach the layers through `use_routing` for that call only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from transformers import DynamicCache, PreTrainedTokenizerBase
+
+from adapters.backbone import Backbone, decoder_layers, lm_linear
+from adapters.config import IMAGE, LM_MODULES, TEXT
+from adapters.layers import ContextLinear
+from adapters.routing import Path, Routing, WeightSource, use_routing
+
+
+class ContextPEFTModel(nn.Module):
+    """A backbone whose LM linears are `ContextLinear`s. Holds no adapter weights itself."""
+
+    def __init__(self, backbone: Backbone) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self._inject()
+
+    def _inject(self) -> None:
+        for index, layer in enumerate(decoder_layers(self.backbone.lm)):
+            for name in LM_MODULES:
+                module = lm_linear(layer, name)
+                if isinstance(module, ContextLinear):
+                    continue
+                parent = (
+                    layer.self_attn
+                    if name in ("q_proj", "k_proj", "v_proj", "o_proj")
+                    else layer.mlp
+                )
+                setattr(parent, name, ContextLinear(module, index, name))
+
+    @property
+    def lm(self) -> nn.Module:
+        return self.backbone.lm
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return self.backbone.tokenizer
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        embeddings = self.backbone.lm.get_input_embeddings()
+        return embeddings(ids.to(self.backbone.device))
+
+    # --- sequence layout ----------------------------------------------------------------
+    def prefix(self, image_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[BOS] + image embeddings, and their contexts: ([B, 1 + n, d], [B, 1 + n])."""
+        batch, n_img, _ = image_embeds.shape
+        bos_id = self.backbone.tokenizer.bos_token_id
+        bos = self.embed_tokens(torch.full((batch, 1), bos_id, dtype=torch.long))
+        embeds = torch.cat([bos.to(image_embeds.dtype), image_embeds], dim=1)
+        contexts = torch.full((batch, 1 + n_img), IMAGE, dtype=torch.long, device=embeds.device)
+        contexts[:, 0] = TEXT
+        return embeds, contexts
+
+    def lm_forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        routing: Routing | None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: DynamicCache | None = None,
+        logits_to_keep: int = 0,
+    ) -> torch.Tensor:
+        """One LM call with explicit routing; returns logits."""
+        with use_routing(routing):
+            out = self.backbone.lm(
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                past_key_values=past_key_values,
+                use_cache=past_key_values is not None,
+                logits_to_keep=logits_to_keep,
+            )
+        return out.logits
+
+    # --- training ---------------------------------------------------------------------
+    def caption_loss(
+        self,
+        features: torch.Tensor,
+        captions: Sequence[Sequence[int]],
+        source: WeightSource,
+        slots: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, int]:
+        """Mean cross-entropy over caption tokens + EOS (the loss is on caption tokens only),
+        and the number of tokens it averages over. Rows are right-padded."""
+        device = self.backbone.device
+        batch = features.shape[0]
+        slots = torch.zeros(batch, dtype=torch.long, device=device) if slots is None else slots
+        image_embeds = source.connect(features.to(device), slots)
+        prefix, prefix_ctx = self.prefix(image_embeds)
+        eos = self.backbone.tokenizer.eos_token_id
+        pad = self.backbone.tokenizer.pad_token_id
+        targets = [[*c, eos] for c in captions]
+        width = max(len(t) for t in targets)
+        ids = torch.full((batch, width), pad, dtype=torch.long, device=device)
+        mask = torch.zeros((batch, width), dtype=torch.long, device=device)
+        for row, t in enumerate(targets):
+            ids[row, : len(t)] = torch.tensor(t, device=device)
+            mask[row, : len(t)] = 1
+        # Input = prefix + targets[:-1]; the last prefix position predicts the first caption token.
+        text_embeds = self.embed_tokens(ids[:, :-1]).to(prefix.dtype)
+        inputs = torch.cat([prefix, text_embeds], dim=1)
+        contexts = torch.cat([prefix_ctx, torch.full_like(ids[:, :-1], TEXT)], dim=1)
+        attention = torch.cat([torch.ones_like(prefix_ctx), mask[:, :-1]], dim=1)
+        routing = Routing(source, slots, contexts)
+        logits = self.lm_forward(inputs, routing, attention_mask=attention)
+        p = prefix.shape[1]
+        predicted = logits[:, p - 1 :, :].float()
+        labels = ids.masked_fill(mask == 0, -100)
+        loss = nn.functional.cross_entropy(
+            predicted.reshape(-1, predicted.shape[-1]), labels.reshape(-1), ignore_index=-100
+        )
+        return loss, int(mask.sum())
+
+    # --- generation -------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        features: torch.Tensor,
+        source: WeightSource,
+        slots: torch.Tensor,
+        max_new_tokens: int | Sequence[int],
+        path: Path = "row",
+        decode_path: Path | None = None,
+    ) -> list[list[int]]:
+        """Greedy decoding with a KV cache. Each row stops at EOS or its own token limit and
+        leaves the batch; returns the generated ids per row (EOS excluded)."""
+        batch = features.shape[0]
+        device = self.backbone.device
+        limits = (
+            [max_new_tokens] * batch if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        )
+        slots = slots.to(device)
+        image_embeds = source.connect(features.to(device), slots)
+        embeds, contexts = self.prefix(image_embeds)
+        routing = Routing(source, slots, contexts, path)
+        cache = DynamicCache(config=self.backbone.lm.config)
+        logits = self.lm_forward(embeds, routing, past_key_values=cache, logits_to_keep=1)
+        eos = self.backbone.tokenizer.eos_token_id
+        outputs: list[list[int]] = [[] for _ in range(batch)]
+        active = list(range(batch))  # original row index of each row still in the batch
+        text = torch.full((batch, 1), TEXT, dtype=torch.long, device=device)
+        step_routing = routing.step(text, decode_path or path)
+        while active:
+            next_ids = logits[:, -1].argmax(dim=-1)
+            keep = []
+            for pos, (row, token) in enumerate(zip(active, next_ids.tolist(), strict=True)):
+                if token != eos:
+                    outputs[row].append(token)
+                if token != eos and len(outputs[row]) < limits[row]:
+                    keep.append(pos)
+            if len(keep) < len(active):
+                if not keep:
+                    break
+                index = torch.tensor(keep, device=device)
+                cache.batch_select_indices(index)
+                step_routing = step_routing.select_rows(index)
+                next_ids = next_ids.index_select(0, index)
+                active = [active[k] for k in keep]
+            step = self.embed_tokens(next_ids.unsqueeze(1))
+            logits = self.lm_forward(step, step_routing, past_key_values=cache)
+        return outputs
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return str(self.backbone.tokenizer.decode(list(ids), skip_special_tokens=True))

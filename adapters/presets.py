@@ -1,0 +1,104 @@
+"""Backbone presets, kept as data: `demo` (tiny, trains on CPU in minutes), `small`
+(benchmarks) and `paper` (the paper's shapes: SwinV2-Tiny-shaped encoder, 12-layer 768-d
+Llama-style LM). All are random-init configs: nothing is downloaded.
+
+An LM config without `vocab_size` takes the size of the locally built caption tokenizer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from adapters.config import BackboneConfig
+
+_SPECIAL_IDS: dict[str, Any] = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+
+
+def _llama(**kwargs: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "model_type": "llama",
+        "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 512,
+        "tie_word_embeddings": False,
+        "attention_bias": False,
+        "mlp_bias": False,
+        **_SPECIAL_IDS,
+    }
+    base.update(kwargs)
+    return base
+
+
+PRESETS: dict[str, BackboneConfig] = {
+    "demo": BackboneConfig(
+        name="demo",
+        vision={
+            "model_type": "vit",
+            "image_size": 64,
+            "patch_size": 8,
+            "hidden_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "intermediate_size": 128,
+        },
+        lm=_llama(
+            hidden_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            intermediate_size=256,
+        ),
+        image_size=64,
+    ),
+    "small": BackboneConfig(
+        name="small",
+        vision={
+            "model_type": "vit",
+            "image_size": 64,
+            "patch_size": 8,
+            "hidden_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "intermediate_size": 256,
+        },
+        lm=_llama(
+            hidden_size=256,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            intermediate_size=1024,
+            vocab_size=2048,
+        ),
+        image_size=64,
+    ),
+    "paper": BackboneConfig(
+        name="paper",
+        # SwinV2-Tiny: 256x256 input, 768-d output, 8x8 = 64 image tokens.
+        vision={
+            "model_type": "swinv2",
+            "image_size": 256,
+            "patch_size": 4,
+            "embed_dim": 96,
+            "depths": [2, 2, 6, 2],
+            "num_heads": [3, 6, 12, 24],
+            "window_size": 8,
+        },
+        # The paper's ~150M Llama-2-style LM: 12 layers, 768-d, 12 heads, SwiGLU 3072,
+        # OPT-125m vocabulary size.
+        lm=_llama(
+            hidden_size=768,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            num_key_value_heads=12,
+            intermediate_size=3072,
+            vocab_size=50272,
+        ),
+        image_size=256,
+    ),
+}
+
+
+def get_preset(name: str) -> BackboneConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown backbone preset {name!r}; known: {', '.join(PRESETS)}") from None

@@ -1,0 +1,133 @@
+"""Routing: which adapter slot and which context each token uses, passed with the forward.
+
+A `Routing` is built per batch by the caller (engine or trainer) and handed to
+`ContextPEFTModel` calls explicitly. The model makes it visible to the wrapped linear layers
+only for the duration of that call through a `ContextVar`, which is private to the calling
+thread (and asyncio task): two threads running forwards never see each other's routing, and
+no module holds routing state between calls.
+
+Per batch, the per-row adapter weights of each module are gathered once (on first use) and
+reused by every decode step: a batch's rows keep their adapter for the whole generation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import torch
+
+from adapters.config import CONTEXTS
+
+Path = Literal["row", "segment", "token"]
+NUM_CONTEXTS = len(CONTEXTS)
+
+
+@dataclass(frozen=True)
+class StackedWeights:
+    """One module's adapter weights for S slots x C contexts. Absent components are None.
+
+    lora_A [S, C, d_in, R]; lora_B [S, C, R, d_out] with the LoRA scaling folded in;
+    bias [S, C, d_out] (BitFit); ia3 [S, C, d] (output side, or input side for down_proj).
+    Neutral values (zero LoRA, zero bias, unit IA3) make a slot that does not use a component
+    leave the output unchanged, so one forward can mix methods and ranks.
+    """
+
+    lora_A: torch.Tensor | None = None
+    lora_B: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    ia3: torch.Tensor | None = None
+    ia3_on_input: bool = False
+
+    def select(self, index: torch.Tensor) -> StackedWeights:
+        """Rows `index` of the leading dimension: gathers per-row weights [B, C, ...] from
+        per-slot ones, or keeps some rows of already gathered ones."""
+
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.index_select(0, index)
+
+        return StackedWeights(
+            pick(self.lora_A), pick(self.lora_B), pick(self.bias), pick(self.ia3), self.ia3_on_input
+        )
+
+
+class WeightSource(Protocol):
+    """Where adapter weights come from: the serving `AdapterBank` (many slots) or a single
+    trainable `AdapterSet` (one slot, differentiable)."""
+
+    def stacked(self, layer: int, module: str) -> StackedWeights | None: ...
+
+    def connect(self, features: torch.Tensor, slots: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass
+class Routing:
+    """Per-row slot ids and per-token context ids for one forward call.
+
+    `slots` [B] (long): the adapter slot of each row. `contexts` [B, T] (long): the context id
+    of each token of this call (0 = image, 1 = text). `path` picks the gathered-product
+    implementation: "row" (per-row batched matmul with weights gathered once per batch),
+    "segment" (tokens grouped by (slot, context), one matmul per group) or "token"
+    (per-token gather: the general reference).
+    """
+
+    source: WeightSource
+    slots: torch.Tensor
+    contexts: torch.Tensor
+    path: Path = "row"
+    _rows: dict[tuple[int, str], StackedWeights | None] = field(default_factory=dict, repr=False)
+    _mask: dict[torch.dtype, torch.Tensor] = field(default_factory=dict, repr=False)
+    _uniform: int | None = field(default=None, repr=False)
+
+    def step(self, contexts: torch.Tensor, path: Path | None = None) -> Routing:
+        """The routing of the next call of the same batch: new contexts, same gathered weights."""
+        return Routing(self.source, self.slots, contexts, path or self.path, self._rows)
+
+    def select_rows(self, rows: torch.Tensor) -> Routing:
+        """Keep only `rows` (finished rows leave the batch); gathered weights follow."""
+        kept: dict[tuple[int, str], StackedWeights | None] = {}
+        for key, w in self._rows.items():
+            kept[key] = None if w is None else w.select(rows)
+        contexts = self.contexts.index_select(0, rows)
+        return Routing(self.source, self.slots.index_select(0, rows), contexts, self.path, kept)
+
+    def uniform_context(self) -> int | None:
+        """The single context of every token of this call, if there is one (decode: text).
+        Computed once per call, not once per layer: it costs a device sync."""
+        if self._uniform is None:
+            first = int(self.contexts.view(-1)[0])
+            self._uniform = first if bool((self.contexts == first).all()) else -1
+        return None if self._uniform < 0 else self._uniform
+
+    def context_mask(self, dtype: torch.dtype) -> torch.Tensor:
+        """One-hot contexts [B, T, C] in `dtype`."""
+        if dtype not in self._mask:
+            self._mask[dtype] = torch.nn.functional.one_hot(self.contexts, NUM_CONTEXTS).to(dtype)
+        return self._mask[dtype]
+
+    def row_weights(self, layer: int, module: str) -> StackedWeights | None:
+        key = (layer, module)
+        if key not in self._rows:
+            w = self.source.stacked(layer, module)
+            self._rows[key] = None if w is None else w.select(self.slots)
+        return self._rows[key]
+
+
+_current: ContextVar[Routing | None] = ContextVar("ctxpeft_routing", default=None)
+
+
+@contextlib.contextmanager
+def use_routing(routing: Routing | None) -> Iterator[None]:
+    """Make `routing` visible to the context layers for the duration of one model call."""
+    token = _current.set(routing)
+    try:
+        yield
+    finally:
+        _current.reset(token)
+
+
+def current_routing() -> Routing | None:
+    return _current.get()
