@@ -12,8 +12,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-# name -> (module under service.commands, one-line help). Modules are imported lazily so
-# `ctxpeft --help` stays fast and a sub-command's heavy imports load only when it runs.
+# name -> (module under service.commands, one-line help). Each module keeps its heavy imports
+# (torch, transformers) inside run(), so `ctxpeft --help` stays fast.
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("info", "print versions, the selected device and the backbone presets"),
 }
