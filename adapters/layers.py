@@ -18,6 +18,8 @@ All three agree to float tolerance; tests hold the fast paths to the reference.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -32,6 +34,11 @@ class ContextLinear(nn.Module):
         self.base = base
         self.layer = layer
         self.name = name
+        # Keep the wrapped LM's state dict in the Hugging Face layout ("q_proj.weight", not
+        # "q_proj.base.weight"): the backbone's fingerprint and `Backbone.save` read it, and
+        # they must not depend on whether context layers were injected.
+        self.register_state_dict_post_hook(_drop_base_prefix)
+        self.register_load_state_dict_pre_hook(_add_base_prefix)
 
     @property
     def in_features(self) -> int:
@@ -58,6 +65,17 @@ class ContextLinear(nn.Module):
         if routing.path == "segment":
             return _segment_forward(self.base, x, stacked, routing)
         return _token_forward(self.base, x, stacked, routing)
+
+
+def _drop_base_prefix(module: nn.Module, state: dict[str, Any], prefix: str, metadata: Any) -> None:
+    for key in [k for k in state if k.startswith(prefix + "base.")]:
+        state[prefix + key[len(prefix) + 5 :]] = state.pop(key)
+
+
+def _add_base_prefix(module: nn.Module, state: dict[str, Any], prefix: str, *args: Any) -> None:
+    for name in ("weight", "bias"):
+        if prefix + name in state:
+            state[prefix + "base." + name] = state.pop(prefix + name)
 
 
 def _per_token(values: torch.Tensor, mask: torch.Tensor, uniform: int | None) -> torch.Tensor:
