@@ -1,0 +1,206 @@
+"""One error shape for every 4xx/5xx answer, and the handlers that produce it.
+
+    {"error": {"type": "image_too_large", "message": "..."}, "request_id": "3f2a..."}
+
+Code under `service.api` raises `ApiError(status, type, message, headers=...)`; the app factory
+calls `install_error_handlers(app)` so that ApiError, FastAPI's validation errors, Starlette's
+HTTP exceptions (unknown route, wrong method) and any unexpected exception all answer in that
+shape. An unexpected exception is logged with its traceback and answered as a bare 500
+"internal": its message may hold internals and never reaches the client.
+"""
+
+from __future__ import annotations
+
+import http
+import logging
+import re
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from service.logging import current_request_id
+
+log = logging.getLogger(__name__)
+
+REQUEST_ID_HEADER = "X-Request-ID"
+_TYPE_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
+
+# Error type used when only a status is known (Starlette's own exceptions, bare statuses).
+DEFAULT_ERROR_TYPES: dict[int, str] = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    408: "request_timeout",
+    409: "conflict",
+    411: "length_required",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_parameter",
+    429: "too_many_requests",
+    500: "internal",
+    501: "not_implemented",
+    503: "unavailable",
+    504: "timeout",
+}
+
+
+class ErrorDetail(BaseModel):
+    type: str = Field(description="Stable snake_case error kind, e.g. image_too_large.")
+    message: str = Field(description="Human-readable explanation; wording may change.")
+
+
+class ErrorBody(BaseModel):
+    """The body of every 4xx/5xx response (for OpenAPI `responses=`)."""
+
+    error: ErrorDetail
+    request_id: str = Field(description="Id of the request; also in the X-Request-ID header.")
+
+
+class ApiError(Exception):
+    """An error answered to the client as-is: status, snake_case type, message, headers."""
+
+    def __init__(
+        self,
+        status: int,
+        type: str,
+        message: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        if not 400 <= status <= 599:
+            raise ValueError(f"ApiError status must be 4xx or 5xx, got {status}")
+        if not _TYPE_PATTERN.match(type):
+            raise ValueError(f"ApiError type must be snake_case, got {type!r}")
+        super().__init__(message)
+        self.status = status
+        self.type = type
+        self.message = message
+        self.headers: dict[str, str] = dict(headers or {})
+
+    def __repr__(self) -> str:
+        return f"ApiError({self.status}, {self.type!r}, {self.message!r})"
+
+
+def default_error_type(status: int) -> str:
+    """The snake_case type for a bare status: 404 -> not_found, 418 -> client_error."""
+    if status in DEFAULT_ERROR_TYPES:
+        return DEFAULT_ERROR_TYPES[status]
+    return "server_error" if status >= 500 else "client_error"
+
+
+def request_id_from_scope(scope: Mapping[str, Any]) -> str:
+    """The request id RequestIdMiddleware stored, else the logging context's, else a new one."""
+    state = scope.get("state")
+    request_id = state.get("request_id") if isinstance(state, Mapping) else None
+    if not request_id:
+        request_id = current_request_id()
+    return request_id or uuid.uuid4().hex
+
+
+def error_content(type: str, message: str, request_id: str) -> dict[str, Any]:
+    """The error shape as a JSON-ready dict."""
+    return {"error": {"type": type, "message": message}, "request_id": request_id}
+
+
+def error_response(
+    status: int,
+    type: str,
+    message: str,
+    request_id: str,
+    headers: Mapping[str, str] | None = None,
+) -> Response:
+    """A response in the error shape, with the request id echoed in X-Request-ID."""
+    all_headers = {**(headers or {}), REQUEST_ID_HEADER: request_id}
+    if status in (204, 304) or status < 200:  # these must not carry a body
+        return Response(status_code=status, headers=all_headers)
+    return JSONResponse(error_content(type, message, request_id), status, headers=all_headers)
+
+
+def _phrase(status: int) -> str:
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return "error"
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` entries documenting the error shape for the given statuses."""
+    return {status: {"model": ErrorBody, "description": _phrase(status)} for status in statuses}
+
+
+def _validation_message(errors: Iterable[Mapping[str, Any]]) -> str:
+    parts = []
+    for error in errors:
+        loc = [str(part) for part in error.get("loc", ())]
+        # ("body", "max_new_tokens") -> "max_new_tokens"; keep the source for query/header.
+        if len(loc) > 1 and loc[0] == "body":
+            loc = loc[1:]
+        where = ".".join(loc) or "request"
+        parts.append(f"{where}: {error.get('msg', 'invalid value')}")
+    return "; ".join(parts) or "invalid request parameters"
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return error_response(
+        exc.status, exc.type, exc.message, request_id_from_scope(request.scope), exc.headers
+    )
+
+
+async def _validation_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    message = _validation_message(exc.errors())
+    return error_response(422, "invalid_parameter", message, request_id_from_scope(request.scope))
+
+
+async def _http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    status = exc.status_code
+    phrase = _phrase(status)
+    message = exc.detail if isinstance(exc.detail, str) and exc.detail else phrase
+    if message == phrase and status == 404:
+        message = f"no route for {request.method} {request.url.path}"
+    elif message == phrase and status == 405:
+        message = f"method {request.method} is not allowed on {request.url.path}"
+    return error_response(
+        status,
+        default_error_type(status),
+        message,
+        request_id_from_scope(request.scope),
+        exc.headers,
+    )
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    request_id = request_id_from_scope(request.scope)
+    log.error(
+        "unhandled %s in %s %s",
+        type(exc).__name__,
+        request.method,
+        request.url.path,
+        exc_info=exc,
+        extra={"request_id": request_id},
+    )
+    return error_response(
+        500, "internal", "internal error; quote the request id when reporting it", request_id
+    )
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Make every error `app` answers use the error shape."""
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_exception)
+    # Starlette runs this one in its outermost ServerErrorMiddleware, outside user middleware,
+    # then re-raises for the server to see; error_response sets X-Request-ID itself for that.
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,219 @@
+"""Service configuration: one typed `Settings`, read from `CTXPEFT_*` environment variables.
+
+Field names are the `ctxpeft serve` flag names with underscores (`--max-batch-size` is
+`max_batch_size`, env `CTXPEFT_MAX_BATCH_SIZE`). Values are validated once here, at the edge,
+and trusted afterwards.
+
+    settings = Settings()                      # env + defaults
+    settings = Settings(port=9000, keys=...)   # explicit values win over the environment
+    assert_safe_binding(settings, has_keys=not key_store.empty)
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from pathlib import Path
+from typing import Annotated, Literal, Self
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+PositiveInt = Annotated[int, Field(gt=0)]
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
+LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
+
+
+class Settings(BaseSettings):
+    """Everything `ctxpeft serve` can be told; see each field's description."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CTXPEFT_",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    # --- network -------------------------------------------------------------------------
+    host: str = Field(
+        default="127.0.0.1", description="Interface to bind; non-loopback needs API keys."
+    )
+    port: int = Field(
+        default=8000, ge=0, le=65535, description="TCP port to listen on (0: any free)."
+    )
+
+    # --- storage and model -----------------------------------------------------------------
+    runtime_dir: Path = Field(
+        default=Path("var"),
+        description="Runtime data folder (built backbone, adapter store, caches).",
+    )
+    store_dir: Path | None = Field(
+        default=None, description="Adapter store folder; defaults to <runtime_dir>/adapters."
+    )
+    backbone: str = Field(
+        default="demo",
+        min_length=1,
+        description="Backbone: a preset name, a local folder or a hub id.",
+    )
+    device: str = Field(
+        default="auto", min_length=1, description="Torch device: auto, cpu, cuda, cuda:1."
+    )
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        default="float32", description="Compute dtype of the backbone and adapters."
+    )
+
+    # --- batching and adapter cache --------------------------------------------------------
+    max_batch_size: PositiveInt = Field(default=32, description="Most rows in one forward batch.")
+    max_wait_ms: float = Field(
+        default=5.0,
+        ge=0,
+        le=10_000,
+        description="Longest a batch waits to fill before it runs (ms).",
+    )
+    device_slots: PositiveInt = Field(
+        default=16, description="Adapter sets resident on the device at once (bank slots)."
+    )
+    max_rank: PositiveInt = Field(default=64, description="Largest adapter rank the bank accepts.")
+    cpu_cache_bytes: int = Field(
+        default=268_435_456, ge=0, description="Byte budget of the CPU LRU tier of adapter weights."
+    )
+    encoder_cache_entries: int = Field(
+        default=512, ge=0, description="Vision-encoder outputs cached by image content (0: off)."
+    )
+
+    # --- admission control -----------------------------------------------------------------
+    queue_size: PositiveInt = Field(
+        default=256, description="Waiting requests before 503 queue_full."
+    )
+    tenant_max_inflight: PositiveInt = Field(
+        default=32, description="Requests one tenant may have queued or running before 429."
+    )
+    request_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Deadline of one request from admission to answer (504 after).",
+    )
+    default_max_new_tokens: PositiveInt = Field(
+        default=32, description="Caption length in tokens when the request does not say."
+    )
+    max_new_tokens_limit: PositiveInt = Field(
+        default=64, description="Largest max_new_tokens a request may ask for (422 above)."
+    )
+    drain_timeout_s: float = Field(
+        default=20.0,
+        ge=0,
+        description="On shutdown, how long in-flight requests may take to finish.",
+    )
+
+    # --- uploads ---------------------------------------------------------------------------
+    max_body_bytes: PositiveInt = Field(
+        default=10 * MiB, description="Largest request body (413 above)."
+    )
+    max_image_pixels: PositiveInt = Field(
+        default=16_000_000, description="Largest width*height of an uploaded image (413 above)."
+    )
+    max_image_side: PositiveInt = Field(
+        default=8192, description="Largest width or height of an uploaded image (413 above)."
+    )
+    # NoDecode: the env value may be "PNG,JPEG" as well as a JSON list; _split_formats parses.
+    allowed_image_formats: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(IMAGE_FORMATS),
+        min_length=1,
+        description=f"Accepted image formats, detected by content; subset of {IMAGE_FORMATS}.",
+    )
+
+    # --- auth ------------------------------------------------------------------------------
+    keys_file: Path | None = Field(
+        default=None,
+        description='JSON keys file: {"keys": [{"key"|"sha256", "tenant", "rights"}]}.',
+    )
+    keys: str | None = Field(
+        default=None, description="Inline JSON with the same shape as keys_file."
+    )
+    allow_unauthenticated: bool = Field(
+        default=False,
+        description="Allow a non-loopback host without API keys (everyone is 'default').",
+    )
+    default_adapter: str | None = Field(
+        default=None, description="Adapter used by /caption when the request names none."
+    )
+
+    # --- observability ---------------------------------------------------------------------
+    metrics_adapter_labels: int = Field(
+        default=20,
+        ge=0,
+        description='Distinct adapter label values in metrics; the rest are "other".',
+    )
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = Field(
+        default="info", description="Log level."
+    )
+    log_json: bool = Field(
+        default=True, description="One JSON object per log line (else plain text)."
+    )
+
+    @field_validator("allowed_image_formats", mode="before")
+    @classmethod
+    def _split_formats(cls, value: object) -> object:
+        # Accept "PNG,JPEG" (a CLI flag, an env value) as well as a JSON list.
+        if isinstance(value, str):
+            if value.lstrip().startswith("["):
+                return json.loads(value)
+            return [part for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("allowed_image_formats")
+    @classmethod
+    def _known_formats(cls, value: list[str]) -> list[str]:
+        formats = [part.strip().upper() for part in value]
+        formats = ["JPEG" if fmt == "JPG" else fmt for fmt in formats]
+        unknown = sorted(set(formats) - set(IMAGE_FORMATS))
+        if unknown:
+            raise ValueError(f"unknown image formats {unknown}; choose from {list(IMAGE_FORMATS)}")
+        return list(dict.fromkeys(formats))
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_level(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.default_max_new_tokens > self.max_new_tokens_limit:
+            raise ValueError(
+                f"default_max_new_tokens ({self.default_max_new_tokens}) must not exceed "
+                f"max_new_tokens_limit ({self.max_new_tokens_limit}); raise the limit or lower "
+                "the default"
+            )
+        return self
+
+    def resolved_store_dir(self) -> Path:
+        """The adapter store folder: `store_dir`, or `runtime_dir/adapters` when unset."""
+        return self.store_dir if self.store_dir is not None else self.runtime_dir / "adapters"
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and the usual localhost names (no DNS lookup)."""
+    name = host.strip().strip("[]").lower()
+    if name in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def assert_safe_binding(settings: Settings, has_keys: bool) -> None:
+    """Refuse to expose an unauthenticated service beyond this machine.
+
+    Raises ValueError when `host` is not loopback and no API keys are configured, unless the
+    operator said so explicitly with `allow_unauthenticated`.
+    """
+    if has_keys or settings.allow_unauthenticated or is_loopback_host(settings.host):
+        return
+    raise ValueError(
+        f"refusing to bind host {settings.host!r} without API keys: every client would act as "
+        "tenant 'default' with all rights. Configure keys_file / keys (CTXPEFT_KEYS_FILE, "
+        "CTXPEFT_KEYS), bind host 127.0.0.1, or set allow_unauthenticated "
+        "(--allow-unauthenticated, CTXPEFT_ALLOW_UNAUTHENTICATED=1) to accept the risk."
+    )
