@@ -157,7 +157,8 @@ class ContextPEFTModel(nn.Module):
             next_ids = logits[:, -1].argmax(dim=-1)
             keep = []
             for pos, (row, token) in enumerate(zip(active, next_ids.tolist(), strict=True)):
-                if token != eos:
+                # A row whose limit is 0 still takes part in the prefill but emits nothing.
+                if token != eos and len(outputs[row]) < limits[row]:
                     outputs[row].append(token)
                 if token != eos and len(outputs[row]) < limits[row]:
                     keep.append(pos)
