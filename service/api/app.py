@@ -1,0 +1,70 @@
+"""The FastAPI app factory.
+
+    app = create_app(Settings())                 # loads the engine in the background
+    app = create_app(settings, engine=engine)    # tests: an engine built in-process
+
+Middlewares (outermost first): request id, body size limit. Routers: caption, adapters,
+health (with /metrics and the web page). One error shape for every 4xx/5xx.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from service import __version__
+from service.api.errors import install_error_handlers
+from service.api.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
+from service.api.routes import adapters, caption, health
+from service.api.state import ServiceState
+from service.auth import KeyStore
+from service.engine import Engine
+from service.metrics import ServiceMetrics
+from service.settings import Settings
+
+
+def create_app(
+    settings: Settings,
+    engine: Engine | None = None,
+    keys: KeyStore | None = None,
+    metrics: ServiceMetrics | None = None,
+    engine_factory: Callable[[ServiceMetrics], Engine] | None = None,
+) -> FastAPI:
+    """Build the app. With no `engine`, the lifespan loads one from `settings` (or
+    `engine_factory`) in a background thread; the app answers /healthz meanwhile."""
+    metrics = metrics or ServiceMetrics(
+        adapter_labels=settings.metrics_adapter_labels, backbone=settings.backbone
+    )
+    state = ServiceState(
+        settings=settings,
+        keys=keys if keys is not None else KeyStore.from_settings(settings),
+        metrics=metrics,
+        engine=engine,
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if state.engine is None:
+            factory = engine_factory or (lambda m: Engine.from_settings(settings, metrics=m))
+            state.load_in_background(lambda: factory(metrics))
+        yield
+        state.close()
+
+    app = FastAPI(
+        title="ctxpeft",
+        version=__version__,
+        summary="Image captioning with many Context-PEFT adapters over one frozen backbone.",
+        lifespan=lifespan,
+    )
+    app.state.service = state
+    install_error_handlers(app)
+    app.include_router(caption.router)
+    app.include_router(adapters.router)
+    app.include_router(health.router)
+    # add_middleware wraps: the last added is outermost, so the request id covers the 413.
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestIdMiddleware)
+    metrics.set_build_info(__version__, settings.backbone, settings.device)
+    return app

@@ -1,0 +1,1 @@
+"""One router per resource: caption, adapters, health (plus the try-it page)."""

@@ -1,0 +1,137 @@
+"""/adapters: list, get, upload a new version, delete. Scoped by tenant: a key sees its
+tenant's adapters and the public ones; it can only change its own tenant's."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, File, Path, UploadFile
+from starlette.concurrency import run_in_threadpool
+
+from adapters.format import PICKLE_SUFFIXES, AdapterFormatError
+from service.api.deps import AnyPrincipal, ManagePrincipal, ReadyEngine
+from service.api.engine_errors import to_api_error
+from service.api.errors import ApiError, error_responses
+from service.api.schemas import AdapterList, AdapterOut, Deleted, VersionCreated
+from service.exceptions import EngineError
+from service.registry import AdapterInfo
+from service.store import StoreError, check_name
+
+router = APIRouter(prefix="/adapters", tags=["adapters"])
+
+AdapterName = Annotated[
+    str, Path(description="Adapter name: 1-64 of a-z, 0-9, '_', '-'.", max_length=200)
+]
+# Pickle payloads start with the protocol opcode; torch.save archives are zip files.
+_PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")
+
+
+def _valid(name: str) -> str:
+    try:
+        return check_name(name)
+    except StoreError as exc:
+        raise ApiError(422, "invalid_parameter", str(exc)) from None
+
+
+def _out(info: AdapterInfo) -> AdapterOut:
+    cfg = info.config
+    return AdapterOut(
+        name=info.name,
+        public=info.public,
+        latest_version=info.latest.version,
+        versions=list(info.versions),
+        method=cfg.method if cfg else None,
+        contexts=list(cfg.contexts) if cfg else None,
+        rank=cfg.rank if cfg and cfg.method == "lora" else None,
+        targets=list(cfg.targets) if cfg else None,
+        description=cfg.description if cfg else None,
+    )
+
+
+@router.get(
+    "",
+    response_model=AdapterList,
+    summary="Adapters visible to this key",
+    responses=error_responses(401, 503),
+)
+async def list_adapters(engine: ReadyEngine, principal: AnyPrincipal) -> AdapterList:
+    infos = await run_in_threadpool(engine.registry.list_adapters, principal.tenant)
+    return AdapterList(adapters=[_out(i) for i in infos])
+
+
+@router.get(
+    "/{name}",
+    response_model=AdapterOut,
+    summary="One adapter",
+    responses=error_responses(401, 404, 422, 503),
+)
+async def get_adapter(
+    name: AdapterName, engine: ReadyEngine, principal: AnyPrincipal
+) -> AdapterOut:
+    _valid(name)
+    try:
+        info = await run_in_threadpool(engine.registry.describe, principal.tenant, name)
+    except EngineError as exc:
+        raise to_api_error(exc) from None
+    return _out(info)
+
+
+async def _read_upload(upload: UploadFile, what: str) -> bytes:
+    filename = upload.filename or ""
+    if filename.lower().endswith(PICKLE_SUFFIXES):
+        raise ApiError(
+            422, "invalid_adapter", f"refusing pickle file {filename!r}: {what} must be safetensors"
+        )
+    data = await upload.read()
+    if what == "weights" and data.startswith(_PICKLE_MAGIC):
+        raise ApiError(
+            422,
+            "invalid_adapter",
+            "refusing a pickle/torch.save payload: weights must be safetensors",
+        )
+    return data
+
+
+@router.post(
+    "/{name}/versions",
+    response_model=VersionCreated,
+    status_code=201,
+    summary="Upload a new version (validated before it becomes visible)",
+    responses=error_responses(401, 403, 413, 422, 503),
+)
+async def upload_version(
+    name: AdapterName,
+    engine: ReadyEngine,
+    principal: ManagePrincipal,
+    config: Annotated[UploadFile, File(description="adapter_config.json")],
+    weights: Annotated[UploadFile, File(description="adapter.safetensors")],
+) -> VersionCreated:
+    _valid(name)
+    config_bytes = await _read_upload(config, "config")
+    weights_bytes = await _read_upload(weights, "weights")
+    try:
+        ref = await run_in_threadpool(
+            engine.registry.add_version, principal.tenant, name, config_bytes, weights_bytes
+        )
+    except AdapterFormatError as exc:
+        raise ApiError(422, "invalid_adapter", str(exc)) from None
+    except EngineError as exc:
+        raise to_api_error(exc) from None
+    return VersionCreated(name=name, version=ref.version)
+
+
+@router.delete(
+    "/{name}",
+    response_model=Deleted,
+    summary="Delete every version of an own adapter",
+    responses=error_responses(401, 403, 404, 422, 503),
+)
+async def delete_adapter(
+    name: AdapterName, engine: ReadyEngine, principal: ManagePrincipal
+) -> Deleted:
+    _valid(name)
+    try:
+        removed = await run_in_threadpool(engine.registry.delete, principal.tenant, name)
+    except EngineError as exc:
+        raise to_api_error(exc) from None
+    return Deleted(name=name, deleted_versions=removed)

@@ -1,0 +1,151 @@
+"""POST /caption: an uploaded image and one or more adapter names -> captions."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Request, UploadFile
+from starlette.concurrency import run_in_threadpool
+
+from service.api.deps import CaptionPrincipal, ReadyEngine, State
+from service.api.engine_errors import to_api_error
+from service.api.errors import ApiError, error_responses, request_id_from_scope
+from service.api.images import ImageLimits, decode_image
+from service.api.schemas import CaptionOut, MultiCaptionOut, Timings
+from service.engine import CaptionRequest, CaptionResult, Engine
+from service.exceptions import EngineError
+from service.store import StoreError, check_name
+
+router = APIRouter(tags=["caption"])
+
+# Rejection reasons counted for bad input, by status.
+_REJECTION = {
+    400: "bad_request",
+    404: "not_found",
+    413: "too_large",
+    415: "unsupported_media_type",
+    422: "bad_request",
+}
+_DISCONNECT_POLL_S = 0.25
+
+
+def _names(adapter: str | None, adapters: str | None, default: str | None) -> tuple[str, ...]:
+    if adapter is not None and adapters is not None:
+        raise ApiError(422, "invalid_parameter", "give either `adapter` or `adapters`, not both")
+    if adapters is not None:
+        names = tuple(n.strip() for n in adapters.split(",") if n.strip())
+    elif adapter is not None:
+        names = (adapter.strip(),)
+    elif default is not None:
+        names = (default,)
+    else:
+        raise ApiError(422, "invalid_parameter", "name an adapter (`adapter` form field)")
+    if not names:
+        raise ApiError(422, "invalid_parameter", "`adapters` names no adapter")
+    for name in names:
+        try:
+            check_name(name)
+        except StoreError as exc:
+            raise ApiError(422, "invalid_parameter", str(exc)) from None
+    return names
+
+
+def _out(result: CaptionResult) -> CaptionOut:
+    t = result.timings
+    return CaptionOut(
+        caption=result.caption,
+        adapter=result.adapter,
+        adapter_version=result.ref.version,
+        tokens=result.tokens,
+        request_id=result.request_id,
+        timings_ms=Timings(
+            queue=t.queue_ms, encode=t.encode_ms, generate=t.generate_ms, total=t.total_ms
+        ),
+    )
+
+
+async def _run(
+    engine: Engine, request: Request, caption_request: CaptionRequest
+) -> list[CaptionResult]:
+    """Await the engine; if the client goes away first, cancel the request so that it is
+    dropped before any compute."""
+    task = asyncio.ensure_future(engine.caption(caption_request))
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            engine.cancel(caption_request.request_id)
+            return await task
+
+
+@router.post(
+    "/caption",
+    response_model=CaptionOut | MultiCaptionOut,
+    summary="Caption an uploaded image with an adapter",
+    responses=error_responses(400, 401, 403, 404, 413, 415, 422, 429, 503, 504),
+)
+async def caption(
+    request: Request,
+    state: State,
+    engine: ReadyEngine,
+    principal: CaptionPrincipal,
+    image: Annotated[
+        UploadFile, File(description="PNG, JPEG, WEBP, BMP or GIF; checked by content.")
+    ],
+    adapter: Annotated[
+        str | None, Form(description="Adapter name (default: the configured default).")
+    ] = None,
+    adapters: Annotated[
+        str | None, Form(description="Several adapters for one image: a,b,c.")
+    ] = None,
+    max_new_tokens: Annotated[
+        int | None, Form(description="Caption length limit (bounded).")
+    ] = None,
+) -> CaptionOut | MultiCaptionOut:
+    started = time.perf_counter()
+    settings = state.settings
+    names: tuple[str, ...] = ()
+    status = 200
+    state.metrics.inflight.inc()
+    try:
+        names = _names(adapter, adapters, settings.default_adapter)
+        if max_new_tokens is not None and not 1 <= max_new_tokens <= settings.max_new_tokens_limit:
+            raise ApiError(
+                422,
+                "invalid_parameter",
+                f"max_new_tokens must be between 1 and {settings.max_new_tokens_limit}",
+            )
+        data = await image.read()
+        decoded = await run_in_threadpool(decode_image, data, ImageLimits.from_settings(settings))
+        request_id = request_id_from_scope(request.scope)
+        caption_request = CaptionRequest(
+            decoded.rgb, names, principal.tenant, max_new_tokens, request_id=request_id
+        )
+        try:
+            results = await _run(engine, request, caption_request)
+        except EngineError as exc:
+            raise to_api_error(exc) from None
+        for result in results:
+            state.metrics.add_generated_tokens(result.adapter, result.tokens)
+        if adapters is None:
+            return _out(results[0])
+        return MultiCaptionOut(request_id=request_id, results=[_out(r) for r in results])
+    except ApiError as exc:
+        status = exc.status
+        if status in _REJECTION:
+            state.metrics.reject(_REJECTION[status])
+        raise
+    except BaseException:
+        status = 500
+        raise
+    finally:
+        state.metrics.inflight.dec()
+        # A multi-adapter request counts once under each adapter it named. Names that did
+        # not resolve (404) or were invalid (422) never take one of the bounded label values.
+        seconds = time.perf_counter() - started
+        labels: tuple[str | None, ...] = names if names and status not in (404, 422) else (None,)
+        for name in labels:
+            state.metrics.observe_request(name, status, seconds)

@@ -1,0 +1,103 @@
+"""`ctxpeft serve`: run the HTTP service (uvicorn) with a graceful drain on SIGTERM/SIGINT.
+
+Usage:
+    ctxpeft serve                          # settings from CTXPEFT_* env, defaults otherwise
+    ctxpeft serve --host 0.0.0.0 --port 8000 --keys-file keys.json
+
+On the first SIGTERM (or Ctrl-C): /readyz turns 503 and new requests get 503 while the
+listening socket stays open (load balancers see the 503s and move away); requests already
+admitted finish; then uvicorn stops, within `drain_timeout_s`. A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import threading
+from collections.abc import Callable
+from types import FrameType
+
+import uvicorn
+
+log = logging.getLogger("service.serve")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", help="bind address (CTXPEFT_HOST)")
+    parser.add_argument("--port", type=int, help="port (CTXPEFT_PORT)")
+    parser.add_argument(
+        "--backbone", help="preset name, saved backbone folder or config JSON (CTXPEFT_BACKBONE)"
+    )
+    parser.add_argument("--runtime-dir", help="runtime data folder (CTXPEFT_RUNTIME_DIR)")
+    parser.add_argument("--store-dir", help="adapter store (CTXPEFT_STORE_DIR)")
+    parser.add_argument("--device", help="auto, cpu, cuda, cuda:N (CTXPEFT_DEVICE)")
+    parser.add_argument("--keys-file", help="API keys JSON (CTXPEFT_KEYS_FILE)")
+    parser.add_argument("--default-adapter", help="adapter used when a request names none")
+    parser.add_argument(
+        "--drain-timeout-s", type=float, help="graceful drain limit (CTXPEFT_DRAIN_TIMEOUT_S)"
+    )
+    parser.add_argument(
+        "--allow-unauthenticated",
+        action="store_true",
+        default=None,
+        help="allow binding a non-loopback address with no keys (CTXPEFT_ALLOW_UNAUTHENTICATED)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from service.api.app import create_app
+    from service.auth import KeyStore
+    from service.logging import configure_logging
+    from service.settings import Settings, assert_safe_binding
+
+    overrides = {
+        key: value
+        for key, value in vars(args).items()
+        if value is not None and not key.startswith("_") and key != "command"
+    }
+    settings = Settings(**overrides)
+    configure_logging(settings.log_level, settings.log_json)
+    keys = KeyStore.from_settings(settings)
+    try:
+        assert_safe_binding(settings, has_keys=not keys.empty)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
+    app = create_app(settings, keys=keys)
+    state = app.state.service
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        # The engine drains first (in-flight requests finish); uvicorn then only has to close
+        # idle connections, so both together stay within drain_timeout_s.
+        timeout_graceful_shutdown=1,
+    )
+    DrainingServer(config, state.drain, max(0.5, settings.drain_timeout_s - 1.0)).run()
+    return 0
+
+
+class DrainingServer(uvicorn.Server):
+    """A uvicorn Server whose first exit signal drains before shutting down."""
+
+    def __init__(
+        self, config: uvicorn.Config, drain: Callable[[float], bool], timeout_s: float
+    ) -> None:
+        super().__init__(config)
+        self._drain = drain
+        self._timeout_s = timeout_s
+        self._draining = False
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._draining:
+            super().handle_exit(sig, frame)  # a second signal: stop now
+            return
+        self._draining = True
+        log.info("drain started", extra={"signal": sig, "timeout_s": self._timeout_s})
+        threading.Thread(target=self._drain_then_exit, name="ctxpeft-drain", daemon=True).start()
+
+    def _drain_then_exit(self) -> None:
+        finished = self._drain(self._timeout_s)
+        log.info("drain finished", extra={"all_finished": finished})
+        self.should_exit = True
