@@ -1,0 +1,60 @@
+"""Typed errors of the serving engine (registry, scheduler, engine), for the HTTP layer to map.
+
+Every error is an `EngineError`; `reason` is the `ctxpeft_rejections_total` reason the engine
+counted it under (None when the engine does not count it), `retry_after_s` a hint for a
+Retry-After header (None when retrying cannot help).
+
+    AdapterNotFound    404  no such adapter for this tenant (own or public), or it was deleted
+    AdapterLoadError   503  the adapter version on disk failed validation or could not be read
+    InvalidRequest     422  bad parameters (no adapter named, max_new_tokens out of range, ...)
+    QueueFull          503  the bounded queue is full (Retry-After)
+    Draining           503  the engine is shutting down and admits nothing new
+    TenantLimit        429  the tenant has too many requests in flight (Retry-After)
+    DeadlineExceeded   504  the request's deadline passed before its answer
+    Cancelled          499  the request was cancelled (client gone) before its answer
+"""
+
+from __future__ import annotations
+
+
+class EngineError(Exception):
+    """Base of the engine's errors."""
+
+    reason: str | None = None
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after_s = retry_after_s
+
+
+class AdapterNotFound(EngineError, LookupError):
+    """No adapter of that name is visible to the tenant (its own first, then public)."""
+
+
+class AdapterLoadError(EngineError):
+    """The resolved adapter version could not be loaded; the message says why."""
+
+
+class InvalidRequest(EngineError, ValueError):
+    """The request's parameters are invalid; the message names the parameter."""
+
+
+class QueueFull(EngineError):
+    reason = "queue_full"
+
+
+class Draining(EngineError):
+    reason = "draining"
+
+
+class TenantLimit(EngineError):
+    reason = "tenant_limit"
+
+
+class DeadlineExceeded(EngineError):
+    reason = "deadline"
+
+
+class Cancelled(EngineError):
+    reason = "cancelled"

@@ -1,0 +1,328 @@
+"""The adapter registry: names to immutable versions, and the tiers that serve them.
+
+    registry = AdapterRegistry(store, backbone, bank, cpu_budget_bytes=256 << 20)
+    version = registry.resolve("acme", "news")      # acme/news, else public/news; newest version
+    registry.list_adapters("acme")                   # own + public, with latest version
+    ref = registry.add_version("acme", "news", config_bytes, weights_bytes)  # validated first
+    registry.delete("acme", "news")
+    registry.cache                                   # device slots <- CPU LRU <- disk
+
+Names are checked against the store's patterns and looked up in an in-memory index; the
+index entry of one adapter is trusted while its folder's (inode, mtime) is unchanged, so a
+version written or deleted by another process (`ctxpeft train`, a second replica) is seen at
+the next request without a restart. A periodic rescan on the loader thread prunes entries
+of deleted adapters and publishes the number of adapters on disk.
+
+A resolved `AdapterVersion` is a version *and* the identity of its folder on disk: deleting
+an adapter and uploading it again restarts numbering at v1 in the store, and the identity
+keeps the old v1's cached weights from ever serving the new v1.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from adapters.adapter_set import AdapterSet
+from adapters.backbone import Backbone
+from adapters.bank import AdapterBank
+from adapters.config import AdapterConfig, ConnectorSpec
+from adapters.format import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    AdapterFormatError,
+    load_adapter,
+    read_config,
+)
+from service.adapter_cache import AdapterCache
+from service.exceptions import AdapterLoadError, AdapterNotFound, InvalidRequest
+from service.metrics import ServiceMetrics
+from service.store import (
+    PUBLIC_TENANT,
+    AdapterRef,
+    AdapterStore,
+    StoreError,
+    check_name,
+    check_tenant,
+)
+
+# A folder changed this recently (wall clock) may change again within the same timestamp
+# tick; its listing is not trusted until it is older (the "racy git" problem).
+_RACY_NS = 50_000_000
+
+
+@dataclass(frozen=True, order=True)
+class AdapterVersion:
+    """One servable adapter version: its ref and the identity of its folder on disk."""
+
+    ref: AdapterRef
+    stamp: tuple[int, int]  # (inode, mtime_ns) of the version folder
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """What listing shows about one adapter: its latest version and that version's config."""
+
+    tenant: str
+    name: str
+    versions: tuple[int, ...]
+    config: AdapterConfig | None  # None when the latest version's config is unreadable
+
+    @property
+    def public(self) -> bool:
+        return self.tenant == PUBLIC_TENANT
+
+    @property
+    def latest(self) -> AdapterRef:
+        return AdapterRef(self.tenant, self.name, self.versions[-1])
+
+
+class VersionGone(AdapterLoadError):
+    """The resolved version's folder was deleted or replaced before its weights were read."""
+
+
+@dataclass
+class _Entry:
+    folder: tuple[int, int]  # (inode, mtime_ns) of <store>/<tenant>/<name>
+    latest: AdapterVersion | None
+    checked: float  # monotonic time of the listing
+    trusted: bool
+
+
+def connector_spec(backbone: Backbone) -> ConnectorSpec:
+    """The connector every adapter set of this backbone has (the bank's shape)."""
+    cfg = backbone.config
+    return ConnectorSpec(
+        cfg.connector, backbone.vision_dim, backbone.dims.hidden_size, cfg.connector_hidden
+    )
+
+
+class AdapterRegistry:
+    """Resolution, listing, upload and delete over an `AdapterStore`, plus the tier cache."""
+
+    def __init__(
+        self,
+        store: AdapterStore,
+        backbone: Backbone,
+        bank: AdapterBank,
+        cpu_budget_bytes: int,
+        metrics: ServiceMetrics | None = None,
+        refresh_s: float = 2.0,
+        on_change: Callable[[], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.dims = backbone.dims
+        self.fingerprint = backbone.fingerprint()
+        self.vision_dim = backbone.vision_dim
+        self.connector = connector_spec(backbone)
+        self.max_rank = bank.max_rank
+        self.refresh_s = refresh_s
+        self._metrics = metrics
+        self._index: dict[tuple[str, str], _Entry] = {}
+        self._lock = threading.Lock()
+        self.cache: AdapterCache[AdapterVersion] = AdapterCache(
+            bank,
+            load=self._load,
+            size_hint=self._size_hint,
+            budget_bytes=cpu_budget_bytes,
+            metrics=metrics,
+            on_change=on_change,
+            housekeeping=self.rescan,
+            housekeeping_s=refresh_s,
+        )
+
+    # --- resolution ------------------------------------------------------------------------
+    def resolve(self, tenant: str, name: str) -> AdapterVersion:
+        """The newest version of `name` visible to `tenant`: its own adapter first, then the
+        public one. Raises AdapterNotFound."""
+        try:
+            check_tenant(tenant)
+            check_name(name)
+        except StoreError as exc:
+            raise AdapterNotFound(f"no adapter {name!r}: {exc}") from None
+        owners = (tenant,) if tenant == PUBLIC_TENANT else (tenant, PUBLIC_TENANT)
+        for owner in owners:
+            version = self._lookup(owner, name)
+            if version is not None:
+                return version
+        raise AdapterNotFound(f"no adapter named {name!r} for tenant {tenant!r} (own or public)")
+
+    def _lookup(self, tenant: str, name: str) -> AdapterVersion | None:
+        folder = self.store.root / tenant / name  # both checked by the caller
+        try:
+            st = os.stat(folder)
+        except FileNotFoundError:
+            with self._lock:
+                self._index.pop((tenant, name), None)
+            return None
+        ident = (st.st_ino, st.st_mtime_ns)
+        now = time.monotonic()
+        with self._lock:
+            entry = self._index.get((tenant, name))
+        if (
+            entry is not None
+            and entry.folder == ident
+            and entry.trusted
+            and now - entry.checked < self.refresh_s
+        ):
+            return entry.latest
+        latest = self._scan(tenant, name)
+        trusted = time.time_ns() - st.st_mtime_ns > _RACY_NS
+        with self._lock:
+            self._index[(tenant, name)] = _Entry(ident, latest, now, trusted)
+        return latest
+
+    def _scan(self, tenant: str, name: str) -> AdapterVersion | None:
+        """Newest version on disk with its folder identity (re-listed if it vanishes)."""
+        for _ in range(3):
+            ref = self.store.latest(tenant, name)
+            if ref is None:
+                return None
+            try:
+                return AdapterVersion(ref, _stamp(self.store.path(ref)))
+            except FileNotFoundError:
+                continue  # deleted between listing and stat: list again
+        return None
+
+    def rescan(self) -> int:
+        """Drop index entries of adapters gone from disk and publish how many adapters the
+        store holds (runs periodically on the loader thread). Returns that number."""
+        present = {(ref.tenant, ref.name) for ref in self.store.all_latest()}
+        with self._lock:
+            for key in [k for k in self._index if k not in present]:
+                del self._index[key]
+        self.cache.forget(lambda v: (v.ref.tenant, v.ref.name) not in present)
+        if self._metrics is not None:
+            self._metrics.set_resident("disk", len(present))
+        return len(present)
+
+    # --- listing and management ---------------------------------------------------------
+    def list_adapters(self, tenant: str) -> list[AdapterInfo]:
+        """The tenant's own adapters and the public ones, each with its latest version.
+        An own adapter shadows a public one of the same name (resolution picks the own)."""
+        check_tenant(tenant)
+        owners = [tenant] if tenant == PUBLIC_TENANT else [tenant, PUBLIC_TENANT]
+        found: list[AdapterInfo] = []
+        for owner in owners:
+            for name in self.store.names(owner):
+                info = self._info(owner, name)
+                if info is not None:
+                    found.append(info)
+        return found
+
+    def describe(self, tenant: str, name: str) -> AdapterInfo:
+        """The adapter `name` as `tenant` would resolve it. Raises AdapterNotFound."""
+        version = self.resolve(tenant, name)
+        info = self._info(version.ref.tenant, version.ref.name)
+        if info is None:
+            raise AdapterNotFound(f"adapter {name!r} was deleted")
+        return info
+
+    def _info(self, tenant: str, name: str) -> AdapterInfo | None:
+        versions = tuple(self.store.versions(tenant, name))
+        if not versions:
+            return None
+        try:
+            config: AdapterConfig | None = read_config(
+                self.store.path(AdapterRef(tenant, name, versions[-1]))
+            )
+        except (AdapterFormatError, OSError):
+            config = None
+        return AdapterInfo(tenant, name, versions, config)
+
+    def delete(self, tenant: str, name: str) -> int:
+        """Delete every version of the tenant's own adapter `name`; returns how many.
+        Requests already admitted keep the version they resolved if its weights are loaded.
+        Raises AdapterNotFound when there is nothing to delete."""
+        try:
+            removed = self.store.delete(check_tenant(tenant), check_name(name))
+        except StoreError as exc:
+            raise AdapterNotFound(f"no adapter {name!r}: {exc}") from None
+        if removed == 0:
+            raise AdapterNotFound(f"tenant {tenant!r} has no adapter named {name!r}")
+        with self._lock:
+            self._index.pop((tenant, name), None)
+        self.cache.forget(lambda v: v.ref.tenant == tenant and v.ref.name == name)
+        return removed
+
+    def add_version(
+        self, tenant: str, name: str, config_bytes: bytes, weights_bytes: bytes
+    ) -> AdapterRef:
+        """Store a new version from uploaded `adapter_config.json` and `adapter.safetensors`
+        bytes. It is validated against this backbone inside the store's temporary folder and
+        becomes visible (renamed to v<N+1>) only if valid; otherwise AdapterFormatError says
+        why and nothing is left on disk. The validated set goes straight to the CPU tier."""
+        try:
+            check_tenant(tenant)
+            check_name(name)
+        except StoreError as exc:
+            raise InvalidRequest(str(exc)) from None
+        validated: list[AdapterSet] = []
+
+        def write(folder: Path) -> None:
+            (folder / CONFIG_FILE).write_bytes(config_bytes)
+            (folder / WEIGHTS_FILE).write_bytes(weights_bytes)
+            validated.append(self.validate(folder))
+
+        ref = self.store.write_version(tenant, name, write)
+        with self._lock:
+            self._index.pop((tenant, name), None)
+        try:
+            version = AdapterVersion(ref, _stamp(self.store.path(ref)))
+        except FileNotFoundError:  # deleted again already
+            return ref
+        self.cache.insert(version, validated[0])
+        return ref
+
+    # --- loading (loader thread) --------------------------------------------------------
+    def validate(self, folder: Path) -> AdapterSet:
+        """Read and check one version folder against this backbone and bank."""
+        adapter = load_adapter(
+            folder, self.dims, self.fingerprint, self.max_rank, vision_dim=self.vision_dim
+        )
+        if adapter.config.connector != self.connector:
+            raise AdapterFormatError(
+                f"connector {adapter.config.connector} does not match this backbone's "
+                f"{self.connector}"
+            )
+        return adapter
+
+    def _load(self, version: AdapterVersion) -> AdapterSet:
+        folder = self.store.path(version.ref)
+        if not _same(folder, version.stamp):
+            raise VersionGone(f"{version.ref.label} was deleted or replaced")
+        try:
+            adapter = self.validate(folder)
+        except AdapterFormatError as exc:
+            if not _same(folder, version.stamp):
+                raise VersionGone(f"{version.ref.label} was deleted while loading") from None
+            raise AdapterLoadError(f"{version.ref.label} is invalid: {exc}") from None
+        # Deleted while reading: the bytes read may be a mix of two folders; say gone.
+        if not _same(folder, version.stamp):
+            raise VersionGone(f"{version.ref.label} was deleted while loading")
+        return adapter
+
+    def _size_hint(self, version: AdapterVersion) -> int:
+        try:
+            return os.stat(self.store.path(version.ref) / WEIGHTS_FILE).st_size
+        except OSError:
+            return 0
+
+    def close(self) -> None:
+        self.cache.close()
+
+
+def _stamp(folder: Path) -> tuple[int, int]:
+    st = os.stat(folder)
+    return (st.st_ino, st.st_mtime_ns)
+
+
+def _same(folder: Path, stamp: tuple[int, int]) -> bool:
+    try:
+        return _stamp(folder) == stamp
+    except FileNotFoundError:
+        return False
