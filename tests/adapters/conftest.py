@@ -19,7 +19,9 @@ from adapters.backbone import Backbone, LMDims
 from adapters.config import AGNOSTIC, CONTEXTS, AdapterConfig, BackboneConfig, ConnectorSpec
 from adapters.config import resolve_targets as _resolve
 from adapters.model import ContextPEFTModel
+from adapters.routing import Path as RoutePath
 
+PATHS: tuple[RoutePath, ...] = ("row", "segment", "token")
 TINY_LM: dict[str, Any] = {
     "model_type": "llama",
     "hidden_size": 32,

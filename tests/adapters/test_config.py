@@ -97,7 +97,7 @@ def test_paper_parameter_counts_equal_table_3(
     # Every injected LM linear that the method targets draws its weights from this set.
     served = set()
     for index, layer in enumerate(decoder_layers(paper_model.backbone.lm)):
-        for module in [*layer.self_attn.children(), *layer.mlp.children()]:
+        for module in layer.modules():
             if isinstance(module, ContextLinear):
                 weights = adapter.stacked(index, module.name)
                 if weights is not None:

@@ -11,8 +11,10 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import peft
 import pytest
@@ -35,9 +37,10 @@ from adapters.config import (
 from adapters.format import import_peft_lora
 from adapters.layers import ContextLinear
 from adapters.model import ContextPEFTModel
+from adapters.routing import Path as RoutePath
 from adapters.routing import Routing
+from tests.adapters.conftest import PATHS
 
-PATHS = ("row", "segment", "token")
 PARENT = {
     name: "self_attn" if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
     for name in LM_MODULES
@@ -68,7 +71,7 @@ MIXED_CONTEXTS = torch.tensor(
 
 
 # --- PEFT ------------------------------------------------------------------------------
-def _peft_model(raw: Backbone, rank: int, alpha: float, rslora: bool = False) -> nn.Module:
+def _peft_model(raw: Backbone, rank: int, alpha: int, rslora: bool = False) -> Any:
     lm = copy.deepcopy(raw.lm)
     config = peft.LoraConfig(
         r=rank,
@@ -112,7 +115,7 @@ def _set_from_peft(peft_model: nn.Module, raw: Backbone, rank: int, alpha: float
 
 @pytest.mark.parametrize("path", PATHS)
 def test_agnostic_lora_equals_peft_on_all_seven_projections(
-    tiny_backbone: Backbone, model: ContextPEFTModel, path: str
+    tiny_backbone: Backbone, model: ContextPEFTModel, path: RoutePath
 ) -> None:
     peft_model = _peft_model(tiny_backbone, rank=4, alpha=8)
     adapter = _set_from_peft(peft_model, tiny_backbone, rank=4, alpha=8)
@@ -122,7 +125,7 @@ def test_agnostic_lora_equals_peft_on_all_seven_projections(
         base = model.lm_forward(x, None)
         ours = model.lm_forward(
             x, Routing(adapter, torch.zeros(3, dtype=torch.long), _text(3, 9), path)
-        )  # type: ignore[arg-type]
+        )
     assert _max_diff(base, expected) > 1e-2  # the adapter really changes the output
     assert _max_diff(ours, expected) <= 1e-5
 
@@ -152,14 +155,7 @@ def test_fused_gate_up_is_gate_and_up_side_by_side(
     """A fused gate_up LoRA equals separate gate and up LoRAs sharing A, B split by columns."""
     fused = adapter_factory("lora", rank=3, targets=(FUSED_GATE_UP,), seed=5)
     inter = tiny_backbone.dims.intermediate_size
-    split_config = AdapterConfig(
-        **{
-            **fused.config.to_dict(),
-            "targets": ("gate_proj", "up_proj"),
-            "connector": fused.config.connector,
-            "contexts": fused.config.contexts,
-        }  # type: ignore[arg-type]
-    )
+    split_config = dataclasses.replace(fused.config, targets=("gate_proj", "up_proj"))
     tensors = {n: t for n, t in fused.tensors().items() if n.startswith("connector.")}
     for layer in range(tiny_backbone.dims.num_layers):
         a = fused.tensors()[f"lm.layers.{layer}.{FUSED_GATE_UP}.lora_A"]
@@ -266,7 +262,7 @@ def test_context_specific_equals_float64_token_reference(
     assert _max_diff(all_text, expected) > 1e-3
     for path in PATHS:
         with torch.no_grad():
-            ours = model.lm_forward(x, Routing(adapter, slots, MIXED_CONTEXTS, path))  # type: ignore[arg-type]
+            ours = model.lm_forward(x, Routing(adapter, slots, MIXED_CONTEXTS, path))
         assert _max_diff(ours, expected) <= 1e-5, path
 
 
@@ -301,7 +297,7 @@ def test_paths_agree_on_a_mixed_batch(model: ContextPEFTModel, mixed_bank: Adapt
     contexts = torch.randint(0, 2, (batch, tokens), generator=gen)
     slots = torch.tensor([0, 1, 2, 3, 4, 5, 5, 4, 3, 2, 1, 0])
     with torch.no_grad():
-        outs = {p: model.lm_forward(x, Routing(mixed_bank, slots, contexts, p)) for p in PATHS}  # type: ignore[arg-type]
+        outs = {p: model.lm_forward(x, Routing(mixed_bank, slots, contexts, p)) for p in PATHS}
         base = model.lm_forward(x, None)
     assert _max_diff(outs["token"], base) > 1e-2
     assert _max_diff(outs["row"], outs["token"]) <= 1e-5
@@ -324,7 +320,7 @@ def test_paths_agree_on_decode_steps_with_cache(
     logits = {}
     for path in PATHS:
         cache = DynamicCache(config=model.backbone.lm.config)
-        routing = Routing(mixed_bank, slots, contexts, path)  # type: ignore[arg-type]
+        routing = Routing(mixed_bank, slots, contexts, path)
         with torch.no_grad():
             out = [model.lm_forward(prefill, routing, past_key_values=cache)]
             step = routing.step(_text(batch, 1))
@@ -343,7 +339,7 @@ def test_no_routing_or_fresh_set_is_the_base_model(
     backbone = model.backbone
     x = _embeds(2, 9, backbone.dims.hidden_size)
     layer = decoder_layers(backbone.lm)[0]
-    assert isinstance(layer.self_attn.q_proj, ContextLinear)
+    assert isinstance(layer.get_submodule("self_attn.q_proj"), ContextLinear)
     for method in ("lora", "ia3", "bitfit"):
         fresh = AdapterSet.initialise(adapter_factory(method).config, backbone.dims, seed=1)
         with torch.no_grad():
