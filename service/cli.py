@@ -16,6 +16,7 @@ from collections.abc import Sequence
 # (torch, transformers) inside run(), so `ctxpeft --help` stays fast.
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("info", "print versions, the selected device and the backbone presets"),
+    "bench": ("bench", "serving throughput benchmark: the engine against its baselines"),
     "serve": ("serve", "run the HTTP service (graceful drain on SIGTERM)"),
 }
 

@@ -1,0 +1,1 @@
+"""Benchmark harnesses and their recorded results (not run by the test suite)."""

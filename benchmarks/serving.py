@@ -1,0 +1,460 @@
+"""Serving throughput benchmark (issue 4): the engine against its baselines, one run, one
+machine, so that the ratios are comparable.
+
+Usage:
+    python -m benchmarks.serving                 # full run (~8 min on 2 CPU cores)
+    python -m benchmarks.serving --quick         # smoke run (~1 min)
+    ctxpeft bench [--quick] [...]                # the same, from the CLI
+
+Systems, all on the `small` preset, adapters drawn by Zipf (alpha = 1) over N adapters:
+    engine         this engine: grouping + mixing up to the device slots
+    grouping-only  this engine, one adapter per batch (max_adapters_per_batch=1)
+    base           the backbone with no adapters, same batching (b)
+    peft-naive     PEFT, set_adapter per request, batch 1 (c)
+    peft-mixed     PEFT mixed batches through adapter_names= (d)
+Closed loop (saturation) for every system and N; open loop (Poisson) for the engine at N=64
+at fractions of its closed-loop throughput; and the cold load of a rank-8 `paper`-preset
+adapter from disk to servable. Results: benchmarks/results/serving.json, a plot at
+docs/serving_throughput.png and a Markdown table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import functools
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from adapters.adapter_set import AdapterSet, tensor_shapes
+from adapters.backbone import Backbone
+from adapters.bank import AdapterBank
+from adapters.config import AdapterConfig, resolve_targets
+from adapters.format import save_adapter
+from benchmarks.baselines import BatchServer, PeftLoras, base_step
+from benchmarks.serving_args import ROOT, add_arguments
+from benchmarks.workload import Picker, RunResult, closed_loop, open_loop
+from service.engine import CaptionRequest, Engine, EngineConfig
+from service.registry import AdapterRegistry, connector_spec
+from service.store import AdapterStore
+
+TENANT = "bench"
+
+
+# --- set-up ------------------------------------------------------------------------------------
+def build_backbone(preset: str, seed: int) -> Backbone:
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return Backbone.build(preset)
+
+
+def make_adapter(backbone: Backbone, rank: int, seed: int) -> AdapterSet:
+    """A rank-r context-specific LoRA set on every target, with non-zero random weights."""
+    config = AdapterConfig(
+        method="lora",
+        connector=connector_spec(backbone),
+        base_fingerprint=backbone.fingerprint(),
+        rank=rank,
+        targets=resolve_targets("lora", "all"),
+        num_layers=backbone.dims.num_layers,
+    )
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, shape in tensor_shapes(config, backbone.dims).items():
+        scale = 0.02 if name.endswith("lora_B") else 0.05
+        tensors[name] = torch.randn(shape, generator=generator) * scale
+    return AdapterSet(config, backbone.dims, tensors)
+
+
+def images(count: int, size: int, seed: int) -> list[Image.Image]:
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (count, size, size, 3), generator=generator, dtype=torch.uint8)
+    return [Image.fromarray(p.numpy(), "RGB") for p in pixels]
+
+
+# --- systems under test -------------------------------------------------------------------
+Counters = Callable[[], tuple[int, int, int]]  # (batches, rows, distinct adapters summed)
+Submit = Callable[[int, int], Awaitable[int]]
+
+
+@dataclass
+class Bench:
+    """What every system is built from, made once per run."""
+
+    args: argparse.Namespace
+    backbone: Backbone  # the engine's (context layers injected)
+    store: AdapterStore
+    pics: list[Image.Image]
+    pixels: torch.Tensor  # the same images preprocessed, for the baselines
+    base_backbone: Backbone  # untouched, for (b)
+    connector: torch.nn.Linear  # (b)'s one connector
+    loras: PeftLoras | None  # (c) and (d)
+
+
+@contextlib.contextmanager
+def open_system(bench: Bench, system: str) -> Iterator[tuple[Submit, Counters]]:
+    args = bench.args
+    wait = args.max_wait_ms / 1000
+    if system in ("engine", "grouping-only"):
+        config = EngineConfig(
+            max_batch_size=args.max_batch,
+            max_wait_ms=args.max_wait_ms,
+            device_slots=args.slots,
+            max_rank=args.rank,
+            cpu_cache_bytes=args.cpu_cache_mb << 20,
+            encoder_cache_entries=0,  # the baselines encode every image: so does the engine
+            queue_size=4096,
+            tenant_max_inflight=4096,
+            default_max_new_tokens=args.max_new_tokens,
+            max_new_tokens_limit=args.max_new_tokens,
+            max_adapters_per_batch=1 if system == "grouping-only" else None,
+        )
+        with Engine(bench.backbone, bench.store, config) as engine:
+
+            async def submit(adapter: int, image: int) -> int:
+                request = CaptionRequest(bench.pics[image], (f"a{adapter}",), tenant=TENANT)
+                return (await engine.caption(request))[0].tokens
+
+            def counters() -> tuple[int, int, int]:
+                s = engine.stats()
+                return s.batches, s.rows, s.adapters_in_batches
+
+            yield submit, counters
+        return
+    if system == "base":
+        step = base_step(bench.base_backbone, bench.connector, args.max_new_tokens)
+        server = BatchServer(step, args.max_batch, wait)
+    elif system == "peft-naive" and bench.loras is not None:
+        server = BatchServer(bench.loras.naive_step(args.max_new_tokens), 1, 0.0)
+    elif system == "peft-mixed" and bench.loras is not None:
+        server = BatchServer(bench.loras.mixed_step(args.max_new_tokens), args.max_batch, wait)
+    else:
+        raise ValueError(f"unknown system {system!r}")
+
+    async def submit_pixels(adapter: int, image: int) -> int:
+        return await server.submit(adapter, bench.pixels[image])
+
+    try:
+        yield submit_pixels, server.counters
+    finally:
+        server.close()
+
+
+def measure(bench: Bench, system: str, adapters: int, rate: float | None, seed: int) -> RunResult:
+    """One load pattern against a fresh system; batch statistics count from the warm-up's end."""
+    args = bench.args
+    pick = Picker(adapters, len(bench.pics), seed=seed)
+    with open_system(bench, system) as (submit, counters):
+
+        async def run() -> RunResult:
+            marks: list[tuple[int, int, int]] = []
+
+            async def mark() -> None:
+                await asyncio.sleep(args.warmup)
+                marks.append(counters())
+
+            marker = asyncio.create_task(mark())
+            if rate is None:
+                result = await closed_loop(submit, pick, args.clients, args.warmup, args.duration)
+            else:
+                result = await open_loop(submit, pick, rate, args.warmup, args.duration, seed)
+            await marker
+            end = counters()
+            result.extra["batch_counters"] = [b - a for a, b in zip(marks[0], end, strict=True)]
+            return result
+
+        return asyncio.run(run())
+
+
+def combine(results: list[RunResult]) -> dict[str, Any]:
+    """Rounds of one configuration: median throughput, pooled latencies and batch counts."""
+    pooled = RunResult(
+        seconds=sum(r.seconds for r in results),
+        latencies_s=[x for r in results for x in r.latencies_s],
+        tokens=sum(r.tokens for r in results),
+        errors=sum(r.errors for r in results),
+    )
+    batches, rows, adapters = (sum(r.extra["batch_counters"][i] for r in results) for i in range(3))
+    summary = pooled.summary()
+    summary.update(
+        throughput_rps=round(statistics.median(r.throughput for r in results), 3),
+        rounds_rps=[round(r.throughput, 2) for r in results],
+        tokens_per_s=round(statistics.median(r.tokens_per_s for r in results), 2),
+        mean_batch_size=round(rows / max(1, batches), 2),
+        mean_adapters_per_batch=round(adapters / max(1, batches), 2),
+    )
+    return summary
+
+
+def closed_plans(args: argparse.Namespace) -> list[tuple[str, int]]:
+    sizes = [int(n) for n in args.adapters.split(",")]
+    plans = [("base", 1)]
+    for n in sizes:
+        plans.append(("engine", n))
+        if n > 1:
+            plans.append(("grouping-only", n))
+        if n <= args.peft_max:
+            plans += [("peft-mixed", n), ("peft-naive", n)]
+    return plans
+
+
+def run_all(bench: Bench) -> list[dict[str, Any]]:
+    """Every closed-loop configuration once per round, rounds interleaved so that a slow
+    spell of a shared machine hits all systems alike; then the open-loop runs."""
+    args = bench.args
+    plans = closed_plans(args)
+    results: dict[tuple[str, int], list[RunResult]] = {plan: [] for plan in plans}
+    for round_ in range(args.rounds):
+        for system, n in plans:
+            result = measure(bench, system, n, None, seed=args.seed + round_)
+            results[(system, n)].append(result)
+            print(
+                f"round {round_ + 1}/{args.rounds} {system:>14} N={n:<4} "
+                f"{result.throughput:7.2f} req/s",
+                flush=True,
+            )
+    rows = [
+        {"system": system, "adapters": n, "mode": "closed", **combine(results[(system, n)])}
+        for system, n in plans
+    ]
+    capacity = next(
+        (r["throughput_rps"] for r in rows if r["system"] == "engine" and r["adapters"] == 64), 0.0
+    )
+    for fraction in [float(f) for f in args.open_loop.split(",") if f] if capacity else []:
+        rate = float(capacity) * fraction
+        result = measure(bench, "engine", 64, rate, seed=args.seed)
+        rows.append(
+            {
+                "system": "engine",
+                "adapters": 64,
+                "mode": f"open@{fraction:.0%}",
+                "rate_rps": round(rate, 2),
+                **combine([result]),
+            }
+        )
+    for row in rows:
+        print(_line(row), flush=True)
+    return rows
+
+
+def _line(row: dict[str, Any]) -> str:
+    return (
+        f"{row['system']:>14} N={row['adapters']:<4} {row['mode']:<9} "
+        f"{row['throughput_rps']:7.2f} req/s  p50 {row['p50_ms']:8.1f} ms  "
+        f"p99 {row['p99_ms']:8.1f} ms  batch {row['mean_batch_size']:5.2f}  "
+        f"adapters/batch {row['mean_adapters_per_batch']:5.2f}  errors {row['errors']}"
+    )
+
+
+# --- cold load ------------------------------------------------------------------------------
+def cold_load(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Disk to servable (validated, on the CPU tier, copied into a bank slot) for a rank-8
+    adapter of the `paper` preset, through the registry's own loader thread."""
+    started = time.perf_counter()
+    backbone = build_backbone(args.cold_preset, args.seed)
+    build_s = time.perf_counter() - started
+    store = AdapterStore(work / "cold")
+    bank = AdapterBank(backbone.dims, connector_spec(backbone), 2, max_rank=args.rank)
+    registry = AdapterRegistry(store, backbone, bank, cpu_budget_bytes=1 << 30)
+    adapter = make_adapter(backbone, args.rank, seed=1)
+    totals, disk, slot = [], [], []
+    try:
+        for _ in range(args.cold_loads):
+            store.write_version(TENANT, "cold", lambda folder: save_adapter(adapter, folder))
+            version = registry.resolve(TENANT, "cold")
+            t0 = time.perf_counter()
+            registry.cache.want(version)
+            while not registry.cache.is_ready(version):
+                time.sleep(0.0001)
+            t1 = time.perf_counter()
+            slots, _, _ = registry.cache.bind([version])
+            t2 = time.perf_counter()
+            registry.cache.release(slots, [version])
+            registry.cache.unwant(version)
+            totals.append(t2 - t0)
+            disk.append(t1 - t0)
+            slot.append(t2 - t1)
+        weights = store.path(version.ref) / "adapter.safetensors"
+        size = weights.stat().st_size
+    finally:
+        registry.close()
+    return {
+        "preset": args.cold_preset,
+        "rank": args.rank,
+        "file_bytes": size,
+        "trials": args.cold_loads,
+        "p50_ms": round(statistics.median(totals) * 1000, 2),
+        "max_ms": round(max(totals) * 1000, 2),
+        "disk_to_cpu_p50_ms": round(statistics.median(disk) * 1000, 2),
+        "cpu_to_slot_p50_ms": round(statistics.median(slot) * 1000, 2),
+        "backbone_build_s": round(build_s, 1),
+        "note": "files just written: read from the OS page cache, not the physical disk",
+    }
+
+
+# --- report --------------------------------------------------------------------------------
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    closed = [r for r in rows if r["mode"] == "closed"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    styles = {
+        "engine": ("o-", "tab:blue"),
+        "grouping-only": ("s--", "tab:orange"),
+        "peft-mixed": ("^-", "tab:red"),
+        "peft-naive": ("v:", "tab:gray"),
+    }
+    for system, (style, color) in styles.items():
+        pts = sorted((r["adapters"], r) for r in closed if r["system"] == system)
+        if pts:
+            xs = [n for n, _ in pts]
+            left.plot(xs, [r["throughput_rps"] for _, r in pts], style, color=color, label=system)
+            right.plot(
+                xs, [r["mean_adapters_per_batch"] for _, r in pts], style, color=color, label=system
+            )
+    for r in closed:
+        if r["system"] == "base":
+            left.axhline(
+                r["throughput_rps"], color="tab:green", ls="-.", label="base (no adapters)"
+            )
+    left.set(xscale="log", xlabel="adapters N (Zipf alpha=1)", ylabel="requests / s")
+    left.set_title("Closed-loop throughput")
+    right.set(xscale="log", xlabel="adapters N", ylabel="distinct adapters per batch")
+    right.set_title("Adapter mixing per batch")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| system | N | load | req/s | tokens/s | p50 ms | p99 ms | batch | adapters/batch |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['system']} | {r['adapters']} | {r['mode']} | {r['throughput_rps']:.2f} | "
+            f"{r['tokens_per_s']:.1f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | "
+            f"{r['mean_batch_size']:.1f} | {r['mean_adapters_per_batch']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
+    def get(system: str, n: int) -> float | None:
+        for r in rows:
+            if r["system"] == system and r["adapters"] == n and r["mode"] == "closed":
+                return float(r["throughput_rps"])
+        return None
+
+    e64, e1 = get("engine", 64), get("engine", 1)
+    out: dict[str, float] = {}
+    for name, other in (
+        ("engine64/engine1 (>= 0.9)", e1),
+        ("engine64/base (>= 0.8)", get("base", 1)),
+        ("engine64/peft-naive64 (>= 5)", get("peft-naive", 64)),
+        ("engine64/peft-mixed64 (>= 1.5)", get("peft-mixed", 64)),
+        ("engine64/grouping-only64", get("grouping-only", 64)),
+    ):
+        if e64 and other:
+            out[name] = round(e64 / other, 2)
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.quick:
+        args.adapters, args.rounds, args.warmup, args.duration = "1,8,64", 1, 1.0, 3.0
+        args.cold_loads, args.open_loop = 5, "0.5"
+    # A quick run never overwrites the recorded results.
+    results = ROOT / "benchmarks/results"
+    args.out = args.out or results / ("serving_quick.json" if args.quick else "serving.json")
+    args.plot = args.plot or (
+        results / "serving_quick.png" if args.quick else ROOT / "docs/serving_throughput.png"
+    )
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)
+    load_before = os.getloadavg()
+    sizes = [int(n) for n in args.adapters.split(",")]
+    backbone = build_backbone(args.preset, args.seed)
+    pics = images(64, backbone.config.image_size, args.seed)
+    with tempfile.TemporaryDirectory(prefix="ctxpeft-bench-") as tmp:
+        work = Path(tmp)
+        store = AdapterStore(work / "store")
+        started = time.perf_counter()
+        adapters = [make_adapter(backbone, args.rank, seed=i) for i in range(max(sizes))]
+        for i, adapter in enumerate(adapters):
+            store.write_version(TENANT, f"a{i}", functools.partial(save_adapter, adapter))
+        print(f"{len(adapters)} adapters written in {time.perf_counter() - started:.1f} s")
+        base_backbone = build_backbone(args.preset, args.seed)
+        peft_n = max([n for n in sizes if n <= args.peft_max], default=0)
+        started = time.perf_counter()
+        loras = None
+        if peft_n:
+            peft_backbone = build_backbone(args.preset, args.seed)
+            loras = PeftLoras(peft_backbone, adapters[:peft_n], args.rank)
+            print(
+                f"PEFT model with {peft_n} adapters built in {time.perf_counter() - started:.1f} s"
+            )
+        connector = torch.nn.Linear(backbone.vision_dim, backbone.dims.hidden_size).eval()
+        bench = Bench(
+            args,
+            backbone,
+            store,
+            pics,
+            base_backbone.preprocess(pics),
+            base_backbone,
+            connector,
+            loras,
+        )
+        rows = run_all(bench)
+        cold = cold_load(args, work) if args.cold_loads else {}
+    report = {
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "device": "cpu",
+            "loadavg_before": [round(x, 2) for x in load_before],
+            "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+        },
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "runs": rows,
+        "ratios": ratios(rows),
+        "cold_load": cold,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    plot(rows, args.plot)
+    print(table(rows))
+    print(json.dumps({"ratios": report["ratios"], "cold_load": cold}, indent=2))
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
