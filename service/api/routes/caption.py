@@ -128,8 +128,7 @@ async def caption(
             results = await _run(engine, request, caption_request)
         except EngineError as exc:
             raise to_api_error(exc) from None
-        for result in results:
-            state.metrics.add_generated_tokens(result.adapter, result.tokens)
+        # Generated tokens are counted by the engine as it answers each row (not again here).
         if adapters is None:
             return _out(results[0])
         return MultiCaptionOut(request_id=request_id, results=[_out(r) for r in results])
