@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.api.errors import ApiError
 from service.api.state import ServiceState
@@ -33,10 +34,23 @@ def get_engine(state: State) -> Engine:
 ReadyEngine = Annotated[Engine, Depends(get_engine)]
 
 
+# Declared as a security scheme so that /docs has an "Authorize" button and clients see
+# `Authorization: Bearer <key>` on every operation; the header itself is read below, so that
+# a malformed value is told apart from a missing one.
+_bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="APIKey",
+    description="An API key: `Authorization: Bearer <key>`. Not needed when the service "
+    "runs without keys.",
+)
+
+
 def get_principal(
     state: State,
-    authorization: Annotated[str | None, Header(description="Bearer <API key>")] = None,
+    request: Request,
+    _scheme: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
 ) -> Principal:
+    authorization = request.headers.get("authorization")
     principal = state.keys.authenticate(bearer_token(authorization))
     if principal is None:
         state.metrics.reject("unauthorized")
