@@ -1,0 +1,154 @@
+"""Shared pieces of the end-to-end tests: a real uvicorn server on loopback, real keys, a real
+adapter store, an httpx client. Nothing is mocked.
+
+    with running_service(store_dir, queue_size=4) as service:
+        httpx.post(f"{service.url}/caption", files=image_file(png), data={"adapter": "news"},
+                   headers=bearer(ACME_ADMIN))
+
+Tenants and keys (the same in every server):
+
+    acme   ACME_ADMIN (caption, manage), ACME_CAPTION (caption only)
+    beta   BETA_ADMIN (caption, manage)
+    gamma  GAMMA_ADMIN (caption, manage)
+
+The `tiny_store` (session) holds random adapters on the tiny test backbone of
+tests/service/adapter_fixtures.py: acme/news, acme/sports, beta/secret, public/pub. Tests that
+upload or delete copy it first (`fresh_store`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from PIL import Image
+
+from adapters.backbone import Backbone
+from service.api.app import create_app
+from service.engine import Engine, EngineConfig
+from service.metrics import ServiceMetrics
+from service.settings import Settings
+from service.store import AdapterStore
+from tests.service.adapter_fixtures import noise_image, put, random_adapter, tiny_backbone
+from tests.service.live_server import live_server
+
+ACME_ADMIN = "acme-admin-key-0000000001"
+ACME_CAPTION = "acme-caption-key-00000001"
+BETA_ADMIN = "beta-admin-key-0000000001"
+GAMMA_ADMIN = "gamma-admin-key-000000001"
+KEYS_JSON = json.dumps(
+    {
+        "keys": [
+            {"key": ACME_ADMIN, "tenant": "acme", "rights": ["caption", "manage"]},
+            {"key": ACME_CAPTION, "tenant": "acme", "rights": ["caption"]},
+            {"key": BETA_ADMIN, "tenant": "beta", "rights": ["caption", "manage"]},
+            {"key": GAMMA_ADMIN, "tenant": "gamma", "rights": ["caption", "manage"]},
+        ]
+    }
+)
+# Short captions keep the tiny model's CPU time per request in the tens of milliseconds.
+TINY_SETTINGS: dict[str, Any] = {
+    "backbone": "tiny",
+    "default_max_new_tokens": 4,
+    "max_new_tokens_limit": 16,
+    "log_level": "warning",
+}
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def encode(image: Image.Image, image_format: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=image_format)
+    return buffer.getvalue()
+
+
+def image_file(
+    data: bytes, filename: str = "image.png", content_type: str = "image/png"
+) -> dict[str, tuple[str, bytes, str]]:
+    """httpx `files=` for the caption form's `image` field."""
+    return {"image": (filename, data, content_type)}
+
+
+def noise_png(seed: int, size: int = 32) -> bytes:
+    return encode(noise_image(seed, size))
+
+
+def assert_error(response: httpx.Response, status: int, error_type: str) -> dict[str, Any]:
+    """The response is `status` in the one error shape with `error_type`; returns the body."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert set(body) == {"error", "request_id"}, body
+    assert set(body["error"]) == {"type", "message"}, body
+    assert body["error"]["type"] == error_type, body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    assert body["request_id"] == response.headers["x-request-id"]
+    return body
+
+
+@dataclass
+class Service:
+    """A running server and the in-process objects behind it (read them, never mock them)."""
+
+    url: str
+    engine: Engine
+    metrics: ServiceMetrics
+    settings: Settings
+
+
+@contextmanager
+def running_service(
+    store_dir: Path, backbone: Backbone | None = None, **overrides: Any
+) -> Iterator[Service]:
+    """create_app on a real uvicorn server; the engine runs `backbone` (the tiny one by
+    default) over the store at `store_dir`, with the test keys and `overrides` as settings."""
+    values: dict[str, Any] = {
+        **TINY_SETTINGS,
+        "runtime_dir": store_dir.parent,
+        "store_dir": store_dir,
+        "keys": KEYS_JSON,
+    }
+    values.update(overrides)
+    settings = Settings(**values)
+    metrics = ServiceMetrics(
+        adapter_labels=settings.metrics_adapter_labels, backbone=settings.backbone
+    )
+    engine = Engine(
+        backbone or tiny_backbone(),
+        AdapterStore(store_dir),
+        EngineConfig.from_settings(settings),
+        metrics,
+    )
+    app = create_app(settings, engine=engine, metrics=metrics)
+    with live_server(app) as url:
+        yield Service(url, engine, metrics, settings)
+
+
+def fresh_store(source: Path, target: Path) -> Path:
+    """A private copy of a store, for tests that upload or delete."""
+    shutil.copytree(source, target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """acme/news, acme/sports, beta/secret, public/pub: random adapters on the tiny backbone."""
+    root = tmp_path_factory.mktemp("tiny-store") / "adapters"
+    store = AdapterStore(root)
+    backbone = tiny_backbone()
+    for seed, (tenant, name) in enumerate(
+        [("acme", "news"), ("acme", "sports"), ("beta", "secret"), ("public", "pub")], start=1
+    ):
+        put(store, tenant, name, random_adapter(backbone, seed))
+    return root
