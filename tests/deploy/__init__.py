@@ -1,0 +1,1 @@
+"""Deployment: Docker images, compose stack, Prometheus, Grafana, operations docs."""
