@@ -238,8 +238,8 @@ def wait_for_scrape_after(server: Scraped, since: float) -> None:
     while time.monotonic() < deadline:
         # timestamp() of the bare selector: over an expression it returns the query time.
         taken = server.query('timestamp(up{job="ctxpeft"})')
-        if taken and float(taken[0]["value"][1]) > since:
-            if server.value('up{job="ctxpeft"}') == 1:
-                return
+        after = bool(taken) and float(taken[0]["value"][1]) > since
+        if after and server.value('up{job="ctxpeft"}') == 1:
+            return
         time.sleep(0.2)
     raise AssertionError(f"no successful scrape of the service within {READY_TIMEOUT_S} s")

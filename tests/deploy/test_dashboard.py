@@ -147,7 +147,7 @@ def test_layout_ids_and_datasources_are_consistent() -> None:
     cells: set[tuple[int, int]] = set()
     for panel in board["panels"]:
         pos = panel["gridPos"]
-        assert 0 <= pos["x"] and pos["x"] + pos["w"] <= 24, panel["title"]
+        assert pos["x"] >= 0 and pos["x"] + pos["w"] <= 24, panel["title"]
         area = {(x, y) for x in range(pos["x"], pos["x"] + pos["w"])
                 for y in range(pos["y"], pos["y"] + pos["h"])}  # fmt: skip
         assert not area & cells, f"panel {panel['title']!r} overlaps another"
@@ -200,5 +200,7 @@ def test_dashboard_provider_reads_the_folder_compose_mounts() -> None:
     assert provider["type"] == "file"
     assert mounts["./docker/grafana/dashboards"] == provider["options"]["path"]
     assert mounts["./docker/grafana/provisioning"] == "/etc/grafana/provisioning"
-    home = compose["services"]["grafana"]["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    home = compose["services"]["grafana"]["environment"][
+        "GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"
+    ]
     assert home == f"{provider['options']['path']}/{DASHBOARD.name}"
