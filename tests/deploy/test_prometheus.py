@@ -15,7 +15,7 @@ import yaml
 
 from service import __version__
 from service.metrics import NO_ADAPTER_LABEL
-from tests.deploy.conftest import CAPTIONS, DOCKER, UNKNOWN_ADAPTER, LiveService, Scraped
+from tests.deploy.conftest import CAPTIONS, DOCKER, UNKNOWN_ADAPTER, Scraped
 
 PROMTOOL = shutil.which("promtool")
 needs_promtool = pytest.mark.skipif(
@@ -208,7 +208,3 @@ def test_loopback_config_changes_only_targets_and_intervals(scraped: Scraped) ->
         }
         assert ours["static_configs"][0].get("labels") == theirs["static_configs"][0].get("labels")
     assert scraped.service.base_url.removeprefix("http://") in str(tested["scrape_configs"])
-
-
-def test_service_fixture_is_live(traffic: LiveService) -> None:
-    assert len(traffic.responses) == sum(CAPTIONS.values())
