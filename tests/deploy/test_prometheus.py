@@ -72,6 +72,16 @@ tests:
         values: '0+60x30'
       - series: 'ctxpeft_rejections_total{reason="unauthorized"}'
         values: '0+30x20'
+      # 12 queue_full a minute (0.2/s, above 0.1/s) for half an hour.
+      - series: 'ctxpeft_rejections_total{reason="queue_full"}'
+        values: '0+12x30'
+      # 100 requests a minute, 90 of them slower than 10 s: p95 near 29 s.
+      - series: 'ctxpeft_request_duration_seconds_bucket{adapter="x", le="10.0"}'
+        values: '0+10x30'
+      - series: 'ctxpeft_request_duration_seconds_bucket{adapter="x", le="30.0"}'
+        values: '0+100x30'
+      - series: 'ctxpeft_request_duration_seconds_bucket{adapter="x", le="+Inf"}'
+        values: '0+100x30'
     alert_rule_test:
       - eval_time: 2m
         alertname: CtxpeftDown
@@ -97,6 +107,24 @@ tests:
             exp_annotations:
               summary: "Adapters are swapped into bank slots on most batches"
               description: "The working set of adapters exceeds device_slots: raise device_slots (device memory) or cpu_cache_bytes."
+      # Not yet: the condition has held for less than its `for: 10m`.
+      - eval_time: 8m
+        alertname: CtxpeftOverloaded
+        exp_alerts: []
+      - eval_time: 20m
+        alertname: CtxpeftOverloaded
+        exp_alerts:
+          - exp_labels: {severity: warn}
+            exp_annotations:
+              summary: "Requests are refused for a full queue or miss their deadline"
+              description: "Demand exceeds capacity: add replicas, raise max_batch_size, or use a faster device."
+      - eval_time: 20m
+        alertname: CtxpeftSlowCaptions
+        exp_alerts:
+          - exp_labels: {severity: warn}
+            exp_annotations:
+              summary: "95th percentile caption latency above 10 s"
+              description: "Check ctxpeft_queue_wait_seconds (queueing) against batch sizes and adapter loads."
       # Half a request a second with a bad key: below the threshold of one.
       - eval_time: 20m
         alertname: CtxpeftAuthFailures
