@@ -18,6 +18,7 @@ from service.metrics import ServiceMetrics
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
+_CLOSE_AFTER_EXPIRED_DRAIN_S = 0.5
 
 
 @dataclass
@@ -28,6 +29,9 @@ class ServiceState:
     engine: Engine | None = None
     load_error: str | None = None
     draining: bool = False
+    # The drain time ran out with requests still in flight: their handlers stop waiting and
+    # answer 503 draining (in the error shape) before the server closes their connections.
+    drain_expired: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -64,10 +68,22 @@ class ServiceState:
             self.engine.scheduler.drain()
 
     def drain(self, timeout_s: float) -> bool:
-        """Blocking: refuse new work, wait for in-flight work (True if it all finished)."""
+        """Blocking: refuse new work, wait for in-flight work (True if it all finished).
+        When the time runs out first, `drain_expired` tells the waiting handlers to give up."""
         self.begin_drain()
-        return True if self.engine is None else self.engine.drain(timeout_s)
+        finished = True if self.engine is None else self.engine.drain(timeout_s)
+        if not finished:
+            self.drain_expired = True
+        return finished
 
     def close(self) -> None:
-        if self.engine is not None:
+        if self.engine is None:
+            return
+        if not self.drain_expired:
             self.engine.close()
+            return
+        # A batch may still be running, and Engine.close waits for it; the process is on its
+        # way out (the drain time is spent), so wait only briefly: the worker is a daemon.
+        closer = threading.Thread(target=self.engine.close, name="ctxpeft-close", daemon=True)
+        closer.start()
+        closer.join(timeout=_CLOSE_AFTER_EXPIRED_DRAIN_S)

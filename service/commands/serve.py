@@ -6,7 +6,8 @@ Usage:
 
 On the first SIGTERM (or Ctrl-C): /readyz turns 503 and new requests get 503 while the
 listening socket stays open (load balancers see the 503s and move away); requests already
-admitted finish; then uvicorn stops, within `drain_timeout_s`. A second signal exits at once.
+admitted finish; then uvicorn stops, within `drain_timeout_s`. Requests still unfinished when
+that time runs out are answered 503 "draining" (retry elsewhere). A second signal exits at once.
 """
 
 from __future__ import annotations
@@ -14,12 +15,15 @@ from __future__ import annotations
 import argparse
 import logging
 import threading
+import time
 from collections.abc import Callable
 from types import FrameType
 
 import uvicorn
 
 log = logging.getLogger("service.serve")
+GRACEFUL_S = 1  # uvicorn's own shutdown: close connections once their answers are out
+ANSWER_GRACE_S = 0.5  # after an expired drain, for waiting handlers to answer 503
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,11 +74,15 @@ def run(args: argparse.Namespace) -> int:
         host=settings.host,
         port=settings.port,
         log_config=None,
-        # The engine drains first (in-flight requests finish); uvicorn then only has to close
-        # idle connections, so both together stay within drain_timeout_s.
-        timeout_graceful_shutdown=1,
+        # The engine drains first (in-flight requests finish, or answer 503 when the drain
+        # time runs out); uvicorn then only has to close connections, so the whole shutdown
+        # stays within drain_timeout_s.
+        timeout_graceful_shutdown=GRACEFUL_S,
     )
-    DrainingServer(config, state.drain, max(0.5, settings.drain_timeout_s - 1.0)).run()
+    # Waiting for the engine gets what is left of drain_timeout_s after the answer grace,
+    # uvicorn's shutdown and up to 0.5 s for the engine to close (ServiceState.close).
+    budget = max(0.5, settings.drain_timeout_s - GRACEFUL_S - ANSWER_GRACE_S - 0.5)
+    DrainingServer(config, state.drain, budget).run()
     return 0
 
 
@@ -100,4 +108,8 @@ class DrainingServer(uvicorn.Server):
     def _drain_then_exit(self) -> None:
         finished = self._drain(self._timeout_s)
         log.info("drain finished", extra={"all_finished": finished})
+        if not finished:
+            # Handlers still waiting notice the expired drain within a poll and answer 503;
+            # give them that long before uvicorn starts closing connections.
+            time.sleep(ANSWER_GRACE_S)
         self.should_exit = True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Annotated
 
@@ -14,6 +15,7 @@ from service.api.engine_errors import to_api_error
 from service.api.errors import ApiError, error_responses, request_id_from_scope
 from service.api.images import ImageLimits, decode_image
 from service.api.schemas import CaptionOut, MultiCaptionOut, Timings
+from service.api.state import ServiceState
 from service.engine import CaptionRequest, CaptionResult, Engine
 from service.exceptions import EngineError
 from service.store import StoreError, check_name
@@ -28,7 +30,7 @@ _REJECTION = {
     415: "unsupported_media_type",
     422: "bad_request",
 }
-_DISCONNECT_POLL_S = 0.25
+_POLL_S = 0.25  # how often a waiting handler checks for a gone client or an expired drain
 
 
 def _names(adapter: str | None, adapters: str | None, default: str | None) -> tuple[str, ...]:
@@ -67,15 +69,26 @@ def _out(result: CaptionResult) -> CaptionOut:
 
 
 async def _run(
-    engine: Engine, request: Request, caption_request: CaptionRequest
+    state: ServiceState, engine: Engine, request: Request, caption_request: CaptionRequest
 ) -> list[CaptionResult]:
     """Await the engine; if the client goes away first, cancel the request so that it is
-    dropped before any compute."""
+    dropped before any compute. If the shutdown's drain time runs out first, give up with a
+    503 in the error shape (the server would otherwise cut the request off with a bare 500)."""
     task = asyncio.ensure_future(engine.caption(caption_request))
     while True:
-        done, _ = await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S)
+        done, _ = await asyncio.wait({task}, timeout=_POLL_S)
         if done:
             return task.result()
+        if state.drain_expired:
+            engine.cancel(caption_request.request_id)
+            with contextlib.suppress(EngineError):
+                await task
+            raise ApiError(
+                503,
+                "draining",
+                "the service shut down before this request finished (drain_timeout_s); retry",
+                headers={"Retry-After": "1"},
+            )
         if await request.is_disconnected():
             engine.cancel(caption_request.request_id)
             return await task
@@ -125,7 +138,7 @@ async def caption(
             decoded.rgb, names, principal.tenant, max_new_tokens, request_id=request_id
         )
         try:
-            results = await _run(engine, request, caption_request)
+            results = await _run(state, engine, request, caption_request)
         except EngineError as exc:
             raise to_api_error(exc) from None
         # Generated tokens are counted by the engine as it answers each row (not again here).
