@@ -30,6 +30,7 @@ from typing import Any
 import httpx
 import pytest
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from adapters.backbone import Backbone
 from service.api.app import create_app
@@ -95,6 +96,28 @@ def assert_error(response: httpx.Response, status: int, error_type: str) -> dict
     assert isinstance(body["error"]["message"], str) and body["error"]["message"]
     assert body["request_id"] == response.headers["x-request-id"]
     return body
+
+
+class Scrape:
+    """One /metrics answer parsed with the Prometheus text parser."""
+
+    def __init__(self, text: str) -> None:
+        self.families = {f.name: f for f in text_string_to_metric_families(text)}
+        self._samples = {
+            (s.name, frozenset(s.labels.items())): s.value
+            for family in self.families.values()
+            for s in family.samples
+        }
+
+    def value(self, sample: str, **labels: str) -> float:
+        """The value of one sample (0 when the series does not exist yet)."""
+        return self._samples.get((sample, frozenset(labels.items())), 0.0)
+
+
+def scrape(url: str) -> Scrape:
+    response = httpx.get(f"{url}/metrics", timeout=10)
+    assert response.status_code == 200, response.text
+    return Scrape(response.text)
 
 
 @dataclass

@@ -1,0 +1,261 @@
+"""Graceful drain.
+
+SIGTERM during load: the real `ctxpeft serve` process (python -m service.cli serve, settings
+from CTXPEFT_* variables) on a saved tiny backbone. Requests in flight when the signal comes
+all finish with 200; new ones get 503 and /readyz says 503; the process exits, status 0,
+within the configured drain time.
+
+A drain whose time runs out (in-process DrainingServer, the exit signal handed to it as
+uvicorn's signal handler would): the requests still running are answered 503 "draining" in
+the error shape, never a bare 500, and the server stops within its budget.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+
+from service.api.app import create_app
+from service.commands.serve import ANSWER_GRACE_S, GRACEFUL_S, DrainingServer
+from service.engine import Engine, EngineConfig
+from service.metrics import ServiceMetrics
+from service.settings import Settings
+from service.store import AdapterStore
+from tests.e2e.conftest import (
+    ACME_ADMIN,
+    KEYS_JSON,
+    TINY_SETTINGS,
+    assert_error,
+    bearer,
+    image_file,
+    noise_png,
+    scrape,
+)
+from tests.service.adapter_fixtures import put, random_adapter, tiny_backbone
+
+REPO = Path(__file__).resolve().parents[2]
+DRAIN_TIMEOUT_S = 20.0
+IN_FLIGHT = 8  # four batches of two
+START_TIMEOUT_S = 120.0  # a cold interpreter imports torch and transformers first
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture(scope="module")
+def served(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
+    """`ctxpeft serve` in a child process; yields (process, base URL, log file)."""
+    root = tmp_path_factory.mktemp("drain")
+    backbone_dir = root / "backbone"
+    tiny_backbone().save(backbone_dir)
+    put(AdapterStore(root / "adapters"), "acme", "news", random_adapter(tiny_backbone(), 1))
+    port = _free_port()
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "CTXPEFT_HOST": "127.0.0.1",
+        "CTXPEFT_PORT": str(port),
+        "CTXPEFT_RUNTIME_DIR": str(root / "var"),
+        "CTXPEFT_BACKBONE": str(backbone_dir),
+        "CTXPEFT_STORE_DIR": str(root / "adapters"),
+        "CTXPEFT_DEVICE": "cpu",
+        "CTXPEFT_KEYS": KEYS_JSON,
+        "CTXPEFT_DRAIN_TIMEOUT_S": str(DRAIN_TIMEOUT_S),
+        # Two rows per batch and long captions: the requests take a few batches to finish.
+        "CTXPEFT_MAX_BATCH_SIZE": "2",
+        "CTXPEFT_MAX_NEW_TOKENS_LIMIT": "64",
+        "CTXPEFT_LOG_LEVEL": "info",
+        "HF_HUB_OFFLINE": "1",
+    }
+    log_path = root / "serve.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve"],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(process, url, log_path)
+        yield process, url, log_path
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+
+
+def _wait_ready(process: subprocess.Popen[bytes], url: str, log_path: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"ctxpeft serve exited with {process.returncode}:\n{log_path.read_text()}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    pytest.fail(f"ctxpeft serve was not ready within {START_TIMEOUT_S} s:\n{log_path.read_text()}")
+
+
+def _caption(url: str, seed: int) -> httpx.Response:
+    return httpx.post(
+        f"{url}/caption",
+        files=image_file(noise_png(seed)),
+        data={"adapter": "news", "max_new_tokens": "24"},
+        headers=bearer(ACME_ADMIN),
+        timeout=DRAIN_TIMEOUT_S + 10,
+    )
+
+
+def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(
+    served: tuple[subprocess.Popen[bytes], str, Path],
+) -> None:
+    process, url, log_path = served
+    with ThreadPoolExecutor(IN_FLIGHT) as pool:
+        in_flight: list[Future[httpx.Response]] = [
+            pool.submit(_caption, url, seed) for seed in range(IN_FLIGHT)
+        ]
+        # All of them are inside the handler; a moment more and all are admitted by the engine
+        # (only a 32-pixel image decode lies between the two).
+        deadline = time.monotonic() + 30
+        while scrape(url).value("ctxpeft_inflight_requests") < IN_FLIGHT:
+            assert time.monotonic() < deadline, "the requests never reached the handler"
+            time.sleep(0.02)
+        time.sleep(0.3)
+        assert not all(f.done() for f in in_flight), "the load finished before the signal"
+
+        process.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+
+        # Readiness goes 503 at once, and new work is refused, while the old work goes on.
+        deadline = time.monotonic() + 5
+        while (ready := httpx.get(f"{url}/readyz", timeout=5)).status_code == 200:
+            assert time.monotonic() < deadline, "/readyz stayed 200 after SIGTERM"
+            time.sleep(0.02)
+        assert_error(ready, 503, "unavailable")
+        refused = _caption(url, 100)
+        body = assert_error(refused, 503, refused.json()["error"]["type"])
+        assert body["error"]["type"] in ("unavailable", "draining")
+        assert "drain" in body["error"]["message"]
+        assert int(refused.headers["retry-after"]) >= 1
+
+        answers = [f.result() for f in in_flight]
+    assert [a.status_code for a in answers] == [200] * IN_FLIGHT, [a.text for a in answers]
+    assert all(a.json()["adapter"] == "news" and a.json()["tokens"] >= 1 for a in answers)
+
+    returncode = process.wait(timeout=DRAIN_TIMEOUT_S + 10)
+    took = time.monotonic() - signalled
+    assert returncode == 0, log_path.read_text()
+    assert took < DRAIN_TIMEOUT_S, f"exit took {took:.1f} s"
+
+    # JSON logs: the drain is logged, and every line is one JSON object.
+    lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    messages = [line["msg"] for line in lines]
+    assert "drain started" in messages and "drain finished" in messages
+    finished = next(line for line in lines if line["msg"] == "drain finished")
+    assert finished["all_finished"] is True
+
+
+# --- a drain that runs out of time ------------------------------------------------------------
+@contextmanager
+def draining_server(
+    service_store: Path, budget_s: float
+) -> Iterator[tuple[DrainingServer, threading.Thread, str]]:
+    """create_app + DrainingServer (what `ctxpeft serve` runs) on a loopback socket, in a
+    thread; one row per batch so that a few requests take a while."""
+    settings = Settings(
+        **{**TINY_SETTINGS, "max_new_tokens_limit": 64},
+        store_dir=service_store,
+        runtime_dir=service_store.parent,
+        keys=KEYS_JSON,
+        max_batch_size=1,
+    )
+    metrics = ServiceMetrics(backbone=settings.backbone)
+    engine = Engine(
+        tiny_backbone(), AdapterStore(service_store), EngineConfig.from_settings(settings), metrics
+    )
+    app = create_app(settings, engine=engine, metrics=metrics)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(
+        app, log_config=None, access_log=False, timeout_graceful_shutdown=GRACEFUL_S
+    )
+    server = DrainingServer(config, app.state.service.drain, budget_s)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            assert thread.is_alive(), "uvicorn exited before it started"
+            time.sleep(0.01)
+        yield server, thread, f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+def test_requests_still_running_when_the_drain_time_ends_get_503_not_500(
+    tiny_store: Path,
+) -> None:
+    budget_s = 0.5
+    with (
+        draining_server(tiny_store, budget_s) as (server, thread, url),
+        ThreadPoolExecutor(4) as pool,
+    ):
+        # Four requests of 32 tokens, one per batch: far more than half a second of work.
+        running = [pool.submit(_long_caption, url, seed) for seed in range(4)]
+        deadline = time.monotonic() + 30
+        while scrape(url).value("ctxpeft_inflight_requests") < 4:
+            assert time.monotonic() < deadline, "the requests never reached the handler"
+            time.sleep(0.02)
+        time.sleep(0.1)
+        server.handle_exit(signal.SIGTERM, None)  # what uvicorn's signal handler calls
+        signalled = time.monotonic()
+        answers = [f.result() for f in running]
+        thread.join(timeout=30)  # the server stops by itself once the drain is over
+        stopped_after = time.monotonic() - signalled
+        assert not thread.is_alive()
+
+    statuses = [a.status_code for a in answers]
+    assert set(statuses) <= {200, 503}, [a.text for a in answers]
+    cut_off = [a for a in answers if a.status_code == 503]
+    assert cut_off, statuses  # the budget cannot cover four captions one after another
+    for answer in cut_off:
+        body = assert_error(answer, 503, "draining")
+        assert "drain_timeout_s" in body["error"]["message"]
+        assert answer.headers["retry-after"] == "1"
+    # The drain budget, the answer grace and uvicorn's own shutdown, with room for a slow CI.
+    assert stopped_after < budget_s + ANSWER_GRACE_S + GRACEFUL_S + 3.0
+
+
+def _long_caption(url: str, seed: int) -> httpx.Response:
+    return httpx.post(
+        f"{url}/caption",
+        files=image_file(noise_png(seed)),
+        data={"adapter": "news", "max_new_tokens": "32"},
+        headers=bearer(ACME_ADMIN),
+        timeout=30,
+    )
