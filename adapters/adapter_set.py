@@ -145,6 +145,9 @@ class AdapterSet(nn.Module):
             ia3=full(self._param(f"{prefix}.ia3")), ia3_on_input=module in IA3_INPUT_SIDE
         )
 
+    def lora_rank(self, slots: torch.Tensor) -> int:
+        return self.config.rank if self.config.method == "lora" else 0
+
     def connect(self, features: torch.Tensor, slots: torch.Tensor | None = None) -> torch.Tensor:
         """Vision features [B, n, d_vis] -> LM embeddings [B, n, d_model] (dropout first)."""
         x = self.dropout(features)

@@ -73,6 +73,7 @@ class AdapterBank:
             for name, shape in _connector_shapes(connector).items()
         }
         self.occupied: list[bool] = [False] * num_slots
+        self.ranks: list[int] = [0] * num_slots  # LoRA rank per slot (0: no LoRA)
 
     # --- writing ---------------------------------------------------------------------
     def load(self, slot: int, adapter: AdapterSet) -> None:
@@ -101,6 +102,7 @@ class AdapterBank:
                 if weights is not None:
                     self._write(slot, self._stores[(layer, name)], weights)
         self.occupied[slot] = True
+        self.ranks[slot] = config.rank if config.method == "lora" else 0
 
     def clear(self, slot: int) -> None:
         """Reset `slot` to neutral values."""
@@ -115,6 +117,7 @@ class AdapterBank:
         for t in self._connector.values():
             t[slot].zero_()
         self.occupied[slot] = False
+        self.ranks[slot] = 0
 
     def _write(self, slot: int, store: _ModuleStore, w: StackedWeights) -> None:
         with torch.no_grad():
@@ -155,6 +158,9 @@ class AdapterBank:
                 store.lora_A, store.lora_B, store.bias, store.ia3, store.ia3_on_input
             )
         return store.view
+
+    def lora_rank(self, slots: torch.Tensor) -> int:
+        return max((self.ranks[s] for s in set(slots.tolist())), default=0)
 
     def connect(self, features: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """Each row's features through its own slot's connector: [B, n, d_vis] -> [B, n, d_model]."""

@@ -11,7 +11,8 @@ token's (slot, context).
 Three implementations of the gathered product, chosen by `Routing.path`:
   row      per-row batched matmul: a row's weights are gathered once per batch (B copies,
            not B x T) and the delta is added in place (baddbmm). Fast path.
-  segment  tokens grouped by (slot, context), one dense matmul per group.
+  segment  tokens sorted by (slot, context) once per call, one dense matmul per group on a
+           contiguous slice, deltas scattered back with one index_add.
   token    per-token gather (B x T copies of A and B): the general reference.
 All three agree to float tolerance; tests hold the fast paths to the reference.
 """
@@ -59,7 +60,7 @@ class ContextLinear(nn.Module):
         if routing.path == "row":
             rows = routing.row_weights(self.layer, self.name)
             return self.base(x) if rows is None else _row_forward(self.base, x, rows, routing)
-        stacked = routing.source.stacked(self.layer, self.name)
+        stacked = routing.weights(self.layer, self.name)
         if stacked is None:
             return self.base(x)
         if routing.path == "segment":
@@ -103,7 +104,7 @@ def _row_forward(
             # contexts per token, then one matmul with the stacked B [B, C*R, d_out].
             batch, _, d_in, rank = w.lora_A.shape
             a = w.lora_A.permute(0, 2, 1, 3).reshape(batch, d_in, NUM_CONTEXTS * rank)
-            h = torch.bmm(x, a) * mask.repeat_interleave(rank, dim=2)
+            h = torch.bmm(x, a) * routing.context_mask(x.dtype, repeat=rank)
             b = w.lora_B.reshape(batch, NUM_CONTEXTS * rank, -1)
         out = torch.baddbmm(out, h, b) if grad else out.baddbmm_(h, b)
     if w.bias is not None:
@@ -111,12 +112,6 @@ def _row_forward(
     if w.ia3 is not None and not w.ia3_on_input:
         out = out * _per_token(w.ia3, mask, uniform)
     return out
-
-
-def _flat_keys(routing: Routing, tokens: int) -> torch.Tensor:
-    """slot * C + context for every token, flattened to [B * T]."""
-    keys = routing.slots.unsqueeze(1) * NUM_CONTEXTS + routing.contexts
-    return keys.expand(-1, tokens).reshape(-1) if keys.shape[1] != tokens else keys.reshape(-1)
 
 
 def _flatten_sc(t: torch.Tensor) -> torch.Tensor:
@@ -128,7 +123,7 @@ def _token_forward(
     base: nn.Linear, x: torch.Tensor, w: StackedWeights, routing: Routing
 ) -> torch.Tensor:
     batch, tokens, d_in = x.shape
-    keys = _flat_keys(routing, tokens)
+    keys = routing.token_keys(tokens)
     flat = x.reshape(-1, d_in)
     if w.ia3 is not None and w.ia3_on_input:
         flat = flat * _flatten_sc(w.ia3)[keys]
@@ -148,29 +143,24 @@ def _segment_forward(
     base: nn.Linear, x: torch.Tensor, w: StackedWeights, routing: Routing
 ) -> torch.Tensor:
     batch, tokens, d_in = x.shape
-    keys = _flat_keys(routing, tokens)
+    keys = routing.token_keys(tokens)
     flat = x.reshape(-1, d_in)
-    order = torch.argsort(keys, stable=True)
-    uniq, counts = torch.unique_consecutive(keys[order], return_counts=True)
-    segments = list(zip(uniq.tolist(), torch.split(order, counts.tolist()), strict=True))
+    # Per-(slot, context) vectors cost one [N, d] gather; only LoRA needs the segments.
     if w.ia3 is not None and w.ia3_on_input:
-        scale = torch.empty_like(flat[:, :1].expand(-1, d_in))
-        ia3 = _flatten_sc(w.ia3)
-        for key, idx in segments:
-            scale[idx] = ia3[key]
-        flat = flat * scale
+        flat = flat * _flatten_sc(w.ia3)[keys]
     out = base(flat)
-    lora_a = None if w.lora_A is None else _flatten_sc(w.lora_A)
-    lora_b = None if w.lora_B is None else _flatten_sc(w.lora_B)
-    bias = None if w.bias is None else _flatten_sc(w.bias)
-    ia3_out = None if (w.ia3 is None or w.ia3_on_input) else _flatten_sc(w.ia3)
-    for key, idx in segments:
-        seg = out[idx]
-        if lora_a is not None and lora_b is not None:
-            seg = seg + (flat[idx] @ lora_a[key]) @ lora_b[key]
-        if bias is not None:
-            seg = seg + bias[key]
-        if ia3_out is not None:
-            seg = seg * ia3_out[key]
-        out = out.index_copy(0, idx, seg)
+    if w.lora_A is not None and w.lora_B is not None:
+        # Tokens sorted by key once per call; each run of one (slot, context) is a contiguous
+        # slice, multiplied by its own A and B; the deltas go back in one scatter-add.
+        segments = routing.segments(tokens)
+        ordered = flat.index_select(0, segments.order)
+        lora_a, lora_b = _flatten_sc(w.lora_A), _flatten_sc(w.lora_B)
+        delta = torch.cat(
+            [(ordered[s:e] @ lora_a[key]) @ lora_b[key] for key, s, e in segments.bounds]
+        )
+        out = out.index_add(0, segments.order, delta)
+    if w.bias is not None:
+        out = out + _flatten_sc(w.bias)[keys]
+    if w.ia3 is not None and not w.ia3_on_input:
+        out = out * _flatten_sc(w.ia3)[keys]
     return out.reshape(batch, tokens, -1)
