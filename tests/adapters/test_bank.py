@@ -180,3 +180,35 @@ def test_connector_per_slot(
     same = bank.connect(features[:1].expand(3, -1, -1), torch.tensor([0, 1, 2]))
     for a, b in ((0, 1), (0, 2), (1, 2)):
         assert float((same[a] - same[b]).abs().max()) > 1e-3
+
+
+def test_batches_multiply_only_the_ranks_they_use(
+    model: ContextPEFTModel, adapter_factory: Callable[..., AdapterSet]
+) -> None:
+    """A bank padded to max_rank 64 gives the outputs of a tight bank, and each batch's LoRA
+    product is trimmed to the largest rank among its own slots."""
+    sets = [
+        adapter_factory("lora", rank=2, seed=1),
+        adapter_factory("lora", rank=8, seed=2),
+        adapter_factory("ia3", seed=3),
+    ]
+    wide, tight = _bank(model, max_rank=64), _bank(model, max_rank=8)
+    for slot, adapter in enumerate(sets):
+        wide.load(slot, adapter)
+        tight.load(slot, adapter)
+    assert wide.ranks == [2, 8, 0]
+    contexts = torch.tensor([[TEXT, IMAGE, TEXT]] * 2)
+    for slots, rank in (([0, 1], 8), ([0, 0], 2), ([2, 2], 0), ([2, 0], 2)):
+        routing = Routing(wide, torch.tensor(slots), contexts[: len(slots)])
+        assert routing.lora_rank() == rank
+        gathered = routing.row_weights(0, "q_proj")
+        assert gathered is not None
+        if rank:
+            assert gathered.lora_A is not None and gathered.lora_A.shape == (2, 2, 32, rank)
+        else:
+            assert gathered.lora_A is None and gathered.lora_B is None
+        for path in PATHS:
+            a, b = _run(model, wide, slots, path), _run(model, tight, slots, path)
+            assert float((a - b).abs().max()) <= 1e-6
+    wide.clear(1)
+    assert wide.ranks == [2, 0, 0] and wide.lora_rank(torch.tensor([0, 1, 2])) == 2

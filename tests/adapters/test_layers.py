@@ -348,3 +348,14 @@ def test_no_routing_or_fresh_set_is_the_base_model(
                 x, Routing(fresh, torch.zeros(2, dtype=torch.long), MIXED_CONTEXTS[:2])
             )
         assert _max_diff(out, base) == 0.0, method
+
+
+def test_segments_group_tokens_by_slot_and_context(mixed_bank: AdapterBank) -> None:
+    contexts = torch.tensor([[TEXT, IMAGE, IMAGE, TEXT], [TEXT, IMAGE, TEXT, TEXT]])
+    routing = Routing(mixed_bank, torch.tensor([3, 1]), contexts, "segment")
+    segments = routing.segments(4)
+    keys = routing.token_keys(4)
+    assert keys.tolist() == [7, 6, 6, 7, 3, 2, 3, 3]  # slot * 2 + context
+    assert segments.bounds == [(2, 0, 1), (3, 1, 4), (6, 4, 6), (7, 6, 8)]
+    assert keys[segments.order].tolist() == [2, 3, 3, 3, 6, 6, 7, 7]
+    assert routing.segments(4) is segments  # once per call, shared by every layer
