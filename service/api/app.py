@@ -66,5 +66,5 @@ def create_app(
     # add_middleware wraps: the last added is outermost, so the request id covers the 413.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestIdMiddleware)
-    metrics.set_build_info(__version__, settings.backbone, settings.device)
+    state.publish_build_info()
     return app

@@ -12,6 +12,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from service import __version__
 from service.auth import KeyStore
 from service.engine import Engine
 from service.metrics import ServiceMetrics
@@ -55,11 +56,21 @@ class ServiceState:
                 return
             with self._lock:
                 self.engine = engine
-            log.info("engine ready", extra={"backbone": self.settings.backbone})
+            self.publish_build_info()
+            log.info(
+                "engine ready",
+                extra={"backbone": self.settings.backbone, "device": str(engine.backbone.device)},
+            )
 
         thread = threading.Thread(target=load, name="ctxpeft-load", daemon=True)
         thread.start()
         return thread
+
+    def publish_build_info(self) -> None:
+        """ctxpeft_build_info names the device the engine runs on ("cpu", "cuda:0"), not the
+        setting ("auto"), once there is an engine."""
+        device = str(self.engine.backbone.device) if self.engine else self.settings.device
+        self.metrics.set_build_info(__version__, self.settings.backbone, device)
 
     def begin_drain(self) -> None:
         """Readiness goes 503 and new requests are refused; in-flight ones go on."""
