@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from service import __version__
 from service.api.errors import install_error_handlers
@@ -52,7 +53,9 @@ def create_app(
         yield
         state.close()
 
-    app = FastAPI(
+    # FastAPIOffline: /docs (Swagger UI) and /redoc load their scripts from this server, not
+    # from a CDN, so they work offline and the browser contacts nobody else.
+    app = FastAPIOffline(
         title="ctxpeft",
         version=__version__,
         summary="Image captioning with many Context-PEFT adapters over one frozen backbone.",
