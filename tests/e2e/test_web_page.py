@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
 
 from tests.e2e.conftest import (
     ACME_ADMIN,
@@ -136,3 +136,29 @@ def test_a_bad_upload_shows_the_services_error(page: Page) -> None:
     expect(page.locator("#error")).to_contain_text("(unsupported_media_type, HTTP 415)")
     expect(page.locator("#error")).to_contain_text("request id: ")
     expect(page.locator("#result")).to_be_hidden()
+
+
+def test_api_docs_render_offline(browser: Browser, service: Service) -> None:
+    """/docs (Swagger UI) renders the OpenAPI with every script served by the service: any
+    request to another host is refused and counted."""
+    context = browser.new_context()
+    elsewhere: list[str] = []
+
+    def only_this_server(route: Route) -> None:
+        if route.request.url.startswith(service.url):
+            route.continue_()
+        else:
+            elsewhere.append(route.request.url)
+            route.abort()
+
+    context.route("**/*", only_this_server)
+    page = context.new_page()
+    page.goto(f"{service.url}/docs")
+    expect(page.locator(".opblock-summary-path", has_text="/caption")).to_be_visible()
+    expect(page.locator("button.authorize")).to_be_visible()  # the Bearer security scheme
+    paths = page.locator(".opblock-summary-path").all_text_contents()
+    assert {"/caption", "/adapters", "/adapters/{name}", "/adapters/{name}/versions"} <= set(
+        p.replace("\u200b", "") for p in paths
+    )
+    assert elsewhere == []
+    context.close()
