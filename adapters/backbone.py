@@ -74,6 +74,16 @@ def lm_linear(layer: nn.Module, name: str) -> nn.Linear:
     return module
 
 
+def _vision_dim(config: Any) -> int:
+    """Width of the encoder's output tokens: hidden_size (ViT, Swin), else the last stage of
+    hierarchical encoders that list hidden_sizes (pvt_v2, ConvNeXt), else embed_dim."""
+    if getattr(config, "hidden_size", 0):
+        return int(config.hidden_size)
+    if getattr(config, "hidden_sizes", None):
+        return int(config.hidden_sizes[-1])
+    return int(config.embed_dim)
+
+
 def _config_from_dict(data: dict[str, Any]) -> Any:
     data = dict(data)
     model_type = data.pop("model_type")
@@ -132,7 +142,7 @@ class Backbone(nn.Module):
         self.tokenizer = tokenizer
         self.requires_grad_(False)
         self.eval()
-        self.vision_dim = int(getattr(vision.config, "hidden_size", 0) or vision.config.embed_dim)
+        self.vision_dim = _vision_dim(vision.config)
         self.dims = self._lm_dims()
         self._fingerprint: str | None = None
 
@@ -250,6 +260,8 @@ class Backbone(nn.Module):
         """Vision features per image: [N, n_img, d_vis] (patch tokens, [CLS] dropped)."""
         pixel_values = pixel_values.to(device=self.device, dtype=self.dtype)
         hidden = self.vision(pixel_values=pixel_values).last_hidden_state
+        if hidden.dim() == 4:  # convolutional encoders (e.g. pvt_v2): [N, C, H, W] -> [N, H*W, C]
+            hidden = hidden.flatten(2).transpose(1, 2)
         if self.vision.config.model_type in _CLS_TOKEN_MODELS:
             hidden = hidden[:, 1:]
         return hidden
