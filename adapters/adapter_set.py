@@ -148,6 +148,9 @@ class AdapterSet(nn.Module):
     def lora_rank(self, slots: torch.Tensor) -> int:
         return self.config.rank if self.config.method == "lora" else 0
 
+    def context_specific(self, slots: torch.Tensor) -> bool:
+        return not self.config.agnostic
+
     def connect(self, features: torch.Tensor, slots: torch.Tensor | None = None) -> torch.Tensor:
         """Vision features [B, n, d_vis] -> LM embeddings [B, n, d_model] (dropout first)."""
         x = self.dropout(features)

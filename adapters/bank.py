@@ -74,6 +74,7 @@ class AdapterBank:
         }
         self.occupied: list[bool] = [False] * num_slots
         self.ranks: list[int] = [0] * num_slots  # LoRA rank per slot (0: no LoRA)
+        self.specific: list[bool] = [False] * num_slots  # slot holds context-specific weights
 
     # --- writing ---------------------------------------------------------------------
     def load(self, slot: int, adapter: AdapterSet) -> None:
@@ -103,6 +104,7 @@ class AdapterBank:
                     self._write(slot, self._stores[(layer, name)], weights)
         self.occupied[slot] = True
         self.ranks[slot] = config.rank if config.method == "lora" else 0
+        self.specific[slot] = not config.agnostic
 
     def clear(self, slot: int) -> None:
         """Reset `slot` to neutral values."""
@@ -118,6 +120,7 @@ class AdapterBank:
             t[slot].zero_()
         self.occupied[slot] = False
         self.ranks[slot] = 0
+        self.specific[slot] = False
 
     def _write(self, slot: int, store: _ModuleStore, w: StackedWeights) -> None:
         with torch.no_grad():
@@ -161,6 +164,9 @@ class AdapterBank:
 
     def lora_rank(self, slots: torch.Tensor) -> int:
         return max((self.ranks[s] for s in set(slots.tolist())), default=0)
+
+    def context_specific(self, slots: torch.Tensor) -> bool:
+        return any(self.specific[s] for s in set(slots.tolist()))
 
     def connect(self, features: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """Each row's features through its own slot's connector: [B, n, d_vis] -> [B, n, d_model]."""

@@ -86,6 +86,11 @@ class WeightSource(Protocol):
         """The largest LoRA rank among `slots` (0 if none uses LoRA)."""
         ...
 
+    def context_specific(self, slots: torch.Tensor) -> bool:
+        """Whether any of `slots` holds context-specific weights (an agnostic set holds the
+        same weights under every context)."""
+        ...
+
     def connect(self, features: torch.Tensor, slots: torch.Tensor) -> torch.Tensor: ...
 
 
@@ -127,11 +132,16 @@ class Routing:
         return Routing(self.source, slots, contexts, self.path, kept, _rank=self._rank)
 
     def uniform_context(self) -> int | None:
-        """The single context of every token of this call, if there is one (decode: text).
-        Computed once per call, not once per layer: it costs a device sync."""
+        """The one context whose weights serve every token of this call, if there is one:
+        every token has the same context (decode: text), or no slot of the batch is
+        context-specific (then context 0 stands for all; a batch of agnostic sets needs no
+        per-token selection). Computed once per call, not once per layer: it costs a sync."""
         if self._uniform is None:
             first = int(self.contexts.view(-1)[0])
-            self._uniform = first if bool((self.contexts == first).all()) else -1
+            if bool((self.contexts == first).all()):
+                self._uniform = first
+            else:
+                self._uniform = 0 if not self.source.context_specific(self.slots) else -1
         return None if self._uniform < 0 else self._uniform
 
     def token_keys(self, tokens: int) -> torch.Tensor:
