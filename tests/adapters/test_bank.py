@@ -212,3 +212,24 @@ def test_batches_multiply_only_the_ranks_they_use(
             assert float((a - b).abs().max()) <= 1e-6
     wide.clear(1)
     assert wide.ranks == [2, 0, 0] and wide.lora_rank(torch.tensor([0, 1, 2])) == 2
+
+
+def test_batches_of_agnostic_sets_skip_per_token_contexts(
+    model: ContextPEFTModel, adapter_factory: Callable[..., AdapterSet]
+) -> None:
+    """Agnostic sets hold one set of weights for every context, so a batch of them runs the
+    one-context product even when its tokens mix image and text."""
+    bank = _bank(model, slots=3)
+    bank.load(0, adapter_factory("lora", rank=4, agnostic=True, seed=1))
+    bank.load(1, adapter_factory("bitfit", agnostic=True, seed=2))
+    bank.load(2, adapter_factory("lora", rank=4, seed=3))
+    assert bank.specific == [False, False, True]
+    contexts = torch.tensor([[TEXT, IMAGE, IMAGE, TEXT]] * 2)
+    assert Routing(bank, torch.tensor([0, 1]), contexts).uniform_context() == 0
+    assert Routing(bank, torch.tensor([0, 2]), contexts).uniform_context() is None
+    assert Routing(bank, torch.tensor([0, 2]), contexts[:, :1]).uniform_context() == TEXT
+    for slots in ([0, 1, 0], [1, 0, 2]):
+        row, token = _run(model, bank, slots, "row"), _run(model, bank, slots, "token")
+        assert float((row - token).abs().max()) <= 1e-5
+    bank.clear(2)
+    assert not bank.context_specific(torch.tensor([0, 1, 2]))
