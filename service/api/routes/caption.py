@@ -43,7 +43,12 @@ def _names(adapter: str | None, adapters: str | None, default: str | None) -> tu
     elif default is not None:
         names = (default,)
     else:
-        raise ApiError(422, "invalid_parameter", "name an adapter (`adapter` form field)")
+        raise ApiError(
+            422,
+            "invalid_parameter",
+            "name an adapter in the `adapter` form field (GET /adapters lists them); this "
+            "service has no default_adapter",
+        )
     if not names:
         raise ApiError(422, "invalid_parameter", "`adapters` names no adapter")
     for name in names:
@@ -62,8 +67,12 @@ def _out(result: CaptionResult) -> CaptionOut:
         adapter_version=result.ref.version,
         tokens=result.tokens,
         request_id=result.request_id,
+        # Microseconds are the most a client can use; more digits only clutter the JSON.
         timings_ms=Timings(
-            queue=t.queue_ms, encode=t.encode_ms, generate=t.generate_ms, total=t.total_ms
+            queue=round(t.queue_ms, 3),
+            encode=round(t.encode_ms, 3),
+            generate=round(t.generate_ms, 3),
+            total=round(t.total_ms, 3),
         ),
     )
 
@@ -105,17 +114,35 @@ async def caption(
     state: State,
     engine: ReadyEngine,
     principal: CaptionPrincipal,
+    # The examples are what /docs' "Try it out" fills in, chosen so that a first try works:
+    # an adapter of the demo, no `adapters` (an empty form field counts as absent), and the
+    # default caption length (Swagger UI would otherwise send 0, or "null").
     image: Annotated[
         UploadFile, File(description="PNG, JPEG, WEBP, BMP or GIF; checked by content.")
     ],
     adapter: Annotated[
-        str | None, Form(description="Adapter name (default: the configured default).")
+        str | None,
+        Form(
+            description="Adapter name; GET /adapters lists those your key sees. Default: the "
+            "service's default_adapter, when one is set.",
+            examples=["describe"],
+        ),
     ] = None,
     adapters: Annotated[
-        str | None, Form(description="Several adapters for one image: a,b,c.")
+        str | None,
+        Form(
+            description="Instead of `adapter`: several adapters for one image, comma-separated "
+            "(describe,count); one result per adapter.",
+            examples=[""],
+        ),
     ] = None,
     max_new_tokens: Annotated[
-        int | None, Form(description="Caption length limit (bounded).")
+        int | None,
+        Form(
+            description="Most tokens to generate: 1 to the service's max_new_tokens_limit "
+            "(64 unless configured). Default: default_max_new_tokens (32 unless configured).",
+            examples=[32],
+        ),
     ] = None,
 ) -> CaptionOut | MultiCaptionOut:
     started = time.perf_counter()
