@@ -25,6 +25,17 @@ from service.engine import Engine
 from service.metrics import ServiceMetrics
 from service.settings import Settings
 
+_DESCRIPTION = """\
+**Try it:** *Authorize* with your API key (not needed when the service runs without keys),
+list the adapters your key sees with `GET /adapters`, then `POST /caption` an image with one
+of them, e.g. `curl -H "Authorization: Bearer $KEY" -F image=@photo.png -F adapter=describe
+http://127.0.0.1:8000/caption`.
+
+**Errors** all have one shape: `{"error": {"type", "message"}, "request_id"}`; the request id
+is also in the `X-Request-ID` header (send your own to trace a request). 429 and 503 carry
+`Retry-After`. The try-it page is at `/`, Prometheus metrics at `/metrics`.
+"""
+
 
 def create_app(
     settings: Settings,
@@ -59,6 +70,7 @@ def create_app(
         title="ctxpeft",
         version=__version__,
         summary="Image captioning with many Context-PEFT adapters over one frozen backbone.",
+        description=_DESCRIPTION,
         lifespan=lifespan,
     )
     app.state.service = state
