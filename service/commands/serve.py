@@ -49,6 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from transformers.utils.logging import disable_progress_bar
+
     from service.api.app import create_app
     from service.auth import KeyStore
     from service.logging import configure_logging
@@ -61,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
     }
     settings = Settings(**overrides)
     configure_logging(settings.log_level, settings.log_json)
+    # Weight-loading progress bars would break the one-JSON-object-per-line log stream.
+    disable_progress_bar()
     keys = KeyStore.from_settings(settings)
     try:
         assert_safe_binding(settings, has_keys=not keys.empty)
