@@ -24,6 +24,8 @@ request_id_var: ContextVar[str | None] = ContextVar("ctxpeft_request_id", defaul
 _RECORD_ATTRS = frozenset(
     vars(logging.LogRecord("x", logging.INFO, "x", 0, "x", None, None)).keys()
     | {"message", "asctime", "taskName"}
+    # uvicorn's terminal copy of msg with ANSI colour codes: noise in a JSON line.
+    | {"color_message"}
 )
 # uvicorn installs its own handlers on these unless told otherwise; route them through root.
 _SERVER_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access")
