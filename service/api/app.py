@@ -79,7 +79,11 @@ def create_app(
     app.include_router(adapters.router)
     app.include_router(health.router)
     # add_middleware wraps: the last added is outermost, so the request id covers the 413.
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodySizeLimitMiddleware,
+        max_bytes=settings.max_body_bytes,
+        on_reject=lambda: metrics.reject("too_large"),
+    )
     app.add_middleware(RequestIdMiddleware)
     state.publish_build_info()
     return app

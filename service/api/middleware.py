@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import re
 import uuid
+from collections.abc import Callable
 
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -72,9 +73,18 @@ class BodyTooLarge(StarletteHTTPException):
 class _LimitedRequest:
     """Per-request state of BodySizeLimitMiddleware."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, scope: Scope, receive: Receive, send: Send):
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_bytes: int,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        on_reject: Callable[[], None] | None = None,
+    ):
         self.app = app
         self.max_bytes = max_bytes
+        self.on_reject = on_reject
         self.scope = scope
         self.receive = receive
         self.send = send
@@ -119,6 +129,8 @@ class _LimitedRequest:
 
     async def reject(self) -> None:
         self.rejected = True
+        if self.on_reject is not None:
+            self.on_reject()
         response = error_response(
             413,
             "payload_too_large",
@@ -137,17 +149,20 @@ class BodySizeLimitMiddleware:
     something else. Nothing beyond the crossing chunk is read by the app.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, max_bytes: int, on_reject: Callable[[], None] | None = None
+    ) -> None:
         if max_bytes < 0:
             raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
         self.app = app
         self.max_bytes = max_bytes
+        self.on_reject = on_reject  # called once per 413 it answers (e.g. to count it)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request = _LimitedRequest(self.app, self.max_bytes, scope, receive, send)
+        request = _LimitedRequest(self.app, self.max_bytes, scope, receive, send, self.on_reject)
         declared = _content_length(scope)
         if declared is not None and declared > self.max_bytes:
             request.exceeded = True
