@@ -9,6 +9,7 @@ Traffic (sequential, so that batches are predictable):
     1 x news, not an image    415
     1 x no API key            401
     1 x unknown adapter       404
+    1 x body over the limit   413             (answered by the body-size middleware)
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from tests.e2e.conftest import (
     scrape,
 )
 
+MAX_BODY = 64 * 1024
 FAMILIES = {
     "ctxpeft_requests": "counter",
     "ctxpeft_request_duration_seconds": "histogram",
@@ -53,7 +55,8 @@ FAMILIES = {
 
 @pytest.fixture(scope="module")
 def service(tiny_store: Path) -> Iterator[Service]:
-    with running_service(tiny_store) as running:  # read-only use of the shared store
+    # Read-only use of the shared store; a 64 KiB body limit keeps the 413 cheap to send.
+    with running_service(tiny_store, max_body_bytes=MAX_BODY) as running:
         yield running
 
 
@@ -84,6 +87,7 @@ def traffic(service: Service) -> dict[str, int]:
         )
         assert no_key.status_code == 401
         assert caption(noise_png(105), adapter="nope").status_code == 404
+        assert caption(b"\x89PNG" + bytes(MAX_BODY), adapter="news").status_code == 413
     return tokens
 
 
@@ -128,7 +132,7 @@ def test_rejections_by_reason(metrics: Scrape) -> None:
         "tenant_limit": 0,
         "draining": 0,
         "deadline": 0,
-        "too_large": 0,
+        "too_large": 1,
     }
     got = {r: metrics.value("ctxpeft_rejections_total", reason=r) for r in expected}
     assert got == expected
