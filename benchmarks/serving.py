@@ -24,9 +24,11 @@ import argparse
 import asyncio
 import contextlib
 import functools
+import gc
 import json
 import os
 import platform
+import random
 import statistics
 import tempfile
 import time
@@ -217,7 +219,10 @@ def run_all(bench: Bench) -> list[dict[str, Any]]:
     plans = closed_plans(args)
     results: dict[tuple[str, int], list[RunResult]] = {plan: [] for plan in plans}
     for round_ in range(args.rounds):
-        for system, n in plans:
+        # A new order each round: no system always follows the same neighbour.
+        order = list(plans)
+        random.Random(args.seed + round_).shuffle(order)
+        for system, n in order:
             result = measure(bench, system, n, None, seed=args.seed + round_)
             results[(system, n)].append(result)
             print(
@@ -425,6 +430,11 @@ def run(args: argparse.Namespace) -> int:
             connector,
             loras,
         )
+        del adapters  # the store holds them; only PEFT keeps its own copies
+        # Set-up objects (models, adapter sets) are permanent: keep them out of the cyclic
+        # collector's full passes, which would otherwise land inside measured windows.
+        gc.collect()
+        gc.freeze()
         rows = run_all(bench)
         cold = cold_load(args, work) if args.cold_loads else {}
     report = {

@@ -12,6 +12,9 @@ only admits, enqueues and awaits. The HTTP layer uses this API and nothing below
     engine.close()                   # stop the worker; whatever is left fails with Draining
     engine.stats() -> EngineStats    # counters for tests and benchmarks
 
+The types (CaptionRequest, CaptionResult, Timings, EngineConfig, EngineStats) live in
+`service.engine_types` and are re-exported here.
+
 `caption()` raises the typed errors of `service.exceptions` (AdapterNotFound 404,
 InvalidRequest 422, TenantLimit 429, QueueFull / Draining / AdapterLoadError 503,
 DeadlineExceeded 504, Cancelled 499; QueueFull and TenantLimit carry `retry_after_s`).
@@ -43,11 +46,9 @@ import io
 import logging
 import threading
 import time
-import uuid
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +59,15 @@ from adapters.backbone import Backbone, resolve_device
 from adapters.bank import AdapterBank
 from adapters.model import ContextPEFTModel
 from adapters.presets import PRESETS
-from service.adapter_cache import TierStats
 from service.encoder_cache import EncoderCache, content_key
+from service.engine_types import (
+    DEFAULT_TENANT,
+    CaptionRequest,
+    CaptionResult,
+    EngineConfig,
+    EngineStats,
+    Timings,
+)
 from service.exceptions import (
     AdapterNotFound,
     Cancelled,
@@ -70,175 +78,23 @@ from service.exceptions import (
 )
 from service.metrics import ServiceMetrics
 from service.registry import AdapterRegistry, AdapterVersion, VersionGone, connector_spec
+from service.rows import PreparedImage, Row, retrieve_error
 from service.scheduler import Scheduler
 from service.settings import Settings
-from service.store import AdapterRef, AdapterStore
+from service.store import AdapterStore
+
+__all__ = [
+    "DEFAULT_TENANT",
+    "CaptionRequest",
+    "CaptionResult",
+    "Engine",
+    "EngineConfig",
+    "EngineStats",
+    "Timings",
+]
 
 log = logging.getLogger(__name__)
-DEFAULT_TENANT = "default"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-# --- public types --------------------------------------------------------------------------
-@dataclass(frozen=True)
-class CaptionRequest:
-    """One image and one or more adapter names (one encoder pass, one result per name)."""
-
-    image: Image.Image | bytes
-    adapters: tuple[str, ...]
-    tenant: str = DEFAULT_TENANT
-    max_new_tokens: int | None = None  # None: EngineConfig.default_max_new_tokens
-    timeout_s: float | None = None  # deadline from admission; None: request_timeout_s
-    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
-
-
-@dataclass(frozen=True)
-class Timings:
-    queue_ms: float  # admission to the start of the row's batch
-    encode_ms: float  # vision encoder of the batch (0 when every image was cached)
-    generate_ms: float  # connector + prefill + decoding of the batch
-    total_ms: float  # admission to answer
-
-
-@dataclass(frozen=True)
-class CaptionResult:
-    caption: str
-    token_ids: tuple[int, ...]
-    adapter: str  # the name as requested
-    ref: AdapterRef  # the version that produced it (tenant may be "public")
-    timings: Timings
-    request_id: str
-
-    @property
-    def tokens(self) -> int:
-        return len(self.token_ids)
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """Engine knobs; `from_settings` maps the service settings of the same names."""
-
-    max_batch_size: int = 32
-    max_wait_ms: float = 5.0
-    device_slots: int = 16
-    max_rank: int = 64
-    cpu_cache_bytes: int = 256 << 20
-    encoder_cache_entries: int = 512
-    queue_size: int = 256
-    tenant_max_inflight: int = 32
-    request_timeout_s: float = 30.0
-    default_max_new_tokens: int = 32
-    max_new_tokens_limit: int = 64
-    max_adapters_per_batch: int | None = None  # None: up to device_slots (1: grouping only)
-    refresh_s: float = 2.0  # store rescan period
-    preprocess_threads: int = 2
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> EngineConfig:
-        return cls(
-            max_batch_size=settings.max_batch_size,
-            max_wait_ms=settings.max_wait_ms,
-            device_slots=settings.device_slots,
-            max_rank=settings.max_rank,
-            cpu_cache_bytes=settings.cpu_cache_bytes,
-            encoder_cache_entries=settings.encoder_cache_entries,
-            queue_size=settings.queue_size,
-            tenant_max_inflight=settings.tenant_max_inflight,
-            request_timeout_s=settings.request_timeout_s,
-            default_max_new_tokens=settings.default_max_new_tokens,
-            max_new_tokens_limit=settings.max_new_tokens_limit,
-        )
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    batches: int
-    rows: int  # rows run in batches
-    adapters_in_batches: int  # sum over batches of distinct adapters
-    completed: int  # rows answered with a caption
-    failed: int  # rows answered with an error after admission (load errors, drops, ...)
-    generated_tokens: int
-    encoder_runs: int
-    encoder_hits: int
-    encoder_misses: int
-    dropped: dict[str, int]  # rows dropped before compute or abandoned: deadline, cancelled
-    rejected: dict[str, int]  # admissions refused: queue_full, tenant_limit, draining
-    tiers: TierStats
-
-    @property
-    def mean_batch_size(self) -> float:
-        return self.rows / self.batches if self.batches else 0.0
-
-    @property
-    def mean_adapters_per_batch(self) -> float:
-        return self.adapters_in_batches / self.batches if self.batches else 0.0
-
-
-# --- rows: one (request, adapter) pair ---------------------------------------------------------
-@dataclass(eq=False)
-class _Image:
-    pixels: torch.Tensor  # [3, S, S], preprocessed
-    key: str  # content hash of the pixels
-    features: torch.Tensor | None = None  # set by the first batch that encodes it
-
-
-@dataclass(eq=False)
-class _Row:
-    key: AdapterVersion
-    tenant: str
-    arrival: float
-    deadline: float
-    name: str
-    image: _Image
-    max_new_tokens: int
-    request_id: str
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future[CaptionResult]
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-    _done: bool = False
-
-    def settled(self) -> bool:
-        return self._done
-
-    def claim(self) -> bool:
-        """Take the right to answer the row; False if it was answered already. Any thread."""
-        with self._lock:
-            if self._done:
-                return False
-            self._done = True
-            return True
-
-    def deliver(
-        self, outcome: CaptionResult | BaseException, before: Callable[[], None] | None = None
-    ) -> None:
-        """Resolve the awaiting future (after a successful `claim`), on its event loop.
-        `before` runs there first, e.g. ending the row's flight: whoever awaits the answer
-        then sees the tenant's in-flight count already lowered."""
-        try:
-            self.loop.call_soon_threadsafe(_resolve, self.future, outcome, before)
-        except RuntimeError:  # the event loop is closed: nobody is waiting any more
-            if before is not None:
-                before()
-
-
-def _resolve(
-    future: asyncio.Future[CaptionResult],
-    outcome: CaptionResult | BaseException,
-    before: Callable[[], None] | None,
-) -> None:
-    if before is not None:
-        before()
-    if future.done():
-        return
-    if isinstance(outcome, BaseException):
-        future.set_exception(outcome)
-    else:
-        future.set_result(outcome)
-
-
-def _retrieve(future: asyncio.Future[CaptionResult]) -> None:
-    if not future.cancelled():
-        future.exception()
 
 
 # --- the engine --------------------------------------------------------------------------------
@@ -275,7 +131,7 @@ class Engine:
             config.refresh_s,
             on_change=self._wake,
         )
-        self.scheduler: Scheduler[_Row] = Scheduler(
+        self.scheduler: Scheduler[Row] = Scheduler(
             config.max_batch_size,
             config.max_wait_ms / 1000.0,
             config.queue_size,
@@ -286,7 +142,7 @@ class Engine:
         )
         self.encoder_cache = EncoderCache(config.encoder_cache_entries, metrics)
         self._prep = ThreadPoolExecutor(config.preprocess_threads, "ctxpeft-preprocess")
-        self._requests: dict[str, list[_Row]] = {}
+        self._requests: dict[str, list[Row]] = {}
         self._requests_lock = threading.Lock()
         self._counts: Counter[str] = Counter()
         self._counts_lock = threading.Lock()
@@ -362,7 +218,7 @@ class Engine:
             self.scheduler.withdraw(request.tenant, len(names))
             raise
         rows = [
-            _Row(
+            Row(
                 v,
                 request.tenant,
                 arrival,
@@ -377,10 +233,9 @@ class Engine:
             for v, name in zip(versions, names, strict=True)
         ]
         for row in rows:
-            # A sibling's error ends the gather; retrieve the others' so none is "never retrieved".
-            row.future.add_done_callback(_retrieve)
+            row.future.add_done_callback(retrieve_error)
         with self._requests_lock:
-            self._requests[request.request_id] = rows
+            self._requests.setdefault(request.request_id, []).extend(rows)
         for row in rows:
             self.registry.cache.want(row.key)
         self.scheduler.enqueue(rows)
@@ -394,8 +249,7 @@ class Engine:
             self._abandon(rows, "cancelled")
             raise
         finally:
-            with self._requests_lock:
-                self._requests.pop(request.request_id, None)
+            self._forget(request.request_id, rows)
         for future in futures:  # the first error in the order of the names
             error = future.exception() if future in done else None
             if error is not None:
@@ -406,14 +260,23 @@ class Engine:
         return [future.result() for future in futures]
 
     def cancel(self, request_id: str) -> bool:
-        """Cancel a request (e.g. its client went away); its caption() raises Cancelled.
-        Rows not yet in a batch are dropped before any compute. Any thread."""
+        """Cancel the requests with this id (e.g. the client went away); their caption()
+        raises Cancelled. Rows not yet in a batch are dropped before any compute. Any thread."""
         with self._requests_lock:
-            rows = self._requests.get(request_id, [])
+            rows = list(self._requests.get(request_id, ()))
         cancelled = self._abandon(rows, "cancelled")
         return cancelled > 0
 
-    def _abandon(self, rows: Sequence[_Row], reason: str) -> int:
+    def _forget(self, request_id: str, rows: list[Row]) -> None:
+        # Several requests may share an id (clients choose X-Request-ID): remove only these.
+        with self._requests_lock:
+            left = [r for r in self._requests.get(request_id, ()) if r not in rows]
+            if left:
+                self._requests[request_id] = left
+            else:
+                self._requests.pop(request_id, None)
+
+    def _abandon(self, rows: Sequence[Row], reason: str) -> int:
         """Answer rows that are still open with Cancelled / DeadlineExceeded (counted)."""
         error: EngineError = (
             Cancelled("the request was cancelled")
@@ -429,7 +292,7 @@ class Engine:
             row.deliver(error)
         return len(claimed)
 
-    def _prepare(self, image: Image.Image | bytes) -> _Image:
+    def _prepare(self, image: Image.Image | bytes) -> PreparedImage:
         """Decode (bytes) and preprocess one image; runs in the preprocessing pool."""
         try:
             if isinstance(image, bytes | bytearray):
@@ -438,7 +301,7 @@ class Engine:
             pixels = self.backbone.preprocess([image])[0]
         except (UnidentifiedImageError, OSError, ValueError) as exc:
             raise InvalidRequest(f"the image could not be decoded: {exc}") from None
-        return _Image(pixels, content_key(pixels))
+        return PreparedImage(pixels, content_key(pixels))
 
     # --- bookkeeping shared by both sides ----------------------------------------------------
     def _count(self, **counts: int) -> None:
@@ -451,18 +314,18 @@ class Engine:
             for _ in range(rows):
                 self.metrics.reject(reason)
 
-    def _on_drop(self, row: _Row, reason: str | None) -> None:
+    def _on_drop(self, row: Row, reason: str | None) -> None:
         # Called by the scheduler (its lock held) for a row leaving the queue unrun.
         self.registry.cache.unwant(row.key)
         if reason is not None and row.claim():
             self._count_drop(reason)
             row.deliver(DeadlineExceeded("the deadline passed while the request was queued"))
 
-    def _fail(self, row: _Row, error: BaseException) -> None:
+    def _fail(self, row: Row, error: BaseException) -> None:
         """Answer a row taken out of the queue with an error and end its flight."""
         self._answer(row, error)
 
-    def _answer(self, row: _Row, outcome: CaptionResult | BaseException) -> None:
+    def _answer(self, row: Row, outcome: CaptionResult | BaseException) -> None:
         """Answer a row that left the queue (batch, failed load, shutdown), count it, and end
         its flight; a row answered meanwhile (deadline, cancel) only ends its flight."""
         finish = functools.partial(self.scheduler.finished, row.tenant)
@@ -524,7 +387,7 @@ class Engine:
             error = cache.failure(key)
             if error is None:
                 continue
-            back: list[tuple[int, _Row]] = []
+            back: list[tuple[int, Row]] = []
             for seq, row in self.scheduler.take(key):
                 cache.unwant(row.key)
                 if not isinstance(error, VersionGone):
@@ -539,9 +402,9 @@ class Engine:
                 back.append((seq, row))
             self.scheduler.requeue(back)
 
-    def _run_batch(self, batch: list[tuple[int, _Row]]) -> None:
+    def _run_batch(self, batch: list[tuple[int, Row]]) -> None:
         cache = self.registry.cache
-        live: list[_Row] = []
+        live: list[Row] = []
         for _, row in batch:
             if row.settled():  # cancelled or timed out after it was picked: no compute
                 cache.unwant(row.key)
@@ -571,7 +434,7 @@ class Engine:
         for row, outcome in zip(rows, outcomes, strict=True):
             self._answer(row, outcome)
 
-    def _generate(self, rows: list[_Row], slots: dict[AdapterVersion, int]) -> list[CaptionResult]:
+    def _generate(self, rows: list[Row], slots: dict[AdapterVersion, int]) -> list[CaptionResult]:
         started = time.monotonic()
         if self.metrics is not None:
             for row in rows:
@@ -605,7 +468,7 @@ class Engine:
             for row, ids in zip(rows, tokens, strict=True)
         ]
 
-    def _encode(self, rows: list[_Row]) -> torch.Tensor:
+    def _encode(self, rows: list[Row]) -> torch.Tensor:
         """Features per row [B, n_img, d_vis]; an image shared by rows is encoded once."""
         todo = [row.image for row in rows if row.image.features is None]
         if todo:

@@ -1,0 +1,93 @@
+"""A row: one (request, adapter) pair as it travels from admission through the scheduler
+into a batch, and the one place that answers it. Internal to the engine.
+
+Several rows of one request share one `PreparedImage`, so its features are computed once.
+A row is answered exactly once: `claim()` takes the right (first caller wins: the worker with
+a result, or the event loop with a deadline or a cancellation), `deliver()` resolves the
+awaiting future on its own event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from service.engine_types import CaptionResult
+from service.registry import AdapterVersion
+
+
+@dataclass(eq=False)
+class PreparedImage:
+    """An uploaded image after decoding and resizing (done in the preprocessing pool)."""
+
+    pixels: torch.Tensor  # [3, S, S], preprocessed
+    key: str  # content hash of the pixels
+    features: torch.Tensor | None = None  # set by the first batch that encodes it
+
+
+@dataclass(eq=False)
+class Row:
+    """Compared by identity. `key` (the resolved version) may change once: when that version
+    was deleted before its weights were read, the engine re-resolves the name."""
+
+    key: AdapterVersion
+    tenant: str
+    arrival: float
+    deadline: float
+    name: str
+    image: PreparedImage
+    max_new_tokens: int
+    request_id: str
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[CaptionResult]
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _done: bool = False
+
+    def settled(self) -> bool:
+        return self._done
+
+    def claim(self) -> bool:
+        """Take the right to answer the row; False if it was answered already. Any thread."""
+        with self._lock:
+            if self._done:
+                return False
+            self._done = True
+            return True
+
+    def deliver(
+        self, outcome: CaptionResult | BaseException, before: Callable[[], None] | None = None
+    ) -> None:
+        """Resolve the awaiting future (after a successful `claim`), on its event loop.
+        `before` runs there first, e.g. ending the row's flight: whoever awaits the answer
+        then sees the tenant's in-flight count already lowered."""
+        try:
+            self.loop.call_soon_threadsafe(_resolve, self.future, outcome, before)
+        except RuntimeError:  # the event loop is closed: nobody is waiting any more
+            if before is not None:
+                before()
+
+
+def _resolve(
+    future: asyncio.Future[CaptionResult],
+    outcome: CaptionResult | BaseException,
+    before: Callable[[], None] | None,
+) -> None:
+    if before is not None:
+        before()
+    if future.done():
+        return
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
+
+
+def retrieve_error(future: asyncio.Future[CaptionResult]) -> None:
+    """Done-callback: mark a row's error as seen. caption() stops at a request's first error;
+    without this asyncio would log its siblings' errors as never retrieved."""
+    if not future.cancelled():
+        future.exception()
