@@ -17,6 +17,7 @@ to the per-task adapter sets, as in the paper.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -130,12 +131,17 @@ def pretrain_encoder(
     """Train the vision encoder on scene attributes; returns validation scene accuracy."""
     vision = backbone.vision
     tokens, dim = backbone.num_image_tokens, backbone.vision_dim
-    heads = nn.Linear(tokens * dim, _GROUPS * sum(_ATTRIBUTES) + MAX_SHAPES).to(backbone.device)
+    heads = nn.Linear(dim, _GROUPS * sum(_ATTRIBUTES) + MAX_SHAPES).to(backbone.device)
 
     def logits(pixels: torch.Tensor) -> torch.Tensor:
         hidden = vision(pixel_values=pixels.to(backbone.device)).last_hidden_state
-        # The last `tokens` positions are what the LM sees ([CLS], if any, comes first).
-        return heads(hidden[:, -tokens:].reshape(hidden.shape[0], -1))
+        if hidden.dim() == 4:  # convolutional encoders: [N, C, H, W] -> [N, H*W, C]
+            hidden = hidden.flatten(2).transpose(1, 2)
+        # The heads read the mean of the tokens the LM sees (the last `tokens`; [CLS], if
+        # any, comes first): one shared linear map for every token, as an attention layer
+        # reads its values. A map per token position would let the encoder hide attributes
+        # in position-specific codes that a frozen LM can hardly read.
+        return heads(hidden[:, -tokens:].mean(dim=1))
 
     def batch(split: str, size: int, batch_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         scenes = _scenes(split, size, batch_seed)
@@ -174,7 +180,7 @@ def pretrain_encoder(
                 accuracy = scene_accuracy(logits(val_pixels).cpu(), val_labels)
             if log is not None:
                 log(
-                    f"encoder epoch {epoch + 1}: loss {float(loss):.3f}, val scene accuracy {accuracy:.3f}"
+                    f"encoder epoch {epoch + 1}: loss {float(loss.detach()):.3f}, val scene accuracy {accuracy:.3f}"
                 )
     finally:
         vision.requires_grad_(False)
@@ -197,25 +203,28 @@ def pretrain_lm(
     log: Callable[[str], None] | None = None,
 ) -> float:
     """Next-token training of the LM on caption text of all tasks; returns validation loss.
-    `samples_per_epoch` counts scenes: each gives one caption per task."""
+    `samples_per_epoch` counts scenes: each gives one caption per task.
+
+    The output head (lm_head) is set to orthogonal unit rows and not trained. In caption text
+    alone, words of one kind are interchangeable ("a large red circle" and "a large blue
+    circle" are equally likely), so a trained head gives them near-identical rows (cosine 0.93
+    for the colours when we tried), and a frozen head with such rows caps how sure any adapter
+    can make the LM between "red" and "blue" (validation perplexity stalled near 1.6 on the
+    colours task while exact match was 99%). Orthogonal rows keep every word reachable.
+    """
     lm = backbone.lm
     tokenizer = backbone.tokenizer
     device = backbone.device
+    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
 
     def encode(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = [
-            [
-                tokenizer.bos_token_id,
-                *tokenizer(t, add_special_tokens=False)["input_ids"],
-                tokenizer.eos_token_id,
-            ]
-            for t in texts
-        ]
+        rows = [[bos, *tokenizer(t, add_special_tokens=False)["input_ids"], eos] for t in texts]
         width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
         for i, r in enumerate(rows):
             ids[i, : len(r)] = torch.tensor(r)
-        mask = (torch.arange(width)[None, :] < torch.tensor([len(r) for r in rows])[:, None]).long()
+        lengths = torch.tensor([len(r) for r in rows])
+        mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
         return ids, mask
 
     def loss_of(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -224,17 +233,21 @@ def pretrain_lm(
         return out.loss
 
     val_ids, val_mask = encode(caption_texts(tasks, 64, seed + 7919))
-    per_epoch = StageOptions(
-        options.samples_per_epoch * len(tasks),
-        options.epochs,
-        options.batch_size,
-        options.lr,
-        options.weight_decay,
+    head = lm.get_output_embeddings()
+    frozen: set[int] = set()
+    if head is not None:
+        with torch.no_grad():
+            nn.init.orthogonal_(head.weight)  # unit rows, pairwise orthogonal (vocab <= width)
+        frozen = {id(p) for p in head.parameters()}
+    params = [p for p in lm.parameters() if id(p) not in frozen]
+    per_epoch = dataclasses.replace(
+        options, samples_per_epoch=options.samples_per_epoch * len(tasks)
     )
-    optimizer = torch.optim.AdamW(lm.parameters(), lr=options.lr, weight_decay=options.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
     scheduler = _schedule(optimizer, per_epoch)
     generator = torch.Generator().manual_seed(seed)
-    lm.requires_grad_(True)
+    for param in params:
+        param.requires_grad_(True)
     val_loss = math.inf
     try:
         for epoch in range(options.epochs):

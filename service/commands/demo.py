@@ -5,6 +5,9 @@ Usage:
     ctxpeft demo --eval          # then report exact match on 200 held-out images per task
     ctxpeft demo --force         # rebuild the backbone and write new adapter versions
 
+It runs on one CPU thread unless --threads says otherwise: the demo model is so small that
+more intra-op threads slow it down (see docs/METHOD.md).
+
 The backbone goes to <runtime-dir>/backbones/demo; the adapters to the store as
 public/<task> (describe, colors, count, describe_fr), each written the way `ctxpeft train`
 writes a version. The work is done by `adapters.demo.build_demo`.
@@ -73,6 +76,11 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.backbone not in (None, "demo"):
         raise CommandError("the demo builds the 'demo' backbone; --backbone cannot change it")
+    if args.threads is None:
+        # The demo's model is tiny: a step is a few milliseconds of small matmuls, where a
+        # second intra-op thread costs more in synchronisation than it gains, and under any
+        # other load on the machine it spins (measured 10x slower with 2 threads).
+        args.threads = 1
     runtime, store_dir, _, device = resolve_common(args)
     plan = DemoPlan()
     plan = dataclasses.replace(plan, adapter=dataclasses.replace(plan.adapter, device=device))

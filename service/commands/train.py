@@ -43,6 +43,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: demo, built by `ctxpeft demo`)",
     )
     parser.add_argument("--device", help="torch device: auto (default), cpu, cuda, cuda:1")
+    parser.add_argument(
+        "--threads", type=int, help="CPU threads for torch (default: torch's choice)"
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -83,8 +86,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_common(args: argparse.Namespace) -> tuple[Path, Path, str, str]:
-    """(runtime dir, store dir, backbone spec, device) from flags, else CTXPEFT_* settings."""
+    """(runtime dir, store dir, backbone spec, device) from flags, else CTXPEFT_* settings.
+    Applies --threads."""
     from service.settings import Settings
+
+    if args.threads is not None:
+        import torch
+
+        if args.threads < 1:
+            raise CommandError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
 
     settings = Settings()
     runtime = args.runtime_dir or settings.runtime_dir

@@ -1,6 +1,7 @@
 """Tests for adapters.evaluation: exact match, BLEU-4/CIDEr, perplexity and greedy captions."""
 
 import math
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -16,6 +17,16 @@ from adapters.training import (
     encode_source,
     mean_loss,
 )
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """One torch thread, as `ctxpeft demo` runs: on models this small a second intra-op
+    thread only adds synchronisation, and on a busy machine it spins (10x slower measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 epoch kept, scopes, determinism, divergence) on the tiny conftest backbone."""
 
 import copy
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -23,6 +24,16 @@ from adapters.training import (
 )
 
 FAST = TrainOptions(epochs=3, batch_size=4, lr=1e-2, progress=False, rank=2)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """One torch thread, as `ctxpeft demo` runs: on models this small a second intra-op
+    thread only adds synchronisation, and on a busy machine it spins (10x slower measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,16 @@ TINY = BackboneConfig(
     image_size=16,
 )
 FAST = ["--epochs", "1", "--batch-size", "4", "--lr", "1e-3", "--rank", "2", "--no-progress"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """One torch thread, as `ctxpeft demo` runs: on models this small a second intra-op
+    thread only adds synchronisation, and on a busy machine it spins (10x slower measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -246,7 +257,7 @@ def test_interrupted_training_keeps_earlier_versions(
     assert train(coco, store_dir, backbone_dir) == 0
     before = (store_dir / "public/shapes/v1/adapter.safetensors").read_bytes()
     args = [sys.executable, "-m", "service.cli", "train", str(coco), "--name", "shapes"]
-    args += ["--store", str(store_dir), "--backbone", str(backbone_dir), *FAST]
+    args += ["--store", str(store_dir), "--backbone", str(backbone_dir), *FAST, "--threads", "1"]
     args[args.index("--epochs") + 1] = "100000"
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(
