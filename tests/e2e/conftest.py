@@ -14,13 +14,22 @@ Tenants and keys (the same in every server):
 The `tiny_store` (session) holds random adapters on the tiny test backbone of
 tests/service/adapter_fixtures.py: acme/news, acme/sports, beta/secret, public/pub. Tests that
 upload or delete copy it first (`fresh_store`).
+
+`reduced_demo` (session) is a real demo build (`adapters.demo.build_demo`) with small budgets
+and two tasks, count and colors, whose adapters caption synthetic images correctly. It takes a
+minute or more of CPU, so it is cached under the system temp folder, keyed by the plan and the
+source of the `adapters` package: later runs reuse it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import fcntl
+import hashlib
 import io
 import json
 import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,11 +38,16 @@ from typing import Any
 
 import httpx
 import pytest
+import torch
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+import adapters
 from adapters.backbone import Backbone
+from adapters.demo import DemoPlan, backbone_dir, build_demo
+from adapters.pretrain import StageOptions
 from service.api.app import create_app
+from service.commands.demo import StoreSink
 from service.engine import Engine, EngineConfig
 from service.metrics import ServiceMetrics
 from service.settings import Settings
@@ -132,10 +146,11 @@ class Service:
 
 @contextmanager
 def running_service(
-    store_dir: Path, backbone: Backbone | None = None, **overrides: Any
+    store_dir: Path, model: Backbone | None = None, **overrides: Any
 ) -> Iterator[Service]:
-    """create_app on a real uvicorn server; the engine runs `backbone` (the tiny one by
-    default) over the store at `store_dir`, with the test keys and `overrides` as settings."""
+    """create_app on a real uvicorn server; the engine runs the backbone `model` (the tiny one
+    by default) over the store at `store_dir`, with the test keys and `overrides` as settings
+    (`backbone=` there is only the name metrics and logs show)."""
     values: dict[str, Any] = {
         **TINY_SETTINGS,
         "runtime_dir": store_dir.parent,
@@ -148,7 +163,7 @@ def running_service(
         adapter_labels=settings.metrics_adapter_labels, backbone=settings.backbone
     )
     engine = Engine(
-        backbone or tiny_backbone(),
+        model or tiny_backbone(),
         AdapterStore(store_dir),
         EngineConfig.from_settings(settings),
         metrics,
@@ -175,3 +190,70 @@ def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ):
         put(store, tenant, name, random_adapter(backbone, seed))
     return root
+
+
+# The demo preset with small budgets and two tasks: about a minute of CPU on 2 cores, enough
+# for count and colors adapters that caption clear synthetic scenes right.
+REDUCED_DEMO_PLAN = dataclasses.replace(
+    DemoPlan(),
+    tasks=("count", "colors"),
+    encoder=StageOptions(samples_per_epoch=2000, epochs=4, batch_size=32, lr=3e-3),
+    lm=StageOptions(samples_per_epoch=500, epochs=2, batch_size=32, lr=3e-3),
+    adapter=dataclasses.replace(DemoPlan().adapter, epochs=3, progress=False),
+    train_images=1000,
+    val_images=100,
+)
+
+
+@dataclass(frozen=True)
+class DemoBuild:
+    backbone_dir: Path
+    store_dir: Path  # public/count and public/colors (read-only: copy it to change it)
+
+
+# The modules that decide what a demo build contains: a build made with other code in them is
+# not reused.
+_BUILD_SOURCES = (
+    "demo.py", "pretrain.py", "training.py", "presets.py", "config.py", "backbone.py",
+    "adapter_set.py", "format.py", "model.py", "layers.py", "data/synthetic.py",
+    "data/tokenizer.py",
+)  # fmt: skip
+_CACHE_PREFIX = "ctxpeft-e2e-demo-"
+
+
+def _cache_key(plan: DemoPlan) -> str:
+    digest = hashlib.sha256(json.dumps(dataclasses.asdict(plan), default=str).encode())
+    package = Path(adapters.__file__).parent
+    for name in _BUILD_SOURCES:
+        digest.update((package / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _remove_stale_builds(keep: Path) -> None:
+    """Builds for other keys, unless a test run is using them."""
+    for old in keep.parent.glob(f"{_CACHE_PREFIX}*"):
+        if old == keep or not (old / ".use.lock").is_file():
+            continue
+        with (old / ".use.lock").open("w") as in_use:
+            try:
+                fcntl.flock(in_use, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            shutil.rmtree(old, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def reduced_demo() -> Iterator[DemoBuild]:
+    root = Path(tempfile.gettempdir()) / f"{_CACHE_PREFIX}{_cache_key(REDUCED_DEMO_PLAN)}"
+    root.mkdir(parents=True, exist_ok=True)
+    store_dir = root / "adapters"
+    # Several test runs may share the machine: one builds while the others wait, then all
+    # reuse it; a shared lock held for the session keeps other runs from removing it.
+    with (root / ".use.lock").open("w") as in_use:
+        fcntl.flock(in_use, fcntl.LOCK_SH)
+        with (root / ".build.lock").open("w") as building, torch.random.fork_rng():
+            fcntl.flock(building, fcntl.LOCK_EX)  # fork_rng: the build seeds torch
+            build_demo(root, StoreSink(AdapterStore(store_dir)), REDUCED_DEMO_PLAN,
+                       progress=False, log=lambda _: None)  # fmt: skip
+        _remove_stale_builds(keep=root)
+        yield DemoBuild(backbone_dir(root, REDUCED_DEMO_PLAN.backbone.name), store_dir)
