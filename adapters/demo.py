@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from tqdm.auto import tqdm
 
 from adapters.adapter_set import AdapterSet
 from adapters.backbone import BACKBONE_FILE, Backbone
@@ -220,7 +221,9 @@ def build_demo(
     what = f"{plan.adapter.method}, {plan.adapter.epochs} epochs"
     if workers > 1:
         log(f"training the {', '.join(map(repr, todo))} adapters ({what}) in {workers} processes")
-        for task, result in _train_in_processes(folder, todo, plan, workers):
+        finished = _train_in_processes(folder, todo, plan, workers)
+        bar = tqdm(finished, total=len(todo), desc="adapters", unit="task", disable=not progress)
+        for task, result in bar:
             publish(task, result)
     else:
         model = ContextPEFTModel(backbone)

@@ -25,7 +25,7 @@ import copy
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -232,7 +232,6 @@ class TrainResult:
     trainable_lm_parameters: int
     trainable_connector_parameters: int
     seconds: float = 0.0
-    extra: dict[str, float] = field(default_factory=dict)
 
     @property
     def best(self) -> EpochStats:

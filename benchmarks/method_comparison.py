@@ -2,6 +2,8 @@
 
     python -m benchmarks.method_comparison                  # table on stdout, JSON + plot
     python -m benchmarks.method_comparison --tasks describe --epochs 2 --train-images 500
+    python -m benchmarks.method_comparison --seeds 1 2 --append   # more seeds, same file
+    python -m benchmarks.method_comparison --replot                # table and plot from JSON
 
 Every configuration trains one adapter set per task with the same budget (epochs, images,
 batch size, learning rate and schedule: the demo recipe), is chosen by validation loss as
@@ -22,6 +24,7 @@ import copy
 import dataclasses
 import json
 import platform
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +40,7 @@ from adapters.model import ContextPEFTModel
 from adapters.training import TrainOptions, encode_source, train_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks/results/method_comparison.json"
 
 
 @dataclass(frozen=True)
@@ -67,9 +71,10 @@ def run_variant(
     task: str,
     data: tuple[Any, Any],
     base: TrainOptions,
+    seed: int,
 ) -> dict[str, Any]:
     train, val = data
-    options = dataclasses.replace(base, **variant.options)
+    options = dataclasses.replace(base, seed=seed, **variant.options)
     # Full fine-tuning changes the LM in place: train a copy, keep the frozen one intact.
     own = ContextPEFTModel(copy.deepcopy(model.backbone)) if options.scope == "full" else model
     started = time.perf_counter()
@@ -80,6 +85,7 @@ def run_variant(
         "family": variant.family,
         "contexts": variant.contexts,
         "task": task,
+        "seed": seed,
         "val_perplexity": result.best.val_perplexity,
         "val_exact_match": report.exact_match,
         "best_epoch": result.best_epoch,
@@ -90,7 +96,8 @@ def run_variant(
 
 
 def summarise(rows: list[dict[str, Any]], tasks: list[str]) -> list[dict[str, Any]]:
-    """One row per variant: perplexity and exact match per task and their means."""
+    """One row per variant: per task the mean, min and max over seeds of validation
+    perplexity and exact match, and the number of seeds."""
     table = []
     for variant in VARIANTS:
         mine = [r for r in rows if r["variant"] == variant.label]
@@ -101,22 +108,35 @@ def summarise(rows: list[dict[str, Any]], tasks: list[str]) -> list[dict[str, An
             "lm_parameters": mine[0]["lm_parameters"],
             "connector_parameters": mine[0]["connector_parameters"],
         }
-        for r in mine:
-            entry[f"ppl_{r['task']}"] = r["val_perplexity"]
-            entry[f"em_{r['task']}"] = r["val_exact_match"]
-        entry["mean_ppl"] = sum(r["val_perplexity"] for r in mine) / len(mine)
-        entry["mean_em"] = sum(r["val_exact_match"] for r in mine) / len(mine)
+        for task in tasks:
+            runs = [r for r in mine if r["task"] == task]
+            for key, name in (("val_perplexity", "ppl"), ("val_exact_match", "em")):
+                values = [r[key] for r in runs]
+                entry[f"{name}_{task}"] = statistics.fmean(values)
+                entry[f"{name}_{task}_min"] = min(values)
+                entry[f"{name}_{task}_max"] = max(values)
+            entry[f"seeds_{task}"] = len(runs)
         table.append(entry)
     return table
 
 
+def _cell(row: dict[str, Any], key: str, percent: bool) -> str:
+    mean, low, high = row[key], row[f"{key}_min"], row[f"{key}_max"]
+    if percent:
+        text = f"{100 * mean:.1f}%"
+        return text if low == high else f"{text} ({100 * low:.1f} to {100 * high:.1f})"
+    return f"{mean:.3f}" if low == high else f"{mean:.3f} ({low:.3f} to {high:.3f})"
+
+
 def markdown(table: list[dict[str, Any]], tasks: list[str]) -> str:
     head = ["variant", "LM params", *[f"ppl {t}" for t in tasks], *[f"EM {t}" for t in tasks]]
+    head.append("seeds")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in table:
         cells = [row["variant"], f"{row['lm_parameters']:,}"]
-        cells += [f"{row[f'ppl_{t}']:.3f}" for t in tasks]
-        cells += [f"{row[f'em_{t}']:.1%}" for t in tasks]
+        cells += [_cell(row, f"ppl_{t}", False) for t in tasks]
+        cells += [_cell(row, f"em_{t}", True) for t in tasks]
+        cells.append("/".join(str(row[f"seeds_{t}"]) for t in tasks))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -132,17 +152,31 @@ def plot(table: list[dict[str, Any]], tasks: list[str], path: Path) -> None:
     width = 0.8 / len(tasks)
     for i, task in enumerate(tasks):
         xs = [x + (i - (len(tasks) - 1) / 2) * width for x in range(len(table))]
-        axes[0].bar(xs, [row[f"ppl_{task}"] for row in table], width, label=task)
-        axes[1].bar(xs, [100 * row[f"em_{task}"] for row in table], width, label=task)
+        for ax, key, scale in ((axes[0], "ppl", 1.0), (axes[1], "em", 100.0)):
+            means = [scale * row[f"{key}_{task}"] for row in table]
+            low = [
+                m - scale * row[f"{key}_{task}_min"] for m, row in zip(means, table, strict=True)
+            ]
+            high = [
+                scale * row[f"{key}_{task}_max"] - m for m, row in zip(means, table, strict=True)
+            ]
+            # Perplexity bars start at 1 (a perfect model), so their heights compare.
+            bottom = 1.0 if key == "ppl" else 0.0
+            heights = [m - bottom for m in means]
+            ax.bar(xs, heights, width, bottom=bottom, label=task, yerr=[low, high], capsize=2)
     axes[0].set_ylabel("validation perplexity (lower is better)")
     axes[1].set_ylabel("validation exact match, % (higher is better)")
+    axes[0].set_ylim(bottom=1.0)
     for ax in axes:
         ax.set_xticks(range(len(table)))
         ax.set_xticklabels(labels, rotation=40, ha="right", fontsize=8)
         ax.legend(fontsize=8)
         ax.grid(axis="y", alpha=0.3)
-    axes[0].set_yscale("log")
-    fig.suptitle("Context-PEFT methods on the synthetic tasks (demo backbone, same budget)")
+    fig.suptitle(
+        "Context-PEFT methods on the synthetic tasks (demo backbone, same budget; "
+        "bars: mean over seeds, whiskers: min to max)",
+        fontsize=10,
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -154,17 +188,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runtime-dir", type=Path, default=ROOT / "var")
     parser.add_argument("--tasks", nargs="+", default=["describe", "colors"])
+    parser.add_argument("--variants", nargs="+", help="labels to run (default: all)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--train-images", type=int, default=1000)
     parser.add_argument("--val-images", type=int, default=200)
     parser.add_argument("--epochs", type=int, default=plan.adapter.epochs)
     parser.add_argument("--batch-size", type=int, default=plan.adapter.batch_size)
     parser.add_argument("--lr", type=float, default=plan.adapter.lr)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
-    parser.add_argument(
-        "--out", type=Path, default=ROOT / "benchmarks/results/method_comparison.json"
-    )
+    parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--plot", type=Path, default=ROOT / "docs/method_comparison.png")
+    parser.add_argument(
+        "--append", action="store_true", help="add these runs to the rows already in --out"
+    )
+    parser.add_argument(
+        "--replot", action="store_true", help="only redraw the table and plot from --out"
+    )
     args = parser.parse_args()
+    if args.replot:
+        saved = json.loads(args.out.read_text())
+        report(saved["rows"], saved["setup"]["tasks"], args.plot)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     folder = backbone_dir(args.runtime_dir, "demo")
@@ -175,24 +219,6 @@ def main() -> None:
     base = dataclasses.replace(
         plan.adapter, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, progress=False
     )
-    rows: list[dict[str, Any]] = []
-    started = time.perf_counter()
-    for task in args.tasks:
-        train = encode_source(backbone, SyntheticCaptions(task, "train", args.train_images, 0))
-        val = encode_source(backbone, SyntheticCaptions(task, "val", args.val_images, 0))
-        for variant in VARIANTS:
-            row = run_variant(model, variant, task, (train, val), base)
-            rows.append(row)
-            print(
-                f"{task:12s} {variant.label:18s} ppl {row['val_perplexity']:8.4f}  "
-                f"EM {row['val_exact_match']:6.1%}  LM params {row['lm_parameters']:>9,}  "
-                f"({row['seconds']:.0f}s)",
-                flush=True,
-            )
-    table = summarise(rows, args.tasks)
-    print()
-    print(markdown(table, args.tasks))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     setup = {
         "backbone": str(folder),
         "fingerprint": backbone.fingerprint(),
@@ -206,11 +232,43 @@ def main() -> None:
         "torch": torch.__version__,
         "machine": platform.machine(),
         "threads": torch.get_num_threads(),
-        "seconds": round(time.perf_counter() - started, 1),
     }
-    args.out.write_text(json.dumps({"setup": setup, "rows": rows, "table": table}, indent=2) + "\n")
-    plot(table, args.tasks, args.plot)
+    rows: list[dict[str, Any]] = []
+    if args.append:
+        saved = json.loads(args.out.read_text())
+        if saved["setup"]["fingerprint"] != setup["fingerprint"]:
+            raise SystemExit(f"{args.out} was measured on another backbone; cannot append")
+        rows = saved["rows"]
+    variants = [v for v in VARIANTS if args.variants is None or v.label in args.variants]
+    started = time.perf_counter()
+    for task in args.tasks:
+        size = backbone.config.image_size
+        train = encode_source(
+            backbone, SyntheticCaptions(task, "train", args.train_images, 0, size)
+        )
+        val = encode_source(backbone, SyntheticCaptions(task, "val", args.val_images, 0, size))
+        for seed in args.seeds:
+            for variant in variants:
+                row = run_variant(model, variant, task, (train, val), base, seed)
+                rows.append(row)
+                print(
+                    f"{task:12s} {variant.label:18s} seed {seed}  ppl "
+                    f"{row['val_perplexity']:8.4f}  EM {row['val_exact_match']:6.1%}  "
+                    f"LM params {row['lm_parameters']:>9,}  ({row['seconds']:.0f}s)",
+                    flush=True,
+                )
+    setup["seconds"] = round(time.perf_counter() - started, 1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"setup": setup, "rows": rows}, indent=2) + "\n")
+    report(rows, args.tasks, args.plot)
     print(f"\nwrote {args.out} and {args.plot}")
+
+
+def report(rows: list[dict[str, Any]], tasks: list[str], plot_path: Path) -> None:
+    table = summarise(rows, tasks)
+    print()
+    print(markdown(table, tasks))
+    plot(table, tasks, plot_path)
 
 
 if __name__ == "__main__":

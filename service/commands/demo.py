@@ -117,7 +117,8 @@ def _evaluate(
         ref = store.latest("public", task)
         assert ref is not None
         adapter = load_adapter(store.path(ref), backbone.dims, backbone.fingerprint())
-        data = encode_source(backbone, SyntheticCaptions(task, "test", 200, 0))
+        source = SyntheticCaptions(task, "test", 200, 0, backbone.config.image_size)
+        data = encode_source(backbone, source)
         result = evaluate(model, adapter, data, progress=progress)
         print(
             f"  {task:12s} exact match {result.exact_match:.1%} on 200 test images, "

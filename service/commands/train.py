@@ -193,8 +193,9 @@ def load_datasets(
             raise CommandError(f"unknown synthetic task {args.synthetic!r}; choose from {TASKS}")
         if args.train_size < 1 or args.val_size < 1:
             raise CommandError("--train-size and --val-size must be >= 1")
-        train_src = SyntheticCaptions(args.synthetic, "train", args.train_size, args.seed)
-        val_src = SyntheticCaptions(args.synthetic, "val", args.val_size, args.seed)
+        size = backbone.config.image_size
+        train_src = SyntheticCaptions(args.synthetic, "train", args.train_size, args.seed, size)
+        val_src = SyntheticCaptions(args.synthetic, "val", args.val_size, args.seed, size)
         return encode_source(backbone, train_src), encode_source(backbone, val_src)
     if args.data is None:
         raise CommandError("give a data file (COCO captions JSON or JSONL) or --synthetic TASK")
