@@ -253,7 +253,14 @@ def reduced_demo() -> Iterator[DemoBuild]:
         fcntl.flock(in_use, fcntl.LOCK_SH)
         with (root / ".build.lock").open("w") as building, torch.random.fork_rng():
             fcntl.flock(building, fcntl.LOCK_EX)  # fork_rng: the build seeds torch
-            build_demo(root, StoreSink(AdapterStore(store_dir)), REDUCED_DEMO_PLAN,
-                       progress=False, log=lambda _: None)  # fmt: skip
+            # One intra-op thread, as `ctxpeft demo` trains: on models this small a second one
+            # only synchronises, and on a busy machine it spins (several times slower).
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                build_demo(root, StoreSink(AdapterStore(store_dir)), REDUCED_DEMO_PLAN,
+                           progress=False, log=lambda _: None)  # fmt: skip
+            finally:
+                torch.set_num_threads(threads)
         _remove_stale_builds(keep=root)
         yield DemoBuild(backbone_dir(root, REDUCED_DEMO_PLAN.backbone.name), store_dir)
