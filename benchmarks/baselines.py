@@ -213,23 +213,29 @@ class PeftLoras:
 
         return step
 
+    def mixed_generate(
+        self, adapters: list[int], features: torch.Tensor, max_new_tokens: int
+    ) -> list[list[int]]:
+        """Greedy decoding of one batch mixing adapters, routed by PEFT's `adapter_names=`."""
+        names = [self.names[a] for a in adapters]
+
+        def lm_call(embeds: torch.Tensor, cache: DynamicCache, rows: list[int]) -> torch.Tensor:
+            return self.model(
+                inputs_embeds=embeds,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+                adapter_names=[names[r] for r in rows],
+            ).logits
+
+        return greedy(self.backbone, lm_call, self.embeds(adapters, features), max_new_tokens)
+
     def mixed_step(self, max_new_tokens: int) -> Callable:
         """(d): one batch mixing adapters, routed by PEFT's `adapter_names=`."""
 
         def step(adapters: list[int], pixels: torch.Tensor) -> list[list[int]]:
-            names = [self.names[a] for a in adapters]
-
-            def lm_call(embeds: torch.Tensor, cache: DynamicCache, rows: list[int]) -> torch.Tensor:
-                return self.model(
-                    inputs_embeds=embeds,
-                    past_key_values=cache,
-                    use_cache=True,
-                    logits_to_keep=1,
-                    adapter_names=[names[r] for r in rows],
-                ).logits
-
             features = self.backbone.encode_images(pixels)
-            return greedy(self.backbone, lm_call, self.embeds(adapters, features), max_new_tokens)
+            return self.mixed_generate(adapters, features, max_new_tokens)
 
         return step
 

@@ -44,8 +44,9 @@ from adapters.adapter_set import AdapterSet, tensor_shapes
 from adapters.backbone import Backbone
 from adapters.bank import AdapterBank
 from adapters.config import AdapterConfig, resolve_targets
-from adapters.format import save_adapter
-from benchmarks.baselines import BatchServer, PeftLoras, base_step
+from adapters.format import load_adapter, save_adapter
+from adapters.model import ContextPEFTModel
+from benchmarks.baselines import BatchServer, PeftLoras, base_step, greedy
 from benchmarks.serving_args import ROOT, add_arguments
 from benchmarks.workload import Picker, RunResult, closed_loop, open_loop
 from service.engine import CaptionRequest, Engine, EngineConfig
@@ -309,6 +310,55 @@ def cold_load(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     }
 
 
+# --- where the time goes ------------------------------------------------------------------------
+def compute_breakdown(bench: Bench, repeats: int = 7) -> dict[str, float]:
+    """One batch of `max_batch` rows x `max_new_tokens` on the LM side only (image features
+    precomputed), per way of applying adapters: separates the method's arithmetic from the
+    serving machinery. Median seconds over interleaved repeats."""
+    args = bench.args
+    rows = args.max_batch
+    features = bench.backbone.encode_images(bench.pixels[:rows])
+    model = ContextPEFTModel(bench.backbone)
+    bank = AdapterBank(bench.backbone.dims, connector_spec(bench.backbone), 16, args.rank)
+    for slot in range(16):
+        ref = bench.store.latest(TENANT, f"a{slot}")
+        assert ref is not None
+        dims = bench.backbone.dims
+        bank.load(slot, load_adapter(bench.store.path(ref), dims, max_rank=args.rank))
+    zeros = torch.zeros(rows, dtype=torch.long)
+    mixed = torch.arange(rows) % 16
+    base = bench.base_backbone
+
+    def base_lm(embeds: torch.Tensor, cache: Any, _: list[int]) -> torch.Tensor:
+        return base.lm(
+            inputs_embeds=embeds, past_key_values=cache, use_cache=True, logits_to_keep=1
+        ).logits
+
+    cases: dict[str, Callable[[], object]] = {
+        "base (no adapters)": lambda: greedy(
+            base, base_lm, bench.connector(features), args.max_new_tokens
+        ),
+        "context-peft, 1 adapter": lambda: model.generate(
+            features, bank, zeros, args.max_new_tokens
+        ),
+        "context-peft, 16 adapters": lambda: model.generate(
+            features, bank, mixed, args.max_new_tokens
+        ),
+    }
+    loras = bench.loras
+    if loras is not None:
+        cases["peft adapter_names, 16 adapters"] = lambda: loras.mixed_generate(
+            mixed.tolist(), features, args.max_new_tokens
+        )
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(repeats):
+        for name, case in cases.items():
+            started = time.perf_counter()
+            case()
+            times[name].append(time.perf_counter() - started)
+    return {name: round(statistics.median(t), 4) for name, t in times.items()}
+
+
 # --- report --------------------------------------------------------------------------------
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
@@ -388,11 +438,16 @@ def run(args: argparse.Namespace) -> int:
     if args.quick:
         args.adapters, args.rounds, args.warmup, args.duration = "1,8,64", 1, 1.0, 3.0
         args.cold_loads, args.open_loop = 5, "0.5"
-    # A quick run never overwrites the recorded results.
-    results = ROOT / "benchmarks/results"
-    args.out = args.out or results / ("serving_quick.json" if args.quick else "serving.json")
+    if args.compute_only:
+        args.adapters, args.peft_max = "16", 16
+    # A quick or partial run never overwrites the recorded results.
+    scratch = args.quick or args.compute_only
+    tmp = Path(tempfile.gettempdir())
+    args.out = args.out or (
+        tmp / "ctxpeft-serving-quick.json" if scratch else ROOT / "benchmarks/results/serving.json"
+    )
     args.plot = args.plot or (
-        results / "serving_quick.png" if args.quick else ROOT / "docs/serving_throughput.png"
+        tmp / "ctxpeft-serving-quick.png" if scratch else ROOT / "docs/serving_throughput.png"
     )
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -435,6 +490,10 @@ def run(args: argparse.Namespace) -> int:
         # collector's full passes, which would otherwise land inside measured windows.
         gc.collect()
         gc.freeze()
+        compute = compute_breakdown(bench)
+        print(json.dumps({"batch_seconds": compute}, indent=2), flush=True)
+        if args.compute_only:
+            return 0
         rows = run_all(bench)
         cold = cold_load(args, work) if args.cold_loads else {}
     report = {
@@ -451,6 +510,7 @@ def run(args: argparse.Namespace) -> int:
         "runs": rows,
         "ratios": ratios(rows),
         "cold_load": cold,
+        "batch_seconds": compute,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

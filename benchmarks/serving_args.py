@@ -32,5 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="short smoke run")
+    parser.add_argument(
+        "--compute-only", action="store_true", help="only the per-batch compute breakdown"
+    )
     parser.add_argument("--out", type=Path, default=None, help="results JSON path")
     parser.add_argument("--plot", type=Path, default=None, help="plot PNG path")
