@@ -250,6 +250,8 @@ class AdapterCache(Generic[K]):
         nbytes = set_nbytes(adapter)
         with self._cond:
             self._queued.discard(key)
+            if key in self._cpu:  # inserted meanwhile (an upload of this very version)
+                return
             if not self._evict(nbytes) and self._pinned_bytes() > 0:
                 # Pinned sets grew while we read; read it again once room appears.
                 self._queued.add(key)
