@@ -63,9 +63,9 @@ class ContextLinear(nn.Module):
         stacked = routing.weights(self.layer, self.name)
         if stacked is None:
             return self.base(x)
-        if routing.path == "segment":
-            return _segment_forward(self.base, x, stacked, routing)
-        return _token_forward(self.base, x, stacked, routing)
+        return _gathered_forward(
+            self.base, x, stacked, routing, segmented=routing.path == "segment"
+        )
 
 
 def _drop_base_prefix(module: nn.Module, state: dict[str, Any], prefix: str, metadata: Any) -> None:
@@ -119,9 +119,37 @@ def _flatten_sc(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])
 
 
-def _token_forward(
-    base: nn.Linear, x: torch.Tensor, w: StackedWeights, routing: Routing
+def _token_lora(
+    flat: torch.Tensor, w: StackedWeights, routing: Routing, tokens: int
 ) -> torch.Tensor:
+    """Per-token gather: every token gets its own copy of A and B (B x T copies)."""
+    assert w.lora_A is not None and w.lora_B is not None
+    keys = routing.token_keys(tokens)
+    a = _flatten_sc(w.lora_A)[keys]  # [N, d_in, R]
+    b = _flatten_sc(w.lora_B)[keys]  # [N, R, d_out]
+    return torch.bmm(torch.bmm(flat.unsqueeze(1), a), b).squeeze(1)
+
+
+def _segment_lora(
+    flat: torch.Tensor, w: StackedWeights, routing: Routing, tokens: int
+) -> torch.Tensor:
+    """Tokens sorted by key once per call; each run of one (slot, context) is a contiguous
+    slice, multiplied by its own A and B; the deltas go back in one scatter-add."""
+    assert w.lora_A is not None and w.lora_B is not None
+    segments = routing.segments(tokens)
+    ordered = flat.index_select(0, segments.order)
+    lora_a, lora_b = _flatten_sc(w.lora_A), _flatten_sc(w.lora_B)
+    delta = torch.cat([(ordered[s:e] @ lora_a[key]) @ lora_b[key] for key, s, e in segments.bounds])
+    return torch.zeros(
+        flat.shape[0], delta.shape[1], dtype=delta.dtype, device=delta.device
+    ).index_add(0, segments.order, delta)
+
+
+def _gathered_forward(
+    base: nn.Linear, x: torch.Tensor, w: StackedWeights, routing: Routing, segmented: bool
+) -> torch.Tensor:
+    """The token and segment paths: per-token vectors (IA3, BitFit) cost one [N, d] gather
+    either way; they differ only in how the LoRA product is grouped."""
     batch, tokens, d_in = x.shape
     keys = routing.token_keys(tokens)
     flat = x.reshape(-1, d_in)
@@ -129,36 +157,7 @@ def _token_forward(
         flat = flat * _flatten_sc(w.ia3)[keys]
     out = base(flat)
     if w.lora_A is not None and w.lora_B is not None:
-        a = _flatten_sc(w.lora_A)[keys]  # [N, d_in, R]
-        b = _flatten_sc(w.lora_B)[keys]  # [N, R, d_out]
-        out = out + torch.bmm(torch.bmm(flat.unsqueeze(1), a), b).squeeze(1)
-    if w.bias is not None:
-        out = out + _flatten_sc(w.bias)[keys]
-    if w.ia3 is not None and not w.ia3_on_input:
-        out = out * _flatten_sc(w.ia3)[keys]
-    return out.reshape(batch, tokens, -1)
-
-
-def _segment_forward(
-    base: nn.Linear, x: torch.Tensor, w: StackedWeights, routing: Routing
-) -> torch.Tensor:
-    batch, tokens, d_in = x.shape
-    keys = routing.token_keys(tokens)
-    flat = x.reshape(-1, d_in)
-    # Per-(slot, context) vectors cost one [N, d] gather; only LoRA needs the segments.
-    if w.ia3 is not None and w.ia3_on_input:
-        flat = flat * _flatten_sc(w.ia3)[keys]
-    out = base(flat)
-    if w.lora_A is not None and w.lora_B is not None:
-        # Tokens sorted by key once per call; each run of one (slot, context) is a contiguous
-        # slice, multiplied by its own A and B; the deltas go back in one scatter-add.
-        segments = routing.segments(tokens)
-        ordered = flat.index_select(0, segments.order)
-        lora_a, lora_b = _flatten_sc(w.lora_A), _flatten_sc(w.lora_B)
-        delta = torch.cat(
-            [(ordered[s:e] @ lora_a[key]) @ lora_b[key] for key, s, e in segments.bounds]
-        )
-        out = out.index_add(0, segments.order, delta)
+        out = out + (_segment_lora if segmented else _token_lora)(flat, w, routing, tokens)
     if w.bias is not None:
         out = out + _flatten_sc(w.bias)[keys]
     if w.ia3 is not None and not w.ia3_on_input:
