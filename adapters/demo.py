@@ -191,7 +191,10 @@ def build_demo(
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> DemoReport:
-    """Build whatever of the demo is missing or stale; `force` rebuilds everything."""
+    """Build whatever of the demo is missing or stale; `force` rebuilds everything.
+
+    With `plan.workers` > 1 on a CPU the adapters train in spawned processes, so a script
+    that calls this needs the usual `if __name__ == "__main__":` guard."""
     plan = plan or DemoPlan()
     started = time.perf_counter()
     folder = backbone_dir(runtime_dir, plan.backbone.name)
