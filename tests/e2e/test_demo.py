@@ -150,6 +150,7 @@ def test_ctxpeft_eval_reports_the_demo_adapter(demo: Built, capsys) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # about 5 minutes on two idle cores; far more on a busy machine
 def test_full_demo_reaches_90_percent_exact_match_per_task(tmp_path: Path, capsys) -> None:
     runtime = tmp_path / "var"
     assert main(["demo", "--runtime-dir", str(runtime), "--no-progress"]) == 0
