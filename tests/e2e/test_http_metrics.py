@@ -31,26 +31,11 @@ from tests.e2e.conftest import (
     running_service,
     scrape,
 )
+from tests.service.test_metrics import FAMILIES as METRIC_FAMILIES
 
 MAX_BODY = 64 * 1024
-FAMILIES = {
-    "ctxpeft_requests": "counter",
-    "ctxpeft_request_duration_seconds": "histogram",
-    "ctxpeft_queue_wait_seconds": "histogram",
-    "ctxpeft_queue_depth": "gauge",
-    "ctxpeft_inflight_requests": "gauge",
-    "ctxpeft_batch_size": "histogram",
-    "ctxpeft_batch_adapters": "histogram",
-    "ctxpeft_generated_tokens": "counter",
-    "ctxpeft_adapter_loads": "counter",
-    "ctxpeft_adapter_load_seconds": "histogram",
-    "ctxpeft_adapters_resident": "gauge",
-    "ctxpeft_encoder_cache_hits": "counter",
-    "ctxpeft_encoder_cache_misses": "counter",
-    "ctxpeft_encoder_runs": "counter",
-    "ctxpeft_rejections": "counter",
-    "ctxpeft_build_info": "gauge",
-}
+# The families and types the service promises: one table, shared with the unit test.
+FAMILIES = METRIC_FAMILIES
 
 
 @pytest.fixture(scope="module")
