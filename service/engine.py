@@ -446,6 +446,7 @@ class Engine:
             features, self.bank, slot_ids, [row.max_new_tokens for row in rows]
         )
         generated = time.monotonic()
+        prompt_tokens = 1 + features.shape[1]  # BOS + image tokens
         adapters = len({row.key for row in rows})
         self.scheduler.record_batch(generated - started)
         self._count(batches=1, rows=len(rows), adapters=adapters)
@@ -464,6 +465,8 @@ class Engine:
                     total_ms=(time.monotonic() - row.arrival) * 1000,
                 ),
                 request_id=row.request_id,
+                finish_reason="length" if len(ids) >= row.max_new_tokens else "stop",
+                prompt_tokens=prompt_tokens,
             )
             for row, ids in zip(rows, tokens, strict=True)
         ]

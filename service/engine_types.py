@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
+from typing import Literal
 
 from PIL import Image
 
@@ -14,6 +15,7 @@ from service.settings import Settings
 from service.store import AdapterRef
 
 DEFAULT_TENANT = "default"
+FinishReason = Literal["stop", "length"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,9 @@ class CaptionResult:
     ref: AdapterRef  # the version that produced it (tenant may be "public")
     timings: Timings
     request_id: str
+    # "stop": the model ended the caption (EOS); "length": it reached max_new_tokens.
+    finish_reason: FinishReason = "stop"
+    prompt_tokens: int = 0  # LM positions before the caption: BOS + image tokens
 
     @property
     def tokens(self) -> int:
