@@ -229,8 +229,10 @@ class Engine:
                 request.request_id,
                 loop,
                 loop.create_future(),
+                index,
+                request.on_token,
             )
-            for v, name in zip(versions, names, strict=True)
+            for index, (v, name) in enumerate(zip(versions, names, strict=True))
         ]
         for row in rows:
             row.future.add_done_callback(retrieve_error)
@@ -336,6 +338,7 @@ class Engine:
             self._count(completed=1, tokens=outcome.tokens)
             if self.metrics is not None:
                 self.metrics.add_generated_tokens(row.name, outcome.tokens)
+            row.emit(outcome.token_ids)  # this engine streams a row's tokens when it ends
         else:
             self._count(failed=1)
         row.deliver(outcome, before=finish)

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -28,6 +29,10 @@ class CaptionRequest:
     max_new_tokens: int | None = None  # None: EngineConfig.default_max_new_tokens
     timeout_s: float | None = None  # deadline from admission; None: request_timeout_s
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # Token streaming: called on the caller's event loop with (index of the adapter in
+    # `adapters`, token id) for every generated token, in order, before that adapter's result
+    # is delivered (EOS is never passed). Must not raise or block.
+    on_token: Callable[[int, int], None] | None = None
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -44,6 +44,8 @@ class Row:
     request_id: str
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[CaptionResult]
+    index: int = 0  # position of this adapter in the request's list
+    on_token: Callable[[int, int], None] | None = None  # CaptionRequest.on_token
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _done: bool = False
 
@@ -57,6 +59,17 @@ class Row:
                 return False
             self._done = True
             return True
+
+    def emit(self, token_ids: Sequence[int]) -> None:
+        """Stream generated tokens to the caller's `on_token` (on its event loop, in order:
+        call_soon_threadsafe is FIFO, so they arrive before a result delivered after them)."""
+        if self.on_token is None:
+            return
+        try:
+            for token in token_ids:
+                self.loop.call_soon_threadsafe(self.on_token, self.index, token)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            pass
 
     def deliver(
         self, outcome: CaptionResult | BaseException, before: Callable[[], None] | None = None

@@ -161,6 +161,34 @@ def test_one_image_for_k_adapters_runs_the_vision_encoder_once(
     assert (cached.stats().encoder_runs, cached.stats().encoder_hits) == (1, 2)
 
 
+def test_on_token_streams_each_adapters_tokens_in_order_before_its_result(
+    make_engine: Callable[..., Engine], store: AdapterStore
+) -> None:
+    backbone = tiny_backbone()
+    for i in range(3):
+        put(store, "acme", f"a{i}", random_adapter(backbone, i))
+    engine = make_engine(max_new_tokens_limit=16)
+    seen: list[tuple[int, int]] = []
+    at_result: list[int] = []
+
+    async def run() -> list[CaptionResult]:
+        request = ask(noise_image(3), "a0", "a1", "a2", max_new_tokens=12, on_token=record)
+        results = await engine.caption(request)
+        at_result.append(len(seen))
+        return results
+
+    def record(index: int, token: int) -> None:
+        seen.append((index, token))
+
+    results = asyncio.run(run())
+    assert at_result == [sum(r.tokens for r in results)]  # every token came before caption()
+    for index, result in enumerate(results):
+        assert tuple(t for i, t in seen if i == index) == result.token_ids
+        assert result.finish_reason == ("length" if result.tokens == 12 else "stop")
+        assert result.prompt_tokens == 1 + backbone.num_image_tokens
+    assert results[1].token_ids == reference(random_adapter(backbone, 1), noise_image(3), 12)
+
+
 # --- hot swap --------------------------------------------------------------------------------------
 def test_hot_swap_under_concurrent_load_fails_no_request_for_an_existing_adapter(
     make_engine: Callable[..., Engine], store: AdapterStore
