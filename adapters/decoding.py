@@ -33,7 +33,8 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, PretrainedConfig
+from transformers.cache_utils import DynamicLayer
 
 from adapters.config import TEXT
 from adapters.routing import Path, Routing, WeightSource
@@ -83,7 +84,7 @@ class DecodeState:
         image_embeds = source.connect(features.to(device), slots)
         embeds, contexts = model.prefix(image_embeds)
         batch, width = contexts.shape
-        cache = DynamicCache(config=model.lm.config)
+        cache = _new_cache(model.backbone.lm.config)
         positions = torch.arange(width, device=device).expand(batch, width)
         mask = causal_mask(width, embeds.dtype, device)
         logits = model.lm_forward(
@@ -115,13 +116,19 @@ class DecodeState:
         if self._routing is None:
             text = torch.full((self.rows, 1), TEXT, dtype=torch.long, device=self.slots.device)
             self._routing = Routing(self.source, self.slots, text, self.path)
-        logits = self.model.lm_forward(
-            embeds,
-            self._routing,
-            attention_mask=padding_mask(self._lengths, width + 1, embeds.dtype),
-            position_ids=self._lengths.unsqueeze(1),
-            cache=self.cache,
-        )
+        try:
+            logits = self.model.lm_forward(
+                embeds,
+                self._routing,
+                attention_mask=padding_mask(self._lengths, width + 1, embeds.dtype),
+                position_ids=self._lengths.unsqueeze(1),
+                cache=self.cache,
+            )
+        except BaseException:
+            # Layers before the failing one already appended this step's column: take it
+            # back, so the state is as before the call and the step can be tried again.
+            _map_cache(self.cache, lambda t: t[:, :, :width])
+            raise
         self.next_ids = logits[:, -1].argmax(dim=-1)
         self._lengths = self._lengths + 1
         self.lengths = [n + 1 for n in self.lengths]
@@ -145,18 +152,36 @@ class DecodeState:
             if trim > 0:
                 _map_cache(self.cache, lambda t: t[:, :, trim:])
 
+    def subset(self, rows: Sequence[int]) -> DecodeState:
+        """A copy holding only `rows` (this state is left as it is), e.g. to try a step on
+        some rows alone when a step of the whole batch failed."""
+        copy = DecodeState(
+            self.model,
+            self.source,
+            self.slots,
+            _copy_cache(self.cache, self.model.backbone.lm.config),
+            list(self.lengths),
+            self.next_ids,
+            self.path,
+        )
+        copy.keep(rows)
+        return copy
+
     def merge(self, other: DecodeState) -> None:
-        """Append `other`'s rows (same model and weight source) after this batch's rows."""
+        """Append `other`'s rows (same model and weight source) after this batch's rows.
+        All or nothing: if it raises (out of memory), this state is unchanged."""
         if other.source is not self.source:
             raise ValueError("rows of different weight sources cannot share a batch")
         width = max(self.width, other.width)
-        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
-            mine.keys = torch.cat(
-                [_pad_left(mine.keys, width), _pad_left(theirs.keys, width)], dim=0
-            )
-            mine.values = torch.cat(
-                [_pad_left(mine.values, width), _pad_left(theirs.values, width)], dim=0
-            )
+        mine, theirs = _layers(self.cache), _layers(other.cache)
+        merged = []
+        for a, b in zip(mine, theirs, strict=True):
+            (keys_a, values_a), (keys_b, values_b) = _kv(a), _kv(b)
+            keys = torch.cat([_pad_left(keys_a, width), _pad_left(keys_b, width)])
+            values = torch.cat([_pad_left(values_a, width), _pad_left(values_b, width)])
+            merged.append((keys, values))
+        for layer, (keys, values) in zip(mine, merged, strict=True):
+            layer.keys, layer.values = keys, values
         self.slots = torch.cat([self.slots, other.slots])
         self.next_ids = torch.cat([self.next_ids, other.next_ids])
         self._lengths = torch.cat([self._lengths, other._lengths])
@@ -185,8 +210,40 @@ def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
+def _layers(cache: DynamicCache) -> list[DynamicLayer]:
+    """The cache's layers; every one keeps every column (no sliding window)."""
+    layers = []
+    for layer in cache.layers:
+        if not isinstance(layer, DynamicLayer) or layer.is_sliding:
+            raise ValueError(f"DecodeState needs full-attention cache layers, not {layer!r}")
+        layers.append(layer)
+    return layers
+
+
+def _kv(layer: DynamicLayer) -> tuple[torch.Tensor, torch.Tensor]:
+    assert layer.keys is not None and layer.values is not None, "cache layer not filled"
+    return layer.keys, layer.values
+
+
 def _cache_width(cache: DynamicCache) -> int:
-    return int(cache.layers[0].keys.shape[-2])
+    return int(_kv(_layers(cache)[0])[0].shape[-2])
+
+
+def _new_cache(config: PretrainedConfig) -> DynamicCache:
+    cache = DynamicCache(config=config)
+    _layers(cache)  # padding and merging assume every layer keeps every column
+    return cache
+
+
+def _copy_cache(cache: DynamicCache, config: PretrainedConfig) -> DynamicCache:
+    """A cache object of its own over the same tensors (never written in place: every
+    update, selection or trim makes new ones)."""
+    copy = _new_cache(config)
+    for mine, theirs in zip(_layers(copy), _layers(cache), strict=True):
+        keys, values = _kv(theirs)
+        mine.lazy_initialization(keys, values)
+        mine.keys, mine.values = keys, values
+    return copy
 
 
 def _pad_left(t: torch.Tensor, width: int) -> torch.Tensor:
@@ -198,6 +255,6 @@ def _pad_left(t: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def _map_cache(cache: DynamicCache, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-    for layer in cache.layers:
-        layer.keys = fn(layer.keys)
-        layer.values = fn(layer.values)
+    for layer in _layers(cache):
+        keys, values = _kv(layer)
+        layer.keys, layer.values = fn(keys), fn(values)
