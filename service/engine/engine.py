@@ -188,7 +188,7 @@ class Engine:
         self.loop.stopping = True
         queued = self.scheduler.close()  # the worker's next_rows returns at once
         for _, row in queued:
-            self.registry.cache.unwant(row.key)
+            row.unwant(self.registry.cache)
             self.loop.answer(row, Draining("the service shut down before this request ran"))
         worker = self._worker
         if worker is not None and threading.current_thread() is not worker:
@@ -254,12 +254,12 @@ class Engine:
         ]
         for row in rows:
             row.future.add_done_callback(retrieve_error)
-            self.registry.cache.want(row.key)
+            row.want(self.registry.cache)
         try:
             self.scheduler.enqueue(rows)
         except Draining:  # closed meanwhile: shutting down, or the worker stopped
             for row in rows:
-                self.registry.cache.unwant(row.key)
+                row.unwant(self.registry.cache)
             self.scheduler.withdraw(request.tenant, len(names))
             if not self.alive:
                 raise EngineStopped(f"the engine stopped ({self.stopped}); retry later") from None
@@ -322,7 +322,7 @@ class Engine:
     # --- bookkeeping ------------------------------------------------------------------------
     def _on_drop(self, row: Row, reason: str | None) -> None:
         # Called by the scheduler (its lock held) for a row leaving the queue unrun.
-        self.registry.cache.unwant(row.key)
+        row.unwant(self.registry.cache)
         if reason is not None and row.claim():
             self.counters.dropped(reason)
             row.deliver(DeadlineExceeded("the deadline passed while the request was queued"))

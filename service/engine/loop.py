@@ -89,16 +89,20 @@ class StepLoop:
                     log.exception("engine step failed; its running rows fail, serving goes on")
                     self.counters.fault("loop")
                     self._fail_running(EngineFault(f"internal error in the engine: {exc!r}"))
-        except BaseException as exc:
+        except BaseException as exc:  # nothing can be trusted any more: stop, say so loudly
+            log.critical("the engine's worker stops", exc_info=True)
             reason = exc
-            raise
         finally:
             self.counters.worker_up(False)
             on_stop(None if self.stopping else (reason or RuntimeError("worker stopped")))
 
     def iterate(self) -> None:
         """One step: leave, join, prefill, decode, answer."""
-        self._sweep_failed_loads()
+        try:
+            self._sweep_failed_loads()
+        except Exception:  # e.g. a delete racing a directory scan; retried next step
+            log.exception("sweeping failed adapter loads failed")
+            self.counters.fault("loop")
         self._leave_ended()
         joined, first = self._join()
         tokens = self._decode() if self.rows else None
@@ -127,10 +131,34 @@ class StepLoop:
     # --- 2. joining ---------------------------------------------------------------------------
     def _join(self) -> tuple[list[Row], torch.Tensor | None]:
         """Choose, bind, encode and prefill new rows; merge them into the running batch.
-        Returns the rows that joined and their first tokens (on the device)."""
-        chosen = self._choose()
+        Returns the rows that joined and their first tokens (on the device). An unexpected
+        exception here fails the rows that were joining, never the running ones."""
+        try:
+            chosen = self._choose()
+        except Exception:  # nothing was taken from the queues
+            log.exception("choosing rows to join failed")
+            self.counters.fault("loop")
+            return [], None
         if not chosen:
             return [], None
+        joining = [row for _, row in chosen]
+        running = len(self.rows)
+        try:
+            return self._admit(chosen)
+        except Exception as exc:
+            log.exception("rows failed while joining the running batch")
+            self.counters.fault("loop")
+            joined = set(map(id, self.rows[running:]))
+            for row in joining:
+                row.unwant(self.registry.cache)
+                if id(row) not in joined:  # not answered yet, not in the running batch
+                    self._fail_row(row, EngineFault(f"internal error while joining: {exc!r}"))
+            self._keep(range(running))  # rows that did join this step leave too
+            for row in self.rows[running:]:
+                self._fail_row(row, EngineFault(f"internal error while joining: {exc!r}"))
+            return [], None
+
+    def _admit(self, chosen: list[tuple[int, Row]]) -> tuple[list[Row], torch.Tensor | None]:
         rows = self._bind(chosen)
         rows = self._encode(rows)
         if not rows:
@@ -180,7 +208,7 @@ class StepLoop:
         live: list[tuple[int, Row]] = []
         for seq, row in chosen:
             if row.settled():
-                cache.unwant(row.key)
+                row.unwant(cache)
                 self.scheduler.finished(row.tenant)
             else:
                 live.append((seq, row))
@@ -191,11 +219,11 @@ class StepLoop:
         bound = []
         for _, row in live:
             if row.key in failed:
-                cache.unwant(row.key)
+                row.unwant(cache)
                 self.counters.fault("bind")
                 self.answer(row, failed[row.key])
             elif row.key in slots:
-                cache.unwant(row.key)
+                row.unwant(cache)
                 row.slot = slots[row.key]
                 bound.append(row)
         return bound
@@ -413,7 +441,7 @@ class StepLoop:
         """Shutdown or a stopped worker: fail running rows and everything still queued."""
         self._fail_running(error)
         for _, row in self.scheduler.close():
-            self.registry.cache.unwant(row.key)
+            row.unwant(self.registry.cache)
             self.answer(row, error)
 
     # --- loads that failed -----------------------------------------------------------------------
@@ -428,7 +456,7 @@ class StepLoop:
                 continue
             back: list[tuple[int, Row]] = []
             for seq, row in self.scheduler.take(key):
-                cache.unwant(row.key)
+                row.unwant(cache)
                 if not isinstance(error, VersionGone):
                     self.answer(row, error)
                     continue
@@ -437,7 +465,7 @@ class StepLoop:
                 except AdapterNotFound as exc:
                     self.answer(row, exc)
                     continue
-                cache.want(row.key)
+                row.want(cache)
                 back.append((seq, row))
             self.scheduler.requeue(back)
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from service.adapter_cache import AdapterCache
 from service.engine.types import CaptionResult
 from service.registry import AdapterVersion
 
@@ -53,11 +54,29 @@ class Row:
     joined: float = 0.0  # time.monotonic() when it joined the running batch
     encode_s: float = 0.0  # the encoder time of the rows that joined with it
     first_token: float = 0.0  # time.monotonic() of its first generated token
+    _wanting: bool = False  # holds a want on its version's CPU copy (see want / unwant)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _done: bool = False
 
     def settled(self) -> bool:
         return self._done
+
+    def want(self, cache: AdapterCache[AdapterVersion]) -> None:
+        """Tell the cache that this queued row needs its version (pins the CPU copy)."""
+        with self._lock:
+            if self._wanting:
+                return
+            self._wanting = True
+        cache.want(self.key)
+
+    def unwant(self, cache: AdapterCache[AdapterVersion]) -> None:
+        """The row no longer needs the CPU copy (bound to a slot, dropped, failed). Safe to
+        call more than once and from any path that ends the row's wait."""
+        with self._lock:
+            if not self._wanting:
+                return
+            self._wanting = False
+        cache.unwant(self.key)
 
     def claim(self) -> bool:
         """Take the right to answer the row; False if it was answered already. Any thread."""
