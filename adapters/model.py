@@ -18,6 +18,7 @@ from transformers import DynamicCache, PreTrainedTokenizerBase
 
 from adapters.backbone import Backbone, decoder_layers, lm_linear
 from adapters.config import IMAGE, LM_MODULES, TEXT
+from adapters.decoding import DecodeState
 from adapters.layers import ContextLinear
 from adapters.routing import Path, Routing, WeightSource, use_routing
 
@@ -71,16 +72,19 @@ class ContextPEFTModel(nn.Module):
         inputs_embeds: torch.Tensor,
         routing: Routing | None,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: DynamicCache | None = None,
+        cache: DynamicCache | None = None,
         logits_to_keep: int = 0,
+        position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """One LM call with explicit routing; returns logits."""
+        """One LM call with explicit routing; returns logits. `attention_mask` is a 2-D
+        padding mask or a ready 4-D additive mask (adapters.decoding builds those)."""
         with use_routing(routing):
             out = self.backbone.lm(
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
-                past_key_values=past_key_values,
-                use_cache=past_key_values is not None,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=cache is not None,
                 logits_to_keep=logits_to_keep,
             )
         return out.logits
@@ -135,44 +139,32 @@ class ContextPEFTModel(nn.Module):
         path: Path = "row",
         decode_path: Path | None = None,
     ) -> list[list[int]]:
-        """Greedy decoding with a KV cache. Each row stops at EOS or its own token limit and
-        leaves the batch; returns the generated ids per row (EOS excluded)."""
+        """Greedy decoding of one static batch with a KV cache. Each row stops at EOS or its
+        own token limit and leaves the batch; returns the generated ids per row (EOS
+        excluded). The serving engine drives `DecodeState` itself, so that rows can also join
+        between steps; both decode the same way, token for token."""
         batch = features.shape[0]
-        device = self.backbone.device
         limits = (
             [max_new_tokens] * batch if isinstance(max_new_tokens, int) else list(max_new_tokens)
         )
-        slots = slots.to(device)
-        image_embeds = source.connect(features.to(device), slots)
-        embeds, contexts = self.prefix(image_embeds)
-        routing = Routing(source, slots, contexts, path)
-        cache = DynamicCache(config=self.backbone.lm.config)
-        logits = self.lm_forward(embeds, routing, past_key_values=cache, logits_to_keep=1)
+        state, tokens = DecodeState.prefill(self, source, features, slots, path, decode_path)
         eos = self.backbone.tokenizer.eos_token_id
         outputs: list[list[int]] = [[] for _ in range(batch)]
         active = list(range(batch))  # original row index of each row still in the batch
-        text = torch.full((batch, 1), TEXT, dtype=torch.long, device=device)
-        step_routing = routing.step(text, decode_path or path)
-        while active:
-            next_ids = logits[:, -1].argmax(dim=-1)
+        while True:
             keep = []
-            for pos, (row, token) in enumerate(zip(active, next_ids.tolist(), strict=True)):
+            for pos, (row, token) in enumerate(zip(active, tokens.tolist(), strict=True)):
                 # A row whose limit is 0 still takes part in the prefill but emits nothing.
                 if token != eos and len(outputs[row]) < limits[row]:
                     outputs[row].append(token)
                 if token != eos and len(outputs[row]) < limits[row]:
                     keep.append(pos)
+            if not keep:
+                return outputs
             if len(keep) < len(active):
-                if not keep:
-                    break
-                index = torch.tensor(keep, device=device)
-                cache.batch_select_indices(index)
-                step_routing = step_routing.select_rows(index)
-                next_ids = next_ids.index_select(0, index)
+                state.keep(keep)
                 active = [active[k] for k in keep]
-            step = self.embed_tokens(next_ids.unsqueeze(1))
-            logits = self.lm_forward(step, step_routing, past_key_values=cache)
-        return outputs
+            tokens = state.step()
 
     def decode(self, ids: Sequence[int]) -> str:
         return str(self.backbone.tokenizer.decode(list(ids), skip_special_tokens=True))

@@ -186,7 +186,7 @@ def _cases(s: Setup) -> dict[tuple[str, str], tuple[Call, Call | None]]:
         def run() -> None:
             cache = DynamicCache(config=config)
             routing = Routing(bank, slots, s.contexts, path)
-            s.model.lm_forward(s.prefill, routing, past_key_values=cache, logits_to_keep=1)
+            s.model.lm_forward(s.prefill, routing, cache=cache, logits_to_keep=1)
 
         return run
 
@@ -195,7 +195,7 @@ def _cases(s: Setup) -> dict[tuple[str, str], tuple[Call, Call | None]]:
             cache = DynamicCache(config=config)
             model(
                 inputs_embeds=s.prefill,
-                past_key_values=cache,
+                cache=cache,
                 use_cache=True,
                 logits_to_keep=1,
                 **kwargs,
@@ -208,11 +208,11 @@ def _cases(s: Setup) -> dict[tuple[str, str], tuple[Call, Call | None]]:
         # are gathered once per batch), so the prefill runs here, untimed, to set it up.
         cache = DynamicCache(config=config)
         routing = Routing(bank, slots, s.contexts, path)
-        s.model.lm_forward(s.prefill, routing, past_key_values=cache, logits_to_keep=1)
+        s.model.lm_forward(s.prefill, routing, cache=cache, logits_to_keep=1)
         step = routing.step(torch.full((ROWS, 1), TEXT, device=slots.device), path)
 
         def run() -> None:
-            s.model.lm_forward(s.step, step, past_key_values=cache)
+            s.model.lm_forward(s.step, step, cache=cache)
 
         return run, _rewind(cache, prefix_len)
 
@@ -220,14 +220,14 @@ def _cases(s: Setup) -> dict[tuple[str, str], tuple[Call, Call | None]]:
         cache = DynamicCache(config=config)
         model(
             inputs_embeds=s.prefill,
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
             logits_to_keep=1,
             **kwargs,
         )
 
         def run() -> None:
-            model(inputs_embeds=s.step, past_key_values=cache, use_cache=True, **kwargs)
+            model(inputs_embeds=s.step, cache=cache, use_cache=True, **kwargs)
 
         return run, _rewind(cache, prefix_len)
 

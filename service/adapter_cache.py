@@ -350,6 +350,18 @@ class AdapterCache(Generic[K]):
             for key in rows:
                 self._pins[slots[key]] -= 1
 
+    def placement(self) -> tuple[set[K], int]:
+        """(versions whose slot running rows pin, number of slots no row pins): what the
+        scheduler may still place on the device (worker thread, between steps)."""
+        with self._cond:
+            pinned = {k for k, s in self._slot_of.items() if self._pins[s] > 0}
+            return pinned, sum(1 for p in self._pins if p == 0)
+
+    def wanted(self) -> int:
+        """Rows that want a CPU copy (queued rows not yet bound): 0 when nothing waits."""
+        with self._cond:
+            return sum(self._wanted.values())
+
     def pins(self, slot: int) -> int:
         with self._cond:
             return self._pins[slot]

@@ -12,6 +12,9 @@ Retry-After header (None when retrying cannot help).
     TenantLimit        429  the tenant has too many requests in flight (Retry-After)
     DeadlineExceeded   504  the request's deadline passed before its answer
     Cancelled          499  the request was cancelled (client gone) before its answer
+    EngineFault        503  an internal error while computing this request (contained: other
+                            requests were not affected); retrying may help
+    EngineStopped      503  the engine's worker stopped; the process needs a restart
 """
 
 from __future__ import annotations
@@ -58,3 +61,12 @@ class DeadlineExceeded(EngineError):
 
 class Cancelled(EngineError):
     reason = "cancelled"
+
+
+class EngineFault(EngineError):
+    """An exception inside the engine failed this request's row (and only the rows it could
+    be attributed to); the message says at which stage."""
+
+
+class EngineStopped(EngineError):
+    """The engine's worker thread stopped: nothing can run until the process restarts."""

@@ -48,6 +48,8 @@ REJECTION_REASONS = (
     "too_large",
     "unsupported_media_type",
 )
+# Stages of the engine where an exception is contained (ctxpeft_engine_faults_total).
+FAULT_STAGES = ("bind", "encode", "prefill", "decode", "deliver", "loop")
 LOAD_TIERS = ("cpu", "device")  # where an adapter load lands
 RESIDENCY_TIERS = ("device", "cpu", "disk")
 
@@ -141,7 +143,7 @@ class ServiceMetrics:
         # --- scheduler --------------------------------------------------------------------
         self.queue_wait = Histogram(
             "ctxpeft_queue_wait_seconds",
-            "Time from admission to the start of the request's batch.",
+            "Time from admission to joining the running batch.",
             buckets=WAIT_BUCKETS,
             registry=r,
         )
@@ -150,14 +152,42 @@ class ServiceMetrics:
         )
         self.batch_size = Histogram(
             "ctxpeft_batch_size",
-            "Rows per forward batch.",
+            "Rows per decode step (the running batch).",
             buckets=BATCH_SIZE_BUCKETS,
             registry=r,
         )
         self.batch_adapters = Histogram(
             "ctxpeft_batch_adapters",
-            "Distinct adapters per forward batch.",
+            "Distinct adapters per decode step (how much adapters mix).",
             buckets=BATCH_ADAPTER_BUCKETS,
+            registry=r,
+        )
+        self.engine_steps = Counter(
+            "ctxpeft_engine_steps",
+            "Decode steps of the running batch (one forward pass for every running row).",
+            registry=r,
+        )
+        self.running_rows = Gauge(
+            "ctxpeft_running_rows",
+            "Rows in the running batch (admitted, prefilled and not yet finished).",
+            registry=r,
+        )
+        self.time_to_first_token = Histogram(
+            "ctxpeft_time_to_first_token_seconds",
+            "Time from admission to a row's first generated token.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.engine_faults = Counter(
+            "ctxpeft_engine_faults",
+            "Exceptions the engine contained, by stage; each failed only the rows it concerned.",
+            ["stage"],
+            registry=r,
+        )
+        self.engine_up = Gauge(
+            "ctxpeft_engine_up",
+            "1 while the engine's worker thread runs; 0 if it stopped (the process needs a "
+            "restart).",
             registry=r,
         )
         self.generated_tokens = Counter(
@@ -210,6 +240,8 @@ class ServiceMetrics:
         # rate() see them before the first event.
         for reason in REJECTION_REASONS:
             self.rejections.labels(reason=reason)
+        for stage in FAULT_STAGES:
+            self.engine_faults.labels(stage=stage)
         for tier in LOAD_TIERS:
             self.adapter_loads.labels(tier=tier)
             self.adapter_load_seconds.labels(tier=tier)

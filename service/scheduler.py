@@ -1,25 +1,30 @@
-"""The scheduler: admission control and batch formation over per-adapter FIFO queues.
+"""The scheduler: admission control and the choice of rows to run, over per-adapter FIFO
+queues.
 
     scheduler.admit("acme", rows=1)        # raises Draining / QueueFull / TenantLimit
     scheduler.enqueue([row])               # now schedulable
-    batch = scheduler.next_batch(is_ready, slots=16, timeout=0.1)   # worker thread
-    ...                                    # run it
+    rows = scheduler.next_rows(is_ready, SlotBudget(free=3, present={...}), room=8, timeout=0)
+    ...                                    # they join the running batch (worker thread)
     scheduler.finished("acme", rows=1)     # the tenant's in-flight count goes down
 
-Batch formation: the batch starts from the oldest waiting row whose adapter is ready (on
-the device or the CPU tier), takes more rows of that adapter (grouping: its rows are
-contiguous), then the adapters with the next-oldest heads, until `max_batch_size` rows or
-`slots` adapters (mixing). When fewer rows are ready than fit, it waits up to `max_wait_s`
-after the oldest row's arrival. Seeding from the globally oldest row makes it fair: however
-hot one adapter is, a cold adapter's row is the oldest after at most the rows that arrived
-before it, so it waits a bounded number of batches.
+Choosing rows: start from the oldest waiting row whose adapter is ready (on the device or the
+CPU tier), take more rows of that adapter (grouping: its rows are contiguous), then the
+adapters with the next-oldest heads, until `room` rows. Each adapter must first get a place
+from the `SlotBudget` (a device slot it already holds, or a free one, within the cap of
+distinct adapters); the first adapter refused ends the choice, so no younger row overtakes a
+row that waits for a slot. That makes it fair: however hot one adapter is, a cold adapter's
+row is the oldest after at most the rows that arrived before it, and from then on it waits
+only for one slot to be unpinned (a running row ends within max_new_tokens steps).
+`next_batch` is the static form: a whole batch (`max_batch_size` rows over at most `slots`
+adapters), waiting up to `max_wait_s` after the oldest ready row's arrival to fill.
 
 Admission: `queue_size` bounds rows waiting (admitted, not yet in a batch);
 `tenant_max_inflight` bounds a tenant's rows admitted and not yet finished. A request that
 names K adapters is K rows. Rows whose deadline passed or that were settled elsewhere
 (cancelled, timed out on the caller's side) are dropped while scanning, before any compute;
 `on_drop(row, reason)` is told about every dropped row: reason "deadline", or None for a
-row that was already settled.
+row that was already settled. Rejections and the queue depth are reported to `events` (the
+engine's counters).
 
 Thread-safe: the event loop admits and enqueues, the engine's worker forms batches.
 """
@@ -35,7 +40,6 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
 from service.exceptions import Draining, QueueFull, TenantLimit
-from service.metrics import ServiceMetrics
 
 
 class Schedulable(Protocol):
@@ -59,6 +63,35 @@ class Schedulable(Protocol):
 T = TypeVar("T", bound=Schedulable)
 
 
+class SchedulerEvents(Protocol):
+    """Where the scheduler reports what it counts (the engine's `EngineCounters`)."""
+
+    def rejected(self, reason: str) -> None: ...
+
+    def queue_depth(self, rows: int) -> None: ...
+
+
+class SlotBudget:
+    """Which adapters may join: those in `present` (already holding a pinned device slot)
+    always; others while `free` slots remain and the distinct adapters stay within `cap`."""
+
+    def __init__(self, free: int, cap: int | None = None, present: Iterable[Hashable] = ()) -> None:
+        self.free = free
+        self.cap = cap
+        self.present = set(present)
+        self.chosen: set[Hashable] = set()
+
+    def place(self, key: Hashable) -> bool:
+        if key in self.present or key in self.chosen:
+            return True
+        distinct = len(self.present) + len(self.chosen)
+        if self.free <= 0 or (self.cap is not None and distinct >= self.cap):
+            return False
+        self.free -= 1
+        self.chosen.add(key)
+        return True
+
+
 @dataclass(order=True)
 class _Queued(Generic[T]):
     seq: int
@@ -75,7 +108,7 @@ class Scheduler(Generic[T]):
         queue_size: int,
         tenant_max_inflight: int,
         max_adapters_per_batch: int | None = None,
-        metrics: ServiceMetrics | None = None,
+        events: SchedulerEvents | None = None,
         on_drop: Callable[[T, str | None], None] | None = None,
     ) -> None:
         self.max_batch_size = max_batch_size
@@ -83,7 +116,7 @@ class Scheduler(Generic[T]):
         self.queue_size = queue_size
         self.tenant_max_inflight = tenant_max_inflight
         self.max_adapters_per_batch = max_adapters_per_batch
-        self._metrics = metrics
+        self._events = events
         self._on_drop = on_drop
         self._cond = threading.Condition()
         self._queues: dict[Hashable, list[_Queued[T]]] = {}
@@ -92,9 +125,7 @@ class Scheduler(Generic[T]):
         self._inflight: Counter[str] = Counter()
         self._draining = False
         self._closed = False
-        self._batch_seconds = 0.0  # moving average, for Retry-After hints
-        self.dropped: Counter[str] = Counter()  # rows dropped while queued, by reason
-        self.rejected: Counter[str] = Counter()  # admissions refused, by reason
+        self._row_seconds = 0.0  # moving average of a row's run time, for Retry-After hints
 
     # --- admission (event loop) ---------------------------------------------------------
     def admit(self, tenant: str, rows: int = 1) -> None:
@@ -123,14 +154,14 @@ class Scheduler(Generic[T]):
 
     def _reject(self, error: Draining | QueueFull | TenantLimit) -> Exception:
         assert error.reason is not None
-        self.rejected[error.reason] += 1
-        if self._metrics is not None:
-            self._metrics.reject(error.reason)
+        if self._events is not None:
+            self._events.rejected(error.reason)
         return error
 
     def _retry_after(self) -> float:
-        batches = max(1.0, self._waiting / self.max_batch_size)
-        return round(max(1.0, batches * self._batch_seconds), 1)
+        # Rows run max_batch_size at a time: the queue ahead clears in about this long.
+        rounds = max(1.0, self._waiting / self.max_batch_size)
+        return round(max(1.0, rounds * self._row_seconds), 1)
 
     def withdraw(self, tenant: str, rows: int = 1) -> None:
         """Give back an admission whose rows were never enqueued (e.g. a bad image)."""
@@ -139,8 +170,11 @@ class Scheduler(Generic[T]):
             self._release(tenant, rows)
 
     def enqueue(self, rows: Sequence[T]) -> None:
-        """Make admitted rows schedulable, in order (FIFO per adapter)."""
+        """Make admitted rows schedulable, in order (FIFO per adapter). Raises Draining if
+        the scheduler was closed since their admission (nobody would run them)."""
         with self._cond:
+            if self._closed:
+                raise Draining("the service stopped before this request could run")
             for row in rows:
                 self._seq += 1
                 self._queues.setdefault(row.key, []).append(_Queued(self._seq, row))
@@ -167,43 +201,61 @@ class Scheduler(Generic[T]):
         self._publish()
         self._cond.notify_all()
 
-    # --- batch formation (worker thread) ----------------------------------------------------
-    def next_batch(
-        self, is_ready: Callable[[Any], bool], slots: int, timeout: float
+    # --- choosing rows (worker thread) ------------------------------------------------------
+    def next_rows(
+        self,
+        is_ready: Callable[[Any], bool],
+        budget: SlotBudget,
+        room: int,
+        timeout: float,
+        fill: bool = False,
     ) -> list[tuple[int, T]]:
-        """The next batch as (sequence number, row) pairs, grouped by adapter; [] when nothing
-        was ready within `timeout` seconds or the scheduler is closed."""
+        """Up to `room` rows to run now, as (sequence number, row), grouped by adapter; [] when
+        none was ready within `timeout` seconds or the scheduler is closed. With `fill`
+        (static scheduling) it also waits up to `max_wait_s` after the oldest ready row's
+        arrival for `room` rows."""
         give_up = time.monotonic() + timeout
         with self._cond:
             while not self._closed:
                 now = time.monotonic()
                 self._sweep(now)
-                ready = [k for k, q in self._queues.items() if is_ready(k)]
+                ready = [k for k, q in self._queues.items() if is_ready(k)] if room > 0 else []
                 wake = give_up
                 if ready:
                     rows = sum(len(self._queues[k]) for k in ready)
-                    oldest = min(self._queues[k][0].row.arrival for k in ready)
-                    fill_by = oldest + self.max_wait_s
-                    if rows >= self.max_batch_size or now >= fill_by or self._draining:
-                        return self._take(ready, slots)
-                    wake = min(wake, fill_by)
+                    fill_by = min(self._queues[k][0].row.arrival for k in ready) + self.max_wait_s
+                    if not fill or rows >= room or now >= fill_by or self._draining:
+                        taken = self._take(ready, budget, room)
+                        if taken:
+                            return taken
+                    else:
+                        wake = min(wake, fill_by)
                 if now >= give_up:
                     return []
                 self._cond.wait(max(0.0, wake - now))
         return []
 
-    def _take(self, ready: list[Hashable], slots: int) -> list[tuple[int, T]]:
+    def next_batch(
+        self, is_ready: Callable[[Any], bool], slots: int, timeout: float
+    ) -> list[tuple[int, T]]:
+        """A static batch: up to `max_batch_size` rows over at most `slots` adapters (and
+        `max_adapters_per_batch`), waiting up to `max_wait_s` to fill."""
+        budget = SlotBudget(slots, self.max_adapters_per_batch)
+        return self.next_rows(is_ready, budget, self.max_batch_size, timeout, fill=True)
+
+    def _take(self, ready: list[Hashable], budget: SlotBudget, room: int) -> list[tuple[int, T]]:
         order = sorted(ready, key=lambda k: self._queues[k][0].seq)
-        adapters = min(slots, self.max_adapters_per_batch or slots)
         batch: list[tuple[int, T]] = []
-        for key in order[:adapters]:
+        for key in order:
+            if not budget.place(key):
+                break  # no younger row overtakes the oldest row waiting for a slot
             queue = self._queues[key]
-            take = min(len(queue), self.max_batch_size - len(batch))
+            take = min(len(queue), room - len(batch))
             batch.extend((q.seq, q.row) for q in queue[:take])
             del queue[:take]
             if not queue:
                 del self._queues[key]
-            if len(batch) >= self.max_batch_size:
+            if len(batch) >= room:
                 break
         self._waiting -= len(batch)
         self._publish()
@@ -230,8 +282,6 @@ class Scheduler(Generic[T]):
     def _drop(self, row: T, reason: str | None) -> None:
         self._waiting -= 1
         self._release(row.tenant, 1)
-        if reason is not None:
-            self.dropped[reason] += 1
         if self._on_drop is not None:
             self._on_drop(row, reason)
 
@@ -249,17 +299,18 @@ class Scheduler(Generic[T]):
             return list(self._queues)
 
     def notify(self) -> None:
-        """Wake `next_batch` (an adapter finished loading, a row was cancelled)."""
+        """Wake `next_rows` (an adapter finished loading, a row was cancelled)."""
         with self._cond:
             self._cond.notify_all()
 
-    def record_batch(self, seconds: float) -> None:
+    def record_row(self, seconds: float) -> None:
+        """How long a finished row ran (joining to answer), for Retry-After hints."""
         with self._cond:
-            self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * seconds
+            self._row_seconds = 0.8 * self._row_seconds + 0.2 * seconds
 
     def _publish(self) -> None:
-        if self._metrics is not None:
-            self._metrics.queue_depth.set(self._waiting)
+        if self._events is not None:
+            self._events.queue_depth(self._waiting)
 
     # --- lifecycle --------------------------------------------------------------------------
     @property

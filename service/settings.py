@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Literal, Self
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -26,13 +26,109 @@ IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
 
 
-class Settings(BaseSettings):
+class EngineConfig(BaseModel):
+    """The serving engine's knobs: batching, the adapter tiers, admission control.
+
+    `Settings` inherits these fields (each is defined once, here, with its default, bounds and
+    description); the engine takes only this part: `EngineConfig.from_settings(settings)`.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    # --- batching --------------------------------------------------------------------------
+    scheduling: Literal["continuous", "static"] = Field(
+        default="continuous",
+        description="continuous: rows join and leave the running batch between decode steps; "
+        "static: a batch runs to its end before the next one starts (the baseline).",
+    )
+    max_batch_size: PositiveInt = Field(
+        default=32, description="Most rows running together (one forward pass per step)."
+    )
+    max_prefill_rows: PositiveInt = Field(
+        default=8,
+        description="Most rows that join the running batch in one step (continuous), so a "
+        "burst of arrivals cannot stall the decoding of running rows.",
+    )
+    max_wait_ms: float = Field(
+        default=5.0,
+        ge=0,
+        le=10_000,
+        description="Static scheduling: longest a batch waits to fill before it runs (ms).",
+    )
+    max_adapters_per_batch: PositiveInt | None = Field(
+        default=None,
+        description="Most distinct adapters running together (empty: up to device_slots; "
+        "1: grouping only).",
+    )
+
+    # --- adapter and encoder caches --------------------------------------------------------
+    device_slots: PositiveInt = Field(
+        default=16, description="Adapter sets resident on the device at once (bank slots)."
+    )
+    max_rank: PositiveInt = Field(default=64, description="Largest adapter rank the bank accepts.")
+    cpu_cache_bytes: int = Field(
+        default=268_435_456, ge=0, description="Byte budget of the CPU LRU tier of adapter weights."
+    )
+    encoder_cache_entries: int = Field(
+        default=512, ge=0, description="Vision-encoder outputs cached by image content (0: off)."
+    )
+    encoder_cache_shared: bool = Field(
+        default=False,
+        description="Share encoder-cache entries across tenants (single-tenant deployments); "
+        "by default each tenant has its own, so no tenant can learn another's images.",
+    )
+    refresh_s: float = Field(
+        default=2.0,
+        gt=0,
+        description="How often the adapter store is rescanned for changes by other processes (s).",
+    )
+    preprocess_threads: PositiveInt = Field(
+        default=2, description="Threads that decode and resize uploaded images."
+    )
+
+    # --- admission control -----------------------------------------------------------------
+    queue_size: PositiveInt = Field(
+        default=256, description="Waiting requests before 503 queue_full."
+    )
+    tenant_max_inflight: PositiveInt = Field(
+        default=32, description="Requests one tenant may have queued or running before 429."
+    )
+    request_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Deadline of one request from admission to answer (504 after).",
+    )
+    default_max_new_tokens: PositiveInt = Field(
+        default=32, description="Caption length in tokens when the request does not say."
+    )
+    max_new_tokens_limit: PositiveInt = Field(
+        default=64, description="Largest max_new_tokens a request may ask for (422 above)."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.default_max_new_tokens > self.max_new_tokens_limit:
+            raise ValueError(
+                f"default_max_new_tokens ({self.default_max_new_tokens}) must not exceed "
+                f"max_new_tokens_limit ({self.max_new_tokens_limit}); raise the limit or lower "
+                "the default"
+            )
+        return self
+
+    @classmethod
+    def from_settings(cls, settings: EngineConfig) -> EngineConfig:
+        """The engine's part of the service settings (a `Settings` is an `EngineConfig`)."""
+        return cls.model_validate(settings.model_dump(include=set(cls.model_fields)))
+
+
+class Settings(BaseSettings, EngineConfig):
     """Everything `ctxpeft serve` can be told; see each field's description."""
 
     model_config = SettingsConfigDict(
         env_prefix="CTXPEFT_",
         extra="forbid",
         validate_default=True,
+        frozen=False,
     )
 
     # --- network -------------------------------------------------------------------------
@@ -61,44 +157,6 @@ class Settings(BaseSettings):
     )
     dtype: Literal["float32", "float16", "bfloat16"] = Field(
         default="float32", description="Compute dtype of the backbone and adapters."
-    )
-
-    # --- batching and adapter cache --------------------------------------------------------
-    max_batch_size: PositiveInt = Field(default=32, description="Most rows in one forward batch.")
-    max_wait_ms: float = Field(
-        default=5.0,
-        ge=0,
-        le=10_000,
-        description="Longest a batch waits to fill before it runs (ms).",
-    )
-    device_slots: PositiveInt = Field(
-        default=16, description="Adapter sets resident on the device at once (bank slots)."
-    )
-    max_rank: PositiveInt = Field(default=64, description="Largest adapter rank the bank accepts.")
-    cpu_cache_bytes: int = Field(
-        default=268_435_456, ge=0, description="Byte budget of the CPU LRU tier of adapter weights."
-    )
-    encoder_cache_entries: int = Field(
-        default=512, ge=0, description="Vision-encoder outputs cached by image content (0: off)."
-    )
-
-    # --- admission control -----------------------------------------------------------------
-    queue_size: PositiveInt = Field(
-        default=256, description="Waiting requests before 503 queue_full."
-    )
-    tenant_max_inflight: PositiveInt = Field(
-        default=32, description="Requests one tenant may have queued or running before 429."
-    )
-    request_timeout_s: float = Field(
-        default=30.0,
-        gt=0,
-        description="Deadline of one request from admission to answer (504 after).",
-    )
-    default_max_new_tokens: PositiveInt = Field(
-        default=32, description="Caption length in tokens when the request does not say."
-    )
-    max_new_tokens_limit: PositiveInt = Field(
-        default=64, description="Largest max_new_tokens a request may ask for (422 above)."
     )
     drain_timeout_s: float = Field(
         default=20.0,
@@ -176,16 +234,6 @@ class Settings(BaseSettings):
     @classmethod
     def _lower_level(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
-
-    @model_validator(mode="after")
-    def _consistent(self) -> Self:
-        if self.default_max_new_tokens > self.max_new_tokens_limit:
-            raise ValueError(
-                f"default_max_new_tokens ({self.default_max_new_tokens}) must not exceed "
-                f"max_new_tokens_limit ({self.max_new_tokens_limit}); raise the limit or lower "
-                "the default"
-            )
-        return self
 
     def resolved_store_dir(self) -> Path:
         """The adapter store folder: `store_dir`, or `runtime_dir/adapters` when unset."""

@@ -12,6 +12,8 @@ from service.exceptions import (
     DeadlineExceeded,
     Draining,
     EngineError,
+    EngineFault,
+    EngineStopped,
     InvalidRequest,
     QueueFull,
     TenantLimit,
@@ -25,6 +27,8 @@ _STATUS: tuple[tuple[type[EngineError], int, str], ...] = (
     (QueueFull, 503, "queue_full"),
     (Draining, 503, "draining"),
     (AdapterLoadError, 503, "adapter_unavailable"),
+    (EngineFault, 503, "engine_fault"),
+    (EngineStopped, 503, "engine_stopped"),
     (DeadlineExceeded, 504, "deadline_exceeded"),
     (Cancelled, 499, "cancelled"),
 )

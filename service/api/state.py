@@ -40,6 +40,8 @@ class ServiceState:
         return self.engine is not None and self.engine.ready and not self.draining
 
     def not_ready_reason(self) -> str:
+        if self.engine is not None and not self.engine.alive:
+            return f"the engine stopped: {self.engine.stopped}"
         if self.draining:
             return "draining: the service is shutting down"
         if self.load_error is not None:

@@ -322,10 +322,10 @@ def test_paths_agree_on_decode_steps_with_cache(
         cache = DynamicCache(config=model.backbone.lm.config)
         routing = Routing(mixed_bank, slots, contexts, path)
         with torch.no_grad():
-            out = [model.lm_forward(prefill, routing, past_key_values=cache)]
+            out = [model.lm_forward(prefill, routing, cache=cache)]
             step = routing.step(_text(batch, 1))
             for x in steps:
-                out.append(model.lm_forward(x, step, past_key_values=cache))
+                out.append(model.lm_forward(x, step, cache=cache))
         logits[path] = torch.cat(out, dim=1)
     assert _max_diff(logits["row"], logits["token"]) <= 1e-5
     assert _max_diff(logits["segment"], logits["token"]) <= 1e-5

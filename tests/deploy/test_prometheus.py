@@ -168,9 +168,12 @@ def test_prometheus_scrapes_the_service_counts_after_caption_traffic(scraped: Sc
         assert 0 < told <= CAPTIONS[adapter] * 4
         assert scraped.value(f'ctxpeft_generated_tokens_total{{adapter="{adapter}"}}') == told
 
-    # Seven different images, each through the encoder once; every caption ran in a batch.
+    # Seven different images, each through the encoder once; every caption joined the running
+    # batch once, and decode steps ran.
     assert scraped.value("ctxpeft_encoder_runs_total") == 7
-    assert scraped.value("ctxpeft_batch_size_sum") == 7
+    assert scraped.value("ctxpeft_queue_wait_seconds_count") == 7
+    assert scraped.value("ctxpeft_engine_steps_total") == scraped.value("ctxpeft_batch_size_count")
+    assert scraped.value("ctxpeft_engine_steps_total") > 0
     assert scraped.value("ctxpeft_queue_depth") == 0
     assert scraped.value("ctxpeft_inflight_requests") == 0
     assert scraped.value('ctxpeft_adapters_resident{tier="device"}') == 2

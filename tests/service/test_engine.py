@@ -26,7 +26,6 @@ from service.engine import CaptionRequest, CaptionResult, Engine, EngineConfig
 from service.exceptions import (
     AdapterLoadError,
     AdapterNotFound,
-    Cancelled,
     DeadlineExceeded,
     Draining,
     InvalidRequest,
@@ -110,7 +109,7 @@ def test_caption_is_identical_alone_and_in_a_mixed_batch_of_32_rows_over_16_adap
     async def run() -> tuple[list[CaptionResult], list[CaptionResult], Engine]:
         alone_engine = make_engine(max_batch_size=1)
         alone = [(await alone_engine.caption(r))[0] for r in requests]
-        engine = make_engine(start=False, max_batch_size=32, device_slots=16, max_wait_ms=0)
+        engine = make_engine(start=False, max_batch_size=32, max_prefill_rows=32, device_slots=16)
         tasks = [asyncio.create_task(engine.caption(r)) for r in requests]
         await until(lambda: engine.scheduler.queued == 32)
         await until(lambda: engine.registry.cache.stats().cpu_loads == 16)
@@ -144,12 +143,13 @@ def test_one_image_for_k_adapters_runs_the_vision_encoder_once(
     image.save(buffer, format="PNG")
     names = [f"a{i}" for i in range(5)]
 
-    # Five adapters through two slots: three batches, one encoder pass even with no cache.
+    # Five adapters through two slots: at least three groups join one after another as
+    # slots free up, and one encoder pass even with no cache.
     results = asyncio.run(engine.caption(ask(buffer.getvalue(), *names)))
     stats = engine.stats()
     assert [r.adapter for r in results] == names
     assert [r.ref.name for r in results] == names
-    assert stats.batches == 3 and stats.encoder_runs == 1
+    assert stats.batches >= 3 and stats.encoder_runs == 1
     assert stats.encoder_hits == 4 and stats.encoder_misses == 1
     assert metrics.registry.get_sample_value("ctxpeft_encoder_runs_total") == 1.0
     assert results[3].token_ids == reference(random_adapter(backbone, 3), image)
@@ -388,17 +388,16 @@ def test_cancellation_drops_before_compute_and_is_counted(
     engine = make_engine(start=False, metrics=metrics)
 
     async def run() -> CaptionResult:
-        explicit = ask(noise_image(1), "news")
-        first = asyncio.create_task(engine.caption(explicit))
-        second = asyncio.create_task(engine.caption(ask(noise_image(2), "news")))
-        kept = asyncio.create_task(engine.caption(ask(noise_image(3), "news")))
+        # Three requests with the same client-chosen id: ids are only for correlation.
+        first = asyncio.create_task(engine.caption(ask(noise_image(1), "news", request_id="x")))
+        second = asyncio.create_task(engine.caption(ask(noise_image(2), "news", request_id="x")))
+        kept = asyncio.create_task(engine.caption(ask(noise_image(3), "news", request_id="x")))
         await until(lambda: engine.scheduler.queued == 3)
-        assert engine.cancel(explicit.request_id) is True  # e.g. the client disconnected
-        second.cancel()  # or the task awaiting it was cancelled
-        with pytest.raises(Cancelled):
-            await first
-        with pytest.raises(asyncio.CancelledError):
-            await second
+        first.cancel()  # the client went away: its handler cancels the task awaiting it
+        second.cancel()
+        for task in (first, second):
+            with pytest.raises(asyncio.CancelledError):
+                await task
         engine.start()
         return (await kept)[0]
 

@@ -8,7 +8,6 @@ import time
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
-from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import CaptionPrincipal, ReadyEngine, State
 from service.api.engine_errors import to_api_error
@@ -17,7 +16,7 @@ from service.api.images import ImageLimits, decode_image
 from service.api.schemas import CaptionOut, MultiCaptionOut, Timings
 from service.api.state import ServiceState
 from service.engine import CaptionRequest, CaptionResult, Engine
-from service.exceptions import EngineError
+from service.exceptions import Cancelled, EngineError
 from service.store import StoreError, check_name
 
 router = APIRouter(tags=["caption"])
@@ -80,18 +79,17 @@ def _out(result: CaptionResult) -> CaptionOut:
 async def _run(
     state: ServiceState, engine: Engine, request: Request, caption_request: CaptionRequest
 ) -> list[CaptionResult]:
-    """Await the engine; if the client goes away first, cancel the request so that it is
-    dropped before any compute. If the shutdown's drain time runs out first, give up with a
-    503 in the error shape (the server would otherwise cut the request off with a bare 500)."""
+    """Await the engine; if the client goes away first, cancel the request (its rows stop at
+    the engine's next step, or are dropped before any compute). If the shutdown's drain time
+    runs out first, give up with a 503 in the error shape (the server would otherwise cut the
+    request off with a bare 500)."""
     task = asyncio.ensure_future(engine.caption(caption_request))
     while True:
         done, _ = await asyncio.wait({task}, timeout=_POLL_S)
         if done:
             return task.result()
         if state.drain_expired:
-            engine.cancel(caption_request.request_id)
-            with contextlib.suppress(EngineError):
-                await task
+            await _cancel(task)
             raise ApiError(
                 503,
                 "draining",
@@ -99,8 +97,15 @@ async def _run(
                 headers={"Retry-After": "1"},
             )
         if await request.is_disconnected():
-            engine.cancel(caption_request.request_id)
-            return await task
+            await _cancel(task)
+            raise Cancelled("the client went away")
+
+
+async def _cancel(task: asyncio.Future[list[CaptionResult]]) -> None:
+    """Cancel a caption() task and wait until the engine let go of its rows."""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, EngineError):
+        await task
 
 
 @router.post(
@@ -159,10 +164,15 @@ async def caption(
                 f"max_new_tokens must be between 1 and {settings.max_new_tokens_limit}",
             )
         data = await image.read()
-        decoded = await run_in_threadpool(decode_image, data, ImageLimits.from_settings(settings))
+        limits = ImageLimits.from_settings(settings)
         request_id = request_id_from_scope(request.scope)
+        # Decoded by the engine after admission (tenant limit, queue), in its bounded pool.
         caption_request = CaptionRequest(
-            decoded.rgb, names, principal.tenant, max_new_tokens, request_id=request_id
+            lambda: decode_image(data, limits).rgb,
+            names,
+            principal.tenant,
+            max_new_tokens,
+            request_id=request_id,
         )
         try:
             results = await _run(state, engine, request, caption_request)

@@ -14,8 +14,16 @@ from service.api.schemas import Health
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz", response_model=Health, summary="Liveness: the process answers")
-async def healthz() -> Health:
+@router.get(
+    "/healthz",
+    response_model=Health,
+    summary="Liveness: the process answers and its engine's worker runs",
+    responses=error_responses(503),
+)
+async def healthz(state: State) -> Health:
+    # 503 only when restarting the process is the cure: the engine's worker stopped.
+    if state.engine is not None and not state.engine.alive:
+        raise ApiError(503, "engine_stopped", f"the engine stopped: {state.engine.stopped}")
     return Health(status="ok")
 
 

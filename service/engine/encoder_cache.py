@@ -2,12 +2,13 @@
 
 The features of an image do not depend on the adapter (the connector comes after them), so
 one image captioned by K adapters, or sent again, runs the encoder once. Keys are content
-hashes of the preprocessed pixels: two uploads that decode and resize to the same pixels
-share an entry. Used by the engine's worker thread only (not thread-safe by itself).
+hashes of the preprocessed pixels, scoped by the caller: the engine prefixes them with the
+tenant (unless `encoder_cache_shared`), so one tenant's upload never hits another tenant's
+entry and no timing can tell a tenant whether someone else sent an image. Used by the
+engine's worker thread only (not thread-safe by itself).
 
-    cache = EncoderCache(entries=512)
+    cache = EncoderCache(entries=512, counters=counters)
     features = cache.encode(keys, pixels, backbone.encode_images)   # [N, n_img, d_vis]
-    cache.hits, cache.misses, cache.runs
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from service.metrics import ServiceMetrics
+from service.engine.counters import EngineCounters
 
 
 def content_key(pixels: torch.Tensor) -> str:
@@ -30,13 +31,10 @@ def content_key(pixels: torch.Tensor) -> str:
 class EncoderCache:
     """LRU of features per content key, bounded in entries (0 disables caching)."""
 
-    def __init__(self, entries: int, metrics: ServiceMetrics | None = None) -> None:
+    def __init__(self, entries: int, counters: EngineCounters) -> None:
         self.entries = entries
-        self._metrics = metrics
+        self._counters = counters
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self.hits = 0
-        self.misses = 0
-        self.runs = 0  # images passed through the encoder
 
     def encode(
         self,
@@ -65,20 +63,12 @@ class EncoderCache:
             for key, feature in zip(todo, features, strict=True):
                 found[key] = feature
                 self._remember(key, feature)
-        self.hits += hits
-        self.misses += len(todo)
-        self.runs += len(todo)
-        if self._metrics is not None:
-            self._metrics.encoder_cache_hits.inc(hits)
-            self._metrics.encoder_cache_misses.inc(len(todo))
-            self._metrics.encoder_runs.inc(len(todo))
+        self._counters.encoder(hits=hits, misses=len(todo))
         return [found[key] for key in keys]
 
     def count_hits(self, n: int) -> None:
         """Images whose features the caller already held (a request's earlier batch)."""
-        self.hits += n
-        if self._metrics is not None:
-            self._metrics.encoder_cache_hits.inc(n)
+        self._counters.encoder(hits=n)
 
     def _remember(self, key: str, feature: torch.Tensor) -> None:
         if self.entries <= 0:

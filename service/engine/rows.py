@@ -1,5 +1,5 @@
 """A row: one (request, adapter) pair as it travels from admission through the scheduler
-into a batch, and the one place that answers it. Internal to the engine.
+into the running batch, and the one place that answers it. Internal to the engine.
 
 Several rows of one request share one `PreparedImage`, so its features are computed once.
 A row is answered exactly once: `claim()` takes the right (first caller wins: the worker with
@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from service.engine_types import CaptionResult
+from service.adapter_cache import AdapterCache
+from service.engine.types import CaptionResult
 from service.registry import AdapterVersion
 
 
@@ -27,6 +28,7 @@ class PreparedImage:
     pixels: torch.Tensor  # [3, S, S], preprocessed
     key: str  # content hash of the pixels
     features: torch.Tensor | None = None  # set by the first batch that encodes it
+    error: BaseException | None = None  # why the encoder failed on it, if it did
 
 
 @dataclass(eq=False)
@@ -46,11 +48,35 @@ class Row:
     future: asyncio.Future[CaptionResult]
     index: int = 0  # position of this adapter in the request's list
     on_token: Callable[[int, int], None] | None = None  # CaptionRequest.on_token
+    # Set by the worker while the row runs (worker thread only).
+    slot: int | None = None  # its adapter's bank slot, pinned while the row runs
+    token_ids: list[int] = field(default_factory=list)
+    joined: float = 0.0  # time.monotonic() when it joined the running batch
+    encode_s: float = 0.0  # the encoder time of the rows that joined with it
+    first_token: float = 0.0  # time.monotonic() of its first generated token
+    _wanting: bool = False  # holds a want on its version's CPU copy (see want / unwant)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _done: bool = False
 
     def settled(self) -> bool:
         return self._done
+
+    def want(self, cache: AdapterCache[AdapterVersion]) -> None:
+        """Tell the cache that this queued row needs its version (pins the CPU copy)."""
+        with self._lock:
+            if self._wanting:
+                return
+            self._wanting = True
+        cache.want(self.key)
+
+    def unwant(self, cache: AdapterCache[AdapterVersion]) -> None:
+        """The row no longer needs the CPU copy (bound to a slot, dropped, failed). Safe to
+        call more than once and from any path that ends the row's wait."""
+        with self._lock:
+            if not self._wanting:
+                return
+            self._wanting = False
+        cache.unwant(self.key)
 
     def claim(self) -> bool:
         """Take the right to answer the row; False if it was answered already. Any thread."""

@@ -1,0 +1,359 @@
+"""The engine's front end: builds the pieces, admits requests on the asyncio side, and owns
+the worker thread's life. The HTTP layer uses this API and nothing below it.
+
+    engine = Engine.from_settings(settings, metrics=ServiceMetrics())   # or Engine(backbone, store)
+    results = await engine.caption(CaptionRequest(image, adapters=("news",), tenant="acme"))
+    r = results[0]   # one CaptionResult per requested adapter, in order
+    r.caption, r.token_ids, r.finish_reason, r.ref.version, r.timings.first_token_ms
+    task.cancel()                    # cancelling the caption() task cancels its rows
+    engine.registry                  # resolve / list_adapters / describe / add_version / delete
+    engine.ready                     # backbone loaded, worker running, not draining
+    engine.alive                     # the worker thread has not stopped on its own
+    engine.drain(timeout_s) -> bool  # admit nothing new, wait for in-flight work (blocking)
+    engine.close()                   # stop the worker; whatever is left fails with Draining
+    engine.stats() -> EngineStats    # counters for tests and benchmarks
+
+`caption()` raises the typed errors of `service.exceptions` (AdapterNotFound 404,
+InvalidRequest 422, TenantLimit 429, QueueFull / Draining / AdapterLoadError / EngineFault /
+EngineStopped 503, DeadlineExceeded 504, Cancelled 499; QueueFull and TenantLimit carry
+`retry_after_s`). `image` is a PIL image, encoded bytes, or a function that decodes: it runs
+after admission, in a small thread pool (`preprocess_threads`), so a refused request never
+decodes its image and at most that many decode at once.
+
+Per request: every adapter name is resolved at admission (the tenant's own, then public;
+newest version) and the request keeps that version to the end. If that version is deleted
+before its weights were ever read, the request moves to the adapter's newest version (its
+result names it) or fails with AdapterNotFound when the adapter is gone. A request that names
+K adapters is K rows sharing one image (one encoder pass); if one of them fails, the others
+are cancelled at once and the first error is raised.
+
+Cancellation has no id: cancelling the task that awaits `caption()` (a client that went away)
+cancels exactly that request's rows, wherever they are; the client's request id is only a
+correlation id. The worker (`service.engine.loop.StepLoop`) removes a cancelled or expired row
+at its next step and releases its slot pin and its tenant's count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from adapters.backbone import Backbone, resolve_device
+from adapters.bank import AdapterBank
+from adapters.model import ContextPEFTModel
+from adapters.presets import PRESETS
+from service.engine.counters import EngineCounters
+from service.engine.encoder_cache import EncoderCache, content_key
+from service.engine.loop import StepLoop
+from service.engine.rows import PreparedImage, Row, retrieve_error
+from service.engine.types import CaptionRequest, CaptionResult, EngineStats
+from service.exceptions import (
+    Cancelled,
+    DeadlineExceeded,
+    Draining,
+    EngineError,
+    EngineStopped,
+    InvalidRequest,
+)
+from service.metrics import ServiceMetrics
+from service.registry import AdapterRegistry, connector_spec
+from service.scheduler import Scheduler
+from service.settings import EngineConfig, Settings
+from service.store import AdapterStore
+
+log = logging.getLogger(__name__)
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_JOIN_S = 30.0  # how long close() waits for the worker to finish its step
+
+
+class Engine:
+    """Captioning engine over one backbone and one adapter store."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        store: AdapterStore,
+        config: EngineConfig | None = None,
+        metrics: ServiceMetrics | None = None,
+        start: bool = True,
+        bank: AdapterBank | None = None,
+    ) -> None:
+        self.config = config = config or EngineConfig()
+        self.backbone = backbone
+        self.model = ContextPEFTModel(backbone)
+        self.metrics = metrics
+        self.counters = EngineCounters(metrics)
+        self.bank = bank or AdapterBank(
+            backbone.dims,
+            connector_spec(backbone),
+            config.device_slots,
+            config.max_rank,
+            device=backbone.device,
+            dtype=backbone.dtype,
+        )
+        self.registry = AdapterRegistry(
+            store,
+            backbone,
+            self.bank,
+            config.cpu_cache_bytes,
+            metrics,
+            config.refresh_s,
+            on_change=self._wake,
+        )
+        self.scheduler: Scheduler[Row] = Scheduler(
+            config.max_batch_size,
+            config.max_wait_ms / 1000.0,
+            config.queue_size,
+            config.tenant_max_inflight,
+            config.max_adapters_per_batch,
+            self.counters,
+            on_drop=self._on_drop,
+        )
+        self.encoder_cache = EncoderCache(config.encoder_cache_entries, self.counters)
+        self.loop = StepLoop(
+            self.model,
+            self.bank,
+            self.registry,
+            self.scheduler,
+            self.encoder_cache,
+            self.counters,
+            config,
+        )
+        self._prep = ThreadPoolExecutor(config.preprocess_threads, "ctxpeft-preprocess")
+        self._worker: threading.Thread | None = None
+        self._closed = False
+        self.stopped: str | None = None  # why the worker stopped on its own, if it did
+        if start:
+            self.start()
+
+    @classmethod
+    def from_settings(cls, settings: Settings, metrics: ServiceMetrics | None = None) -> Engine:
+        """Load the backbone named by the settings and open the adapter store. A preset name
+        whose built folder exists under <runtime_dir>/backbones/ loads that folder (random
+        init would give a different fingerprint every start)."""
+        source: str | Path = settings.backbone
+        built = settings.runtime_dir / "backbones" / settings.backbone
+        if settings.backbone in PRESETS and (built / "backbone.json").is_file():
+            source = built
+        backbone = Backbone.load(source, device=str(resolve_device(settings.device)))
+        backbone.fingerprint()  # of the stored weights, before any cast: adapters name it
+        if _DTYPES[settings.dtype] != backbone.dtype:
+            backbone.to(_DTYPES[settings.dtype])
+        store = AdapterStore(settings.resolved_store_dir())
+        store.clean_temporaries()
+        return cls(backbone, store, EngineConfig.from_settings(settings), metrics)
+
+    # --- lifecycle ----------------------------------------------------------------------
+    def start(self) -> None:
+        if self._worker is None:
+            self._worker = threading.Thread(
+                target=self.loop.run, args=(self._on_stop,), name="ctxpeft-engine", daemon=True
+            )
+            self._worker.start()
+
+    @property
+    def alive(self) -> bool:
+        """False once the worker stopped on its own: liveness fails, the process must go."""
+        return self.stopped is None
+
+    @property
+    def ready(self) -> bool:
+        return (
+            self._worker is not None
+            and not self._closed
+            and self.alive
+            and not self.scheduler.draining
+        )
+
+    def drain(self, timeout_s: float) -> bool:
+        """Stop admitting and wait for in-flight rows; True if all finished in time.
+        Blocking: from async code use `await asyncio.to_thread(engine.drain, t)`."""
+        self.scheduler.drain()
+        return self.scheduler.wait_idle(timeout_s)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.loop.stopping = True
+        queued = self.scheduler.close()  # the worker's next_rows returns at once
+        for _, row in queued:
+            row.unwant(self.registry.cache)
+            self.loop.answer(row, Draining("the service shut down before this request ran"))
+        worker = self._worker
+        if worker is not None and threading.current_thread() is not worker:
+            worker.join(timeout=_JOIN_S)
+            if not worker.is_alive():
+                self.loop.fail_all(Draining("the service shut down before this request ended"))
+        self.registry.close()
+        self._prep.shutdown(wait=False, cancel_futures=True)
+
+    def _on_stop(self, reason: BaseException | None) -> None:
+        """The worker thread ended. On its own (a bug the loop could not contain): readiness
+        and liveness turn off, and everything queued or running fails at once."""
+        if reason is None:
+            return
+        self.stopped = f"{type(reason).__name__}: {reason}"
+        log.critical("the engine's worker stopped: %s", self.stopped)
+        self.scheduler.drain()
+        self.loop.fail_all(EngineStopped(f"the engine stopped ({self.stopped}); retry later"))
+
+    # --- the asyncio side ---------------------------------------------------------------
+    async def caption(self, request: CaptionRequest) -> list[CaptionResult]:
+        """Caption `request.image` with each adapter; results in the order of the names."""
+        cfg = self.config
+        names = request.adapters
+        if not names:
+            raise InvalidRequest("name at least one adapter")
+        if len(names) > cfg.max_batch_size:
+            raise InvalidRequest(f"at most {cfg.max_batch_size} adapters per request")
+        max_new = request.max_new_tokens or cfg.default_max_new_tokens
+        if not 1 <= max_new <= cfg.max_new_tokens_limit:
+            raise InvalidRequest(f"max_new_tokens must be in 1..{cfg.max_new_tokens_limit}")
+        if not self.alive:
+            raise EngineStopped(f"the engine stopped ({self.stopped}); retry later")
+        timeout = request.timeout_s if request.timeout_s is not None else cfg.request_timeout_s
+        loop = asyncio.get_running_loop()
+        arrival = time.monotonic()
+        versions = [self.registry.resolve(request.tenant, name) for name in names]
+        # Admission before any image work: a refused request never decodes its image.
+        self.scheduler.admit(request.tenant, len(names))
+        try:
+            image = await loop.run_in_executor(
+                self._prep, self._prepare, request.image, request.tenant
+            )
+        except BaseException:
+            self.scheduler.withdraw(request.tenant, len(names))
+            raise
+        rows = [
+            Row(
+                version,
+                request.tenant,
+                arrival,
+                arrival + timeout,
+                name,
+                image,
+                max_new,
+                request.request_id,
+                loop,
+                loop.create_future(),
+                index,
+                request.on_token,
+            )
+            for index, (version, name) in enumerate(zip(versions, names, strict=True))
+        ]
+        for row in rows:
+            row.future.add_done_callback(retrieve_error)
+            row.want(self.registry.cache)
+        try:
+            self.scheduler.enqueue(rows)
+        except Draining:  # closed meanwhile: shutting down, or the worker stopped
+            for row in rows:
+                row.unwant(self.registry.cache)
+            self.scheduler.withdraw(request.tenant, len(names))
+            if not self.alive:
+                raise EngineStopped(f"the engine stopped ({self.stopped}); retry later") from None
+            raise
+        futures = [row.future for row in rows]
+        try:
+            left = arrival + timeout - time.monotonic()
+            done, pending = await asyncio.wait(
+                futures, timeout=max(0.0, left), return_when=asyncio.FIRST_EXCEPTION
+            )
+        except asyncio.CancelledError:  # the caller cancelled this request
+            self._abandon(rows, "cancelled")
+            raise
+        for future in futures:  # the first error in the order of the names
+            error = future.exception() if future in done else None
+            if error is not None:
+                self._abandon(rows, "cancelled")  # its siblings stop at once
+                raise error
+        if pending:
+            self._abandon(rows, "deadline")
+            raise DeadlineExceeded(f"no answer within {timeout:g} s (request_timeout_s)")
+        return [future.result() for future in futures]
+
+    def _abandon(self, rows: Sequence[Row], reason: str) -> int:
+        """Answer rows that are still open with Cancelled / DeadlineExceeded (counted). The
+        worker sees them settled: queued ones are dropped, running ones leave at its next
+        step, releasing their slot and tenant counts."""
+        error: EngineError = (
+            Cancelled("the request was cancelled")
+            if reason == "cancelled"
+            else DeadlineExceeded("the request's deadline passed")
+        )
+        # Count before delivering: whoever awaits the answer then sees the counters updated.
+        claimed = [row for row in rows if row.claim()]
+        if claimed:
+            self.counters.dropped(reason, len(claimed))
+            self.scheduler.notify()
+        for row in claimed:
+            row.deliver(error)
+        return len(claimed)
+
+    def _prepare(
+        self, image: Image.Image | bytes | Callable[[], Image.Image], tenant: str
+    ) -> PreparedImage:
+        """Decode (bytes, or the caller's decoder) and preprocess one image; runs in the
+        preprocessing pool. The content key is scoped by tenant unless the encoder cache is
+        shared."""
+        if callable(image):
+            image = image()  # the caller's errors (e.g. an HTTP 413) pass through unchanged
+        try:
+            if isinstance(image, bytes | bytearray):
+                with Image.open(io.BytesIO(image)) as opened:
+                    image = opened.convert("RGB")
+            pixels = self.backbone.preprocess([image])[0]
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            raise InvalidRequest(f"the image could not be decoded: {exc}") from None
+        key = content_key(pixels)
+        return PreparedImage(pixels, key if self.config.encoder_cache_shared else f"{tenant}/{key}")
+
+    # --- bookkeeping ------------------------------------------------------------------------
+    def _on_drop(self, row: Row, reason: str | None) -> None:
+        # Called by the scheduler (its lock held) for a row leaving the queue unrun.
+        row.unwant(self.registry.cache)
+        if reason is not None and row.claim():
+            self.counters.dropped(reason)
+            row.deliver(DeadlineExceeded("the deadline passed while the request was queued"))
+
+    def _wake(self) -> None:
+        self.scheduler.notify()
+
+    def stats(self) -> EngineStats:
+        c = self.counters.snapshot()
+        return EngineStats(
+            batches=c["batches"],
+            rows=c["rows"],
+            adapters_in_batches=c["adapters"],
+            steps=c["steps"],
+            step_rows=c["step_rows"],
+            step_adapters=c["step_adapters"],
+            completed=c["completed"],
+            failed=c["failed"],
+            generated_tokens=c["tokens"],
+            encoder_runs=c["encoder_misses"],
+            encoder_hits=c["encoder_hits"],
+            encoder_misses=c["encoder_misses"],
+            dropped=self.counters.by_prefix("dropped_"),
+            rejected=self.counters.by_prefix("rejected_"),
+            faults=self.counters.by_prefix("fault_"),
+            running=len(self.loop.rows),
+            tiers=self.registry.cache.stats(),
+        )
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -1,0 +1,484 @@
+"""The engine's worker: a step loop over the running batch (iteration-level scheduling).
+
+One iteration (`StepLoop.iterate`):
+  1. running rows that ended elsewhere (cancelled, deadline passed) leave the batch;
+  2. new rows are chosen oldest first within the budgets (room in the batch, at most
+     `max_prefill_rows` per step, device slots) and bound to bank slots, pinned while they run;
+  3. their images go through the vision encoder (cache first), the new rows are prefilled
+     together and merged into the running batch;
+  4. one decode step for every running row;
+  5. one host synchronisation reads the new tokens: each row streams its tokens, and rows that
+     reached EOS or their token limit are answered and leave, releasing their slot pin and
+     their tenant's in-flight count at once.
+With `scheduling="static"` step 2 runs only when the batch is empty: a batch runs to its end
+before the next one starts (the measured baseline).
+
+Fault containment. An exception is attributed to the rows that caused it, fails only those,
+and the loop goes on: an encoder failure is retried image by image, a prefill or decode failure
+adapter by adapter (then row by row), and the rows of the culprits fail with EngineFault (503)
+while the others carry on; only when a retry on the rest fails again are all rows of that
+stage failed. A decode step that raises leaves the KV cache as it was (DecodeState.step is all
+or nothing). An exception anywhere else in an iteration fails that iteration's running rows and
+the loop continues. If the thread stops anyway, `on_stop` tells the engine, which turns
+readiness and liveness off and fails everything queued at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+
+from adapters.bank import AdapterBank
+from adapters.decoding import DecodeState
+from adapters.model import ContextPEFTModel
+from service.engine.counters import EngineCounters
+from service.engine.encoder_cache import EncoderCache
+from service.engine.rows import PreparedImage, Row
+from service.engine.types import CaptionResult, Timings
+from service.exceptions import AdapterNotFound, DeadlineExceeded, EngineError, EngineFault
+from service.registry import AdapterRegistry, AdapterVersion, VersionGone
+from service.scheduler import Scheduler, SlotBudget
+from service.settings import EngineConfig
+
+log = logging.getLogger(__name__)
+_IDLE_WAIT_S = 0.05  # how long an idle worker waits for rows before checking for shutdown
+
+
+class StepLoop:
+    """Owns the running batch; runs on the engine's worker thread only."""
+
+    def __init__(
+        self,
+        model: ContextPEFTModel,
+        bank: AdapterBank,
+        registry: AdapterRegistry,
+        scheduler: Scheduler[Row],
+        encoder_cache: EncoderCache,
+        counters: EngineCounters,
+        config: EngineConfig,
+    ) -> None:
+        self.model = model
+        self.bank = bank
+        self.registry = registry
+        self.scheduler = scheduler
+        self.encoder_cache = encoder_cache
+        self.counters = counters
+        self.config = config
+        self.eos = model.backbone.tokenizer.eos_token_id
+        self.rows: list[Row] = []  # the running rows, in the order of `state`'s rows
+        self.state: DecodeState | None = None
+        self.stopping = False
+
+    # --- the thread ------------------------------------------------------------------------
+    def run(self, on_stop: Callable[[BaseException | None], None]) -> None:
+        """The worker thread's body: iterate until `stopping`. An exception in an iteration
+        fails that iteration's rows and the loop goes on; whatever ends the thread otherwise
+        is reported to `on_stop` (None for a normal stop)."""
+        torch.set_grad_enabled(False)
+        self.counters.worker_up(True)
+        reason: BaseException | None = None
+        try:
+            while not self.stopping:
+                try:
+                    self.iterate()
+                except Exception as exc:
+                    log.exception("engine step failed; its running rows fail, serving goes on")
+                    self.counters.fault("loop")
+                    self._fail_running(EngineFault(f"internal error in the engine: {exc!r}"))
+        except BaseException as exc:  # nothing can be trusted any more: stop, say so loudly
+            log.critical("the engine's worker stops", exc_info=True)
+            reason = exc
+        finally:
+            self.counters.worker_up(False)
+            on_stop(None if self.stopping else (reason or RuntimeError("worker stopped")))
+
+    def iterate(self) -> None:
+        """One step: leave, join, prefill, decode, answer."""
+        try:
+            self._sweep_failed_loads()
+        except Exception:  # e.g. a delete racing a directory scan; retried next step
+            log.exception("sweeping failed adapter loads failed")
+            self.counters.fault("loop")
+        self._leave_ended()
+        joined, first = self._join()
+        tokens = self._decode() if self.rows else None
+        # The one host synchronisation of the step: the new rows' first tokens and every
+        # running row's next token, read together.
+        parts = [t for t in (first, tokens) if t is not None]
+        ids = torch.cat(parts).tolist() if parts else []
+        split = 0 if first is None else first.shape[0]
+        self._advance(joined, ids[:split], ids[split:])
+
+    # --- 1. leaving ---------------------------------------------------------------------------
+    def _leave_ended(self) -> None:
+        """Rows answered elsewhere (cancelled, deadline seen by the caller) or whose deadline
+        passed leave before any more compute is spent on them."""
+        now = time.monotonic()
+        keep = []
+        for pos, row in enumerate(self.rows):
+            if row.settled():
+                self._end(row)
+            elif now >= row.deadline:
+                self._drop(row, "deadline", DeadlineExceeded("the request's deadline passed"))
+            else:
+                keep.append(pos)
+        self._keep(keep)
+
+    # --- 2. joining ---------------------------------------------------------------------------
+    def _join(self) -> tuple[list[Row], torch.Tensor | None]:
+        """Choose, bind, encode and prefill new rows; merge them into the running batch.
+        Returns the rows that joined and their first tokens (on the device). An unexpected
+        exception here fails the rows that were joining, never the running ones."""
+        try:
+            chosen = self._choose()
+        except Exception:  # nothing was taken from the queues
+            log.exception("choosing rows to join failed")
+            self.counters.fault("loop")
+            return [], None
+        if not chosen:
+            return [], None
+        joining = [row for _, row in chosen]
+        running = len(self.rows)
+        try:
+            return self._admit(chosen)
+        except Exception as exc:
+            log.exception("rows failed while joining the running batch")
+            self.counters.fault("loop")
+            joined = set(map(id, self.rows[running:]))
+            for row in joining:
+                row.unwant(self.registry.cache)
+                if id(row) not in joined:  # not answered yet, not in the running batch
+                    self._fail_row(row, EngineFault(f"internal error while joining: {exc!r}"))
+            self._keep(range(running))  # rows that did join this step leave too
+            for row in self.rows[running:]:
+                self._fail_row(row, EngineFault(f"internal error while joining: {exc!r}"))
+            return [], None
+
+    def _admit(self, chosen: list[tuple[int, Row]]) -> tuple[list[Row], torch.Tensor | None]:
+        rows = self._bind(chosen)
+        rows = self._encode(rows)
+        if not rows:
+            return [], None
+        started = time.monotonic()
+        groups = self._prefill(rows)
+        if not groups:
+            return [], None
+        joined: list[Row] = []
+        firsts: list[torch.Tensor] = []
+        for group_rows, state, first in groups:
+            if self.state is None:
+                self.state = state
+            else:
+                self.state.merge(state)
+            self.rows.extend(group_rows)
+            joined.extend(group_rows)
+            firsts.append(first)
+        self.counters.joined(
+            len(joined), len({r.key for r in joined}), [started - r.arrival for r in joined]
+        )
+        return joined, torch.cat(firsts)
+
+    def _choose(self) -> list[tuple[int, Row]]:
+        cfg = self.config
+        static = cfg.scheduling == "static"
+        if static and self.rows:
+            return []
+        room = cfg.max_batch_size - len(self.rows)
+        if not static:
+            room = min(room, cfg.max_prefill_rows)
+        cache = self.registry.cache
+        pinned, free = cache.placement()
+        budget = SlotBudget(free, cfg.max_adapters_per_batch, pinned)
+        timeout = 0.0 if self.rows else _IDLE_WAIT_S
+        chosen = self.scheduler.next_rows(cache.is_ready, budget, room, timeout, fill=static)
+        now = time.monotonic()
+        for _, row in chosen:
+            row.joined = now
+        return chosen
+
+    def _bind(self, chosen: list[tuple[int, Row]]) -> list[Row]:
+        """Pin a bank slot for each row's adapter version. Rows answered meanwhile end here;
+        a version that cannot be bound fails its rows only; rows whose CPU copy was evicted
+        since the readiness check go back in line."""
+        cache = self.registry.cache
+        live: list[tuple[int, Row]] = []
+        for seq, row in chosen:
+            if row.settled():
+                row.unwant(cache)
+                self.scheduler.finished(row.tenant)
+            else:
+                live.append((seq, row))
+        if not live:
+            return []
+        slots, failed, missing = cache.bind(row.key for _, row in live)
+        self.scheduler.requeue((seq, row) for seq, row in live if row.key in missing)
+        bound = []
+        for _, row in live:
+            if row.key in failed:
+                row.unwant(cache)
+                self.counters.fault("bind")
+                self.answer(row, failed[row.key])
+            elif row.key in slots:
+                row.unwant(cache)
+                row.slot = slots[row.key]
+                bound.append(row)
+        return bound
+
+    def _encode(self, rows: list[Row]) -> list[Row]:
+        """Vision features for each row's image (an image shared by rows is encoded once, a
+        cached one not at all). If the encoder raises, images are retried one by one and the
+        rows of an image that fails alone fail."""
+        images = {id(r.image): r.image for r in rows if r.image.features is None}
+        started = time.monotonic()
+        todo = list(images.values())
+        if todo:
+            try:
+                self._encode_images(todo)
+            except Exception:
+                log.exception("vision encoder failed on %d images; retrying one by one", len(todo))
+                self.counters.fault("encode")
+                for image in todo:
+                    try:
+                        self._encode_images([image])
+                    except Exception as exc:
+                        image.error = exc
+        if len(rows) > len(todo):
+            self.encoder_cache.count_hits(len(rows) - len(todo))
+        seconds = time.monotonic() - started
+        kept = []
+        for row in rows:
+            if row.image.features is None:
+                error = EngineFault(f"the vision encoder failed on this image: {row.image.error!r}")
+                self._fail_row(row, error)
+            else:
+                row.encode_s = seconds
+                kept.append(row)
+        return kept
+
+    def _encode_images(self, images: list[PreparedImage]) -> None:
+        found = self.encoder_cache.encode(
+            [i.key for i in images], [i.pixels for i in images], self.model.backbone.encode_images
+        )
+        for image, feature in zip(images, found, strict=True):
+            image.features = feature
+
+    def _prefill(self, rows: list[Row]) -> list[tuple[list[Row], DecodeState, torch.Tensor]]:
+        """Prefill the joining rows together; on failure adapter by adapter, then row by row,
+        failing the rows that fail alone."""
+        try:
+            return [(rows, *self._prefill_rows(rows))]
+        except Exception:
+            log.exception("prefill of %d rows failed; retrying by adapter", len(rows))
+            self.counters.fault("prefill")
+        done: list[tuple[list[Row], DecodeState, torch.Tensor]] = []
+        for group in _by_adapter(rows):
+            units = [group] if len(group) == 1 else [group, *([row] for row in group)]
+            for unit in units:
+                try:
+                    done.append((unit, *self._prefill_rows(unit)))
+                except Exception as exc:
+                    if len(unit) == 1:
+                        self._fail_row(unit[0], EngineFault(f"prefill failed: {exc!r}"))
+                    continue  # the whole group failed: try its rows one by one
+                if unit is group:
+                    break
+        return done
+
+    def _prefill_rows(self, rows: list[Row]) -> tuple[DecodeState, torch.Tensor]:
+        device = self.model.backbone.device
+        features = torch.stack([r.image.features for r in rows if r.image.features is not None])
+        slots = torch.tensor([r.slot for r in rows], dtype=torch.long, device=device)
+        return DecodeState.prefill(self.model, self.bank, features, slots)
+
+    # --- 4. the decode step -------------------------------------------------------------------
+    def _decode(self) -> torch.Tensor | None:
+        """One decode step of every running row; on failure, find the adapters whose rows fail
+        alone, fail them, and step the rest (all rows fail if that fails too)."""
+        assert self.state is not None
+        self.counters.step(len(self.rows), len({r.key for r in self.rows}))
+        try:
+            return self.state.step()
+        except Exception:
+            log.exception("decode step of %d rows failed; isolating", len(self.rows))
+            self.counters.fault("decode")
+        culprits: list[int] = []
+        for positions in _by_adapter_positions(self.rows):
+            try:
+                self.state.subset(positions).step()
+            except Exception:
+                culprits.extend(positions)
+        if culprits and len(culprits) < len(self.rows):
+            for pos in culprits:
+                self._fail_row(self.rows[pos], EngineFault("decoding failed for this adapter"))
+            self._keep([p for p in range(len(self.rows)) if p not in set(culprits)])
+            try:
+                return self.state.step()
+            except Exception:
+                log.exception("decode step failed again without the culprits")
+        self._fail_running(EngineFault("a decode step failed and could not be attributed"))
+        return None
+
+    # --- 5. tokens and answers ------------------------------------------------------------------
+    def _advance(self, joined: list[Row], firsts: list[int], nexts: list[int]) -> None:
+        """Give each row its new tokens (first token of a row that just joined, then the
+        decode step's), stream them, answer the rows that ended, keep the others."""
+        first_of = {id(row): token for row, token in zip(joined, firsts, strict=True)}
+        now = time.monotonic()
+        keep = []
+        for pos, row in enumerate(self.rows):
+            tokens = [first_of[id(row)]] if id(row) in first_of else []
+            if pos < len(nexts):
+                tokens.append(nexts[pos])
+            new: list[int] = []
+            ended = False
+            for token in tokens:
+                if token == self.eos or len(row.token_ids) >= row.max_new_tokens:
+                    ended = True
+                    break
+                row.token_ids.append(token)
+                new.append(token)
+            ended = ended or len(row.token_ids) >= row.max_new_tokens
+            if new:
+                if row.first_token == 0.0:
+                    row.first_token = now
+                    self.counters.first_token(now - row.arrival)
+                row.emit(new)
+            if ended:
+                self.answer(row, self._result(row, now))
+            else:
+                keep.append(pos)
+        self._keep(keep)
+        self.counters.running(len(self.rows))
+
+    def _result(self, row: Row, now: float) -> CaptionResult:
+        features = row.image.features
+        prompt = 1 + (int(features.shape[0]) if features is not None else 0)
+        encode_ms = row.encode_s * 1000
+        return CaptionResult(
+            caption=self.model.decode(row.token_ids),
+            token_ids=tuple(row.token_ids),
+            adapter=row.name,
+            ref=row.key.ref,
+            timings=Timings(
+                queue_ms=(row.joined - row.arrival) * 1000,
+                encode_ms=encode_ms,
+                generate_ms=max(0.0, (now - row.joined) * 1000 - encode_ms),
+                total_ms=(now - row.arrival) * 1000,
+                first_token_ms=(row.first_token - row.arrival) * 1000 if row.first_token else 0.0,
+            ),
+            request_id=row.request_id,
+            finish_reason="length" if len(row.token_ids) >= row.max_new_tokens else "stop",
+            prompt_tokens=prompt,
+        )
+
+    # --- answering and ending rows ----------------------------------------------------------------
+    def answer(self, row: Row, outcome: CaptionResult | BaseException) -> None:
+        """Answer a row taken out of the queue, count it, release its slot pin and end its
+        flight. A row answered meanwhile (deadline, cancel) only ends. Never raises: a
+        delivery that fails is logged and counted (the caller's deadline answers it)."""
+        try:
+            if not row.claim():
+                self._end(row)
+                return
+            if isinstance(outcome, CaptionResult):
+                self.counters.completed(row.name, outcome.tokens)
+                self.scheduler.record_row(time.monotonic() - row.joined)
+            else:
+                self.counters.failed()
+            self._release_slot(row)
+            row.deliver(outcome, before=lambda: self.scheduler.finished(row.tenant))
+        except Exception:
+            log.exception("answering a row failed")
+            self.counters.fault("deliver")
+            self._release_slot(row)
+            self.scheduler.finished(row.tenant)
+
+    def _fail_row(self, row: Row, error: EngineError) -> None:
+        self.answer(row, error)
+
+    def _drop(self, row: Row, reason: str, error: EngineError) -> None:
+        """A running row that must stop (deadline): answered with `error`, counted as
+        dropped for `reason`."""
+        if row.claim():
+            self.counters.dropped(reason)
+            self._release_slot(row)
+            row.deliver(error, before=lambda: self.scheduler.finished(row.tenant))
+        else:
+            self._end(row)
+
+    def _end(self, row: Row) -> None:
+        """A row answered elsewhere leaves: release its slot pin and end its flight."""
+        self._release_slot(row)
+        self.scheduler.finished(row.tenant)
+
+    def _release_slot(self, row: Row) -> None:
+        if row.slot is not None:
+            self.registry.cache.release({row.key: row.slot}, [row.key])
+            row.slot = None
+
+    def _keep(self, positions: Sequence[int]) -> None:
+        """Keep only the running rows at `positions`; the others have been answered."""
+        if len(positions) == len(self.rows):
+            return
+        self.rows = [self.rows[p] for p in positions]
+        if not self.rows:
+            self.state = None
+        elif self.state is not None:
+            self.state.keep(positions)
+
+    def _fail_running(self, error: EngineError) -> None:
+        """Fail every running row (the state cannot be trusted) and empty the batch."""
+        rows, self.rows, self.state = self.rows, [], None
+        for row in rows:
+            self.answer(row, error)
+        self.counters.running(0)
+
+    def fail_all(self, error: EngineError) -> None:
+        """Shutdown or a stopped worker: fail running rows and everything still queued."""
+        self._fail_running(error)
+        for _, row in self.scheduler.close():
+            row.unwant(self.registry.cache)
+            self.answer(row, error)
+
+    # --- loads that failed -----------------------------------------------------------------------
+    def _sweep_failed_loads(self) -> None:
+        """Rows whose adapter version failed to load: re-resolve those whose version was
+        deleted before it was read; fail the others with the load error."""
+        cache = self.registry.cache
+        for key in self.scheduler.waiting_keys():
+            assert isinstance(key, AdapterVersion)
+            error = cache.failure(key)
+            if error is None:
+                continue
+            back: list[tuple[int, Row]] = []
+            for seq, row in self.scheduler.take(key):
+                row.unwant(cache)
+                if not isinstance(error, VersionGone):
+                    self.answer(row, error)
+                    continue
+                try:
+                    row.key = self.registry.resolve(row.tenant, row.name)
+                except AdapterNotFound as exc:
+                    self.answer(row, exc)
+                    continue
+                row.want(cache)
+                back.append((seq, row))
+            self.scheduler.requeue(back)
+
+
+def _by_adapter(rows: Iterable[Row]) -> list[list[Row]]:
+    groups: dict[AdapterVersion, list[Row]] = defaultdict(list)
+    for row in rows:
+        groups[row.key].append(row)
+    return list(groups.values())
+
+
+def _by_adapter_positions(rows: Sequence[Row]) -> list[list[int]]:
+    groups: dict[AdapterVersion, list[int]] = defaultdict(list)
+    for pos, row in enumerate(rows):
+        groups[row.key].append(pos)
+    return list(groups.values())

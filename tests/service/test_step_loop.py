@@ -1,0 +1,236 @@
+"""The engine's step loop, driven one iteration at a time from the test (no worker thread, no
+timing): rows join a running batch k steps late and leave at any step with the tokens they
+get alone; cancellation and deadlines stop a row within one step and release everything it
+held; the prefill budget keeps running rows advancing every step under a burst; streaming
+delivers tokens as steps produce them."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from service.engine import CaptionRequest, CaptionResult, Engine, EngineConfig
+from service.exceptions import DeadlineExceeded
+from service.store import AdapterStore
+from tests.service.adapter_fixtures import noise_image, put, random_adapter, tiny_backbone
+from tests.service.test_engine import references
+
+LIMIT = 16
+METHODS = [("lora", 2), ("ia3", 4), ("bitfit", 4), ("lora", 16)]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> AdapterStore:
+    store = AdapterStore(tmp_path / "store")
+    for i, (method, rank) in enumerate(METHODS):
+        put(store, "acme", f"a{i}", random_adapter(tiny_backbone(), i, rank, method))
+    return store
+
+
+@pytest.fixture
+def engine(store: AdapterStore) -> Iterator[Callable[..., Engine]]:
+    engines: list[Engine] = []
+
+    def make(**config: Any) -> Engine:
+        config.setdefault("max_new_tokens_limit", LIMIT)
+        config.setdefault("default_max_new_tokens", LIMIT)
+        engine = Engine(tiny_backbone(), store, EngineConfig(**config), start=False)
+        engines.append(engine)
+        return engine
+
+    yield make
+    for e in engines:
+        e.close()
+
+
+def expected(adapter: int, image: int, tokens: int = LIMIT) -> tuple[int, ...]:
+    method, rank = METHODS[adapter]
+    set_ = random_adapter(tiny_backbone(), adapter, rank, method)
+    return references(set_, [noise_image(image)], tokens)[0]
+
+
+async def settle() -> None:
+    """Let the event loop run the deliveries a step scheduled, and the awaiting tasks."""
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def step(engine: Engine, times: int = 1) -> None:
+    for _ in range(times):
+        engine.loop.iterate()
+        await settle()
+
+
+async def until_ready(engine: Engine, adapters: int) -> None:
+    deadline = time.monotonic() + 30
+    while engine.registry.cache.stats().cpu_loads < adapters:
+        assert time.monotonic() < deadline, "adapters did not load"
+        await asyncio.sleep(0.01)
+
+
+def ask(image: int, *names: str, **kwargs: Any) -> CaptionRequest:
+    return CaptionRequest(noise_image(image), names, "acme", **kwargs)
+
+
+@pytest.mark.parametrize("late", [1, 3, 7])
+def test_rows_joining_k_steps_late_get_their_tokens_alone_while_others_leave(
+    engine: Callable[..., Engine], late: int
+) -> None:
+    e = engine()
+    joined_beside: set[str] = set()
+
+    async def run() -> tuple[list[CaptionResult], list[CaptionResult]]:
+        first = asyncio.create_task(e.caption(ask(1, "a0", "a1")))
+        await settle()
+        await until_ready(e, 2)
+        await step(e)  # both rows join and take their first steps
+        assert e.stats().running == 2
+        await step(e, late)
+        second = asyncio.create_task(e.caption(ask(2, "a2", "a3", max_new_tokens=9)))
+        await settle()
+        await until_ready(e, 4)
+        while e.stats().batches < 2:
+            await step(e)
+        joined_beside.update(row.name for row in e.loop.rows)
+        while not (first.done() and second.done()):
+            await step(e)
+        return await first, await second
+
+    long_rows, late_rows = asyncio.run(run())
+    assert [r.token_ids for r in long_rows] == [expected(0, 1), expected(1, 1)]
+    assert [r.token_ids for r in late_rows] == [expected(2, 2, 9), expected(3, 2, 9)]
+    assert {"a0", "a1"} & joined_beside  # the late rows joined while earlier rows ran
+    stats = e.stats()
+    assert stats.batches == 2 and stats.running == 0
+    assert stats.steps < max(r.tokens for r in long_rows) + late + 2  # no batch-to-batch wait
+    assert e.scheduler.inflight == 0
+    assert all(e.registry.cache.pins(s) == 0 for s in range(e.bank.num_slots))
+
+
+def test_a_cancelled_row_stops_at_the_next_step_and_releases_everything(
+    engine: Callable[..., Engine],
+) -> None:
+    e = engine()
+    streamed: list[int] = []
+
+    async def run() -> None:
+        cancelled = asyncio.create_task(
+            e.caption(ask(3, "a0", on_token=lambda _, t: streamed.append(t)))
+        )
+        kept = asyncio.create_task(e.caption(ask(4, "a1")))
+        await settle()
+        await until_ready(e, 2)
+        await step(e, 2)
+        assert e.stats().running == 2 and len(streamed) == 3  # first token + 2 steps
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        slot = e.registry.cache.slot_of(e.loop.rows[0].key)
+        await step(e)  # the row leaves before this step computes anything for it
+        assert e.stats().running == 1 and len(streamed) == 3
+        assert slot is not None and e.registry.cache.pins(slot) == 0
+        assert e.scheduler.inflight == 1  # only the kept row's
+        while not kept.done():
+            await step(e)
+        assert (await kept)[0].token_ids == expected(1, 4)
+
+    asyncio.run(run())
+    stats = e.stats()
+    assert stats.dropped == {"cancelled": 1} and stats.completed == 1
+    assert e.scheduler.inflight == 0
+
+
+def test_a_row_past_its_deadline_stops_at_the_next_step(engine: Callable[..., Engine]) -> None:
+    e = engine()
+
+    async def run() -> None:
+        task = asyncio.create_task(e.caption(ask(5, "a0", timeout_s=60)))
+        await settle()
+        await until_ready(e, 1)
+        await step(e)
+        row = e.loop.rows[0]
+        row.deadline = time.monotonic()  # the deadline passes while the row runs
+        steps = e.stats().steps
+        await step(e)
+        assert e.stats().running == 0 and e.stats().steps == steps  # no compute for it
+        with pytest.raises(DeadlineExceeded):
+            await task
+
+    asyncio.run(run())
+    assert e.stats().dropped == {"deadline": 1}
+    assert e.scheduler.inflight == 0
+
+
+def test_a_burst_never_stalls_running_rows_beyond_the_prefill_budget(
+    engine: Callable[..., Engine],
+) -> None:
+    """4 rows running, a burst of 24 arrives, at most 3 join per step: every running row still
+    gets a token at every step (K = 1), and the burst joins 3 rows per step."""
+    e = engine(max_batch_size=32, max_prefill_rows=3)
+    counts: dict[int, int] = {}
+
+    def counter(request: int) -> Callable[[int, int], None]:
+        def on_token(_: int, token: int) -> None:
+            counts[request] = counts.get(request, 0) + 1
+
+        return on_token
+
+    async def run() -> None:
+        running = [
+            asyncio.create_task(e.caption(ask(10 + i, f"a{i}", on_token=counter(i))))
+            for i in range(4)
+        ]
+        await settle()
+        await until_ready(e, 4)
+        while e.stats().running < 4:
+            await step(e)
+        burst = [
+            asyncio.create_task(e.caption(ask(20 + i, f"a{i % 4}", on_token=counter(100 + i))))
+            for i in range(24)
+        ]
+        await settle()
+        for _ in range(8):
+            live = [i for i in range(4) if not running[i].done()]
+            before = {i: counts.get(i, 0) for i in live}
+            rows = e.stats().rows
+            await step(e)
+            for i in live:
+                assert counts.get(i, 0) == before[i] + 1 or running[i].done()
+            assert e.stats().rows - rows <= 3
+        while not all(t.done() for t in running + burst):
+            await step(e)
+        results = [(await t)[0] for t in burst]
+        assert [r.token_ids for r in results[:4]] == [expected(i, 20 + i) for i in range(4)]
+
+    asyncio.run(run())
+    assert e.stats().completed == 28
+
+
+def test_static_scheduling_runs_a_batch_to_its_end_before_the_next(
+    engine: Callable[..., Engine],
+) -> None:
+    e = engine(scheduling="static", max_wait_ms=0)
+
+    async def run() -> list[CaptionResult]:
+        first = asyncio.create_task(e.caption(ask(1, "a0", "a1")))
+        await settle()
+        await until_ready(e, 2)
+        await step(e)
+        second = asyncio.create_task(e.caption(ask(2, "a2")))
+        await settle()
+        await until_ready(e, 3)
+        while not first.done():
+            await step(e)
+            assert e.stats().batches == 1  # nobody joins a running static batch
+        while not second.done():
+            await step(e)
+        return [*(await first), *(await second)]
+
+    results = asyncio.run(run())
+    assert [r.token_ids for r in results] == [expected(0, 1), expected(1, 1), expected(2, 2)]
+    assert e.stats().batches == 2
