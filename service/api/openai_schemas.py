@@ -16,6 +16,12 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_valida
 from service.engine_types import FinishReason
 
 OPENAI_PREFIX = "/v1"
+# A 16x16 PNG (a red disc on white): what /docs' "Try it out" sends as the image.
+_EXAMPLE_IMAGE = (
+    "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAABAAAAAQCAIAAACQkWg2AAAATUlEQVR42mP8//8/"
+    "AymAiYFEwIJFjJERwcawnwWnUmQRJG1M+FRjkyLZD0yEjUdVQLYNtNdAML5hCihxEh5LkKRYsEiQkDSI8A/"
+    "JfgAAoG8VI+IkRI0AAAAASUVORK5CYII="
+)
 
 
 class _Strict(BaseModel):
@@ -26,7 +32,8 @@ class _Strict(BaseModel):
 class ImageURL(_Strict):
     url: str = Field(
         description="A `data:` URL holding the image (data:image/png;base64,...). Remote "
-        "http(s) URLs are refused: the service never fetches URLs."
+        "http(s) URLs are refused: the service never fetches URLs.",
+        examples=[_EXAMPLE_IMAGE],
     )
     detail: Literal["auto", "low", "high"] | None = Field(
         default=None, description="Accepted and ignored: the encoder has one resolution."
