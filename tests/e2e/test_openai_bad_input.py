@@ -8,6 +8,7 @@ Store: the tiny one (acme/news, acme/sports, beta/secret, public/pub).
 from __future__ import annotations
 
 import base64
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import pytest
 from tests.e2e.conftest import (
     ACME_ADMIN,
     ACME_CAPTION,
+    KEYS_JSON,
     Service,
     assert_error,
     bearer,
@@ -42,12 +44,17 @@ MAX_PIXELS = 64 * 64
 ADMIN = bearer(ACME_ADMIN)
 PNG = noise_png(11)
 URL_PARAM = "messages[0].content[0].image_url.url"
+MANAGE_ONLY = "acme-manage-only-key-00001"  # may list models, may not caption
 
 
 @pytest.fixture(scope="module")
 def service(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     store = fresh_store(tiny_store, tmp_path_factory.mktemp("openai-bad-input") / "adapters")
-    with running_service(store, max_body_bytes=MAX_BODY, max_image_pixels=MAX_PIXELS) as running:
+    keys = json.loads(KEYS_JSON)
+    keys["keys"].append({"key": MANAGE_ONLY, "tenant": "acme", "rights": ["manage"]})
+    with running_service(
+        store, max_body_bytes=MAX_BODY, max_image_pixels=MAX_PIXELS, keys=json.dumps(keys)
+    ) as running:
         yield running
 
 
@@ -370,6 +377,25 @@ def test_the_sdk_raises_its_error_classes(service: Service) -> None:
         )
     assert too_big.value.status_code == 413
     assert too_big.value.code == "image_too_large"
+    with pytest.raises(openai.APIStatusError) as not_an_image:
+        client.chat.completions.create(
+            model="news", messages=image_message(data_url(b"GIF00 not really"))
+        )
+    assert type(not_an_image.value) is openai.APIStatusError
+    assert not_an_image.value.status_code == 415
+    assert not_an_image.value.code == "unsupported_media_type"
+
+
+def test_a_key_without_the_caption_right_gets_403(service: Service, client: httpx.Client) -> None:
+    manager = sdk(service, MANAGE_ONLY)
+    assert {m.id for m in manager.models.list()} == {"news", "sports", "pub"}
+    with pytest.raises(openai.PermissionDeniedError) as refused:
+        manager.chat.completions.create(model="news", messages=image_message(PNG))
+    assert refused.value.code == "forbidden" and refused.value.type == "permission_error"
+    error = assert_openai_error(
+        post(client, chat_body("news", PNG), bearer(MANAGE_ONLY)), 403, "forbidden"
+    )
+    assert "'caption' right" in error["message"]
 
 
 def test_a_caption_only_key_may_list_models_and_caption(service: Service) -> None:

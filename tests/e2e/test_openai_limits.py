@@ -12,6 +12,8 @@ Store: the tiny one (acme/news, acme/sports, beta/secret, public/pub).
 
 from __future__ import annotations
 
+import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +21,7 @@ import httpx
 import openai
 import pytest
 
+from service.api import captioning
 from tests.e2e.conftest import (
     ACME_ADMIN,
     BETA_ADMIN,
@@ -32,6 +35,7 @@ from tests.e2e.conftest import (
     scrape,
 )
 from tests.e2e.openai_helpers import (
+    SAFETY_TIMEOUT_S,
     encoder_gate,
     eventually,
     image_message,
@@ -209,3 +213,58 @@ def test_the_deadline_answers_504_or_ends_the_stream_with_an_error(hurried: Serv
         assert in_stream.value.body["code"] == "deadline_exceeded"
         assert in_stream.value.body["type"] == "server_error"
     assert hurried.engine.stats().dropped.get("deadline", 0) == 2
+
+
+def test_a_quiet_stream_sends_keep_alive_comments_that_clients_skip(
+    limited: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Keep-alives every 10 ms instead of 15 s; the gate keeps the stream quiet until the test
+    # has seen some, so the count does not depend on the machine's speed.
+    monkeypatch.setattr(captioning, "KEEPALIVE_S", 0.01)
+    image = noise_png(110)
+    with encoder_gate(limited.engine) as gate:
+        stream = sdk(limited, BETA_ADMIN).chat.completions.with_streaming_response.create(
+            model="pub", messages=image_message(image), stream=True
+        )
+        with stream as response:
+            lines = response.iter_lines()
+            assert next(lines).startswith("data: ")  # the role chunk
+            comments = 0
+            for line in lines:
+                if line == ": keep-alive":
+                    comments += 1
+                    if comments == 3:
+                        break
+            gate.release()
+            rest = [line for line in lines if line.startswith("data: ")]
+    assert rest[-1] == "data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in rest[:-1]]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    expected = sdk(limited, BETA_ADMIN).chat.completions.create(
+        model="pub", messages=image_message(image)
+    )
+    assert text == expected.choices[0].message.content
+    # The SDK's own stream parser skips the comments: count the keep-alives the server makes
+    # while the gate holds the row, then let it finish.
+    made = threading.Semaphore(0)
+
+    class CountedKeepAlive(captioning.KeepAlive):
+        def __init__(self) -> None:
+            made.release()
+
+    monkeypatch.setattr(captioning, "KeepAlive", CountedKeepAlive)
+    other = noise_png(111)  # a new image: the encoder (and so the gate) runs for it
+    with encoder_gate(limited.engine) as gate:
+        sdk_stream = sdk(limited, BETA_ADMIN).chat.completions.create(
+            model="pub", messages=image_message(other), stream=True
+        )
+        for _ in range(3):
+            assert made.acquire(timeout=SAFETY_TIMEOUT_S)
+        gate.release()
+        chunks_seen = list(sdk_stream)
+    assert chunks_seen[0].choices[0].delta.role == "assistant"
+    expected = sdk(limited, BETA_ADMIN).chat.completions.create(
+        model="pub", messages=image_message(other)
+    )
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks_seen)
+    assert streamed == expected.choices[0].message.content
