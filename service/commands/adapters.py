@@ -308,10 +308,13 @@ def check_adapter_folder(folder: Path, backbone: Backbone, max_rank: int) -> Ada
 
 
 def _validate(args: argparse.Namespace) -> int:
+    from transformers.utils.logging import disable_progress_bar
+
     from adapters.format import AdapterFormatError
     from service.commands import train
     from service.settings import Settings
 
+    disable_progress_bar()  # the backbone's loading bars would bury the one-line verdict
     settings = Settings()
     folder: Path = args.folder
     if not folder.is_dir():
