@@ -4,7 +4,8 @@
     app = create_app(settings, engine=engine)    # tests: an engine built in-process
 
 Middlewares (outermost first): request id, body size limit. Routers: caption, adapters,
-health (with /metrics and the web page). One error shape for every 4xx/5xx.
+health (with /metrics and the web page), openai (/v1). One error shape for every 4xx/5xx;
+OpenAI's under /v1.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
 from service import __version__
-from service.api.errors import install_error_handlers
+from service.api.errors import add_error_shape, install_error_handlers
 from service.api.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
-from service.api.routes import adapters, caption, health
+from service.api.openai_schemas import OPENAI_PREFIX, openai_error_content
+from service.api.routes import adapters, caption, health, openai
 from service.api.state import ServiceState
 from service.auth import KeyStore
 from service.engine import Engine
@@ -34,6 +36,10 @@ http://127.0.0.1:8000/caption`.
 **Errors** all have one shape: `{"error": {"type", "message"}, "request_id"}`; the request id
 is also in the `X-Request-ID` header (send your own to trace a request). 429 and 503 carry
 `Retry-After`. The try-it page is at `/`, Prometheus metrics at `/metrics`.
+
+**OpenAI-compatible:** `POST /v1/chat/completions` (the adapter is the `model`, the image a
+`data:` URL) and `GET /v1/models`, for the official SDKs and tools; errors there use OpenAI's
+shape `{"error": {"message", "type", "param", "code"}}` with the same statuses.
 """
 
 
@@ -75,9 +81,11 @@ def create_app(
     )
     app.state.service = state
     install_error_handlers(app)
+    add_error_shape(app, f"{OPENAI_PREFIX}/", openai_error_content)
     app.include_router(caption.router)
     app.include_router(adapters.router)
     app.include_router(health.router)
+    app.include_router(openai.router)
     # add_middleware wraps: the last added is outermost, so the request id covers the 413.
     app.add_middleware(
         BodySizeLimitMiddleware,

@@ -7,6 +7,10 @@ calls `install_error_handlers(app)` so that ApiError, FastAPI's validation error
 HTTP exceptions (unknown route, wrong method) and any unexpected exception all answer in that
 shape. An unexpected exception is logged with its traceback and answered as a bare 500
 "internal": its message may hold internals and never reaches the client.
+
+A path prefix may answer its errors in another shape, with the same statuses and types:
+`add_error_shape(app, "/v1/", openai_error_content)` (the OpenAI-compatible routes). Every
+error answer goes through `error_response(..., scope=...)`, which picks the shape by path.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import http
 import logging
 import re
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from fastapi import FastAPI
@@ -76,6 +80,7 @@ class ApiError(Exception):
         message: str,
         *,
         headers: Mapping[str, str] | None = None,
+        param: str | None = None,
     ) -> None:
         if not 400 <= status <= 599:
             raise ValueError(f"ApiError status must be 4xx or 5xx, got {status}")
@@ -86,6 +91,7 @@ class ApiError(Exception):
         self.type = type
         self.message = message
         self.headers: dict[str, str] = dict(headers or {})
+        self.param = param  # the request field at fault, when one is (shapes that name it)
 
     def __repr__(self) -> str:
         return f"ApiError({self.status}, {self.type!r}, {self.message!r})"
@@ -112,18 +118,50 @@ def error_content(type: str, message: str, request_id: str) -> dict[str, Any]:
     return {"error": {"type": type, "message": message}, "request_id": request_id}
 
 
+# (status, type, message, param, request_id) -> the JSON body of an error answer.
+ErrorShape = Callable[[int, str, str, str | None, str], dict[str, Any]]
+
+
+def add_error_shape(app: FastAPI, prefix: str, shape: ErrorShape) -> None:
+    """Answer the errors of paths under `prefix` (e.g. "/v1/") in `shape` instead."""
+    shapes: dict[str, ErrorShape] = getattr(app.state, "error_shapes", {})
+    app.state.error_shapes = {**shapes, prefix: shape}
+
+
+def _shape_for(scope: Mapping[str, Any] | None) -> ErrorShape | None:
+    if scope is None:
+        return None
+    state = getattr(scope.get("app"), "state", None)
+    shapes: Mapping[str, ErrorShape] = getattr(state, "error_shapes", None) or {}
+    path = str(scope.get("path", ""))
+    for prefix, shape in shapes.items():
+        if path.startswith(prefix) or path == prefix.rstrip("/"):
+            return shape
+    return None
+
+
 def error_response(
     status: int,
     type: str,
     message: str,
     request_id: str,
     headers: Mapping[str, str] | None = None,
+    *,
+    scope: Mapping[str, Any] | None = None,
+    param: str | None = None,
 ) -> Response:
-    """A response in the error shape, with the request id echoed in X-Request-ID."""
+    """A response in the error shape (the one `add_error_shape` gave the scope's path, else
+    the native one), with the request id echoed in X-Request-ID."""
     all_headers = {**(headers or {}), REQUEST_ID_HEADER: request_id}
     if status in (204, 304) or status < 200:  # these must not carry a body
         return Response(status_code=status, headers=all_headers)
-    return JSONResponse(error_content(type, message, request_id), status, headers=all_headers)
+    shape = _shape_for(scope)
+    content = (
+        shape(status, type, message, param, request_id)
+        if shape is not None
+        else error_content(type, message, request_id)
+    )
+    return JSONResponse(content, status, headers=all_headers)
 
 
 def _phrase(status: int) -> str:
@@ -133,9 +171,11 @@ def _phrase(status: int) -> str:
         return "error"
 
 
-def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI `responses=` entries documenting the error shape for the given statuses."""
-    return {status: {"model": ErrorBody, "description": _phrase(status)} for status in statuses}
+def error_responses(
+    *statuses: int, model: type[BaseModel] = ErrorBody
+) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` entries documenting the error shape (`model`) for the statuses."""
+    return {status: {"model": model, "description": _phrase(status)} for status in statuses}
 
 
 def _validation_message(errors: Iterable[Mapping[str, Any]]) -> str:
@@ -150,17 +190,47 @@ def _validation_message(errors: Iterable[Mapping[str, Any]]) -> str:
     return "; ".join(parts) or "invalid request parameters"
 
 
+def _validation_param(errors: Iterable[Mapping[str, Any]]) -> str | None:
+    """The field of the first error, as clients write it: ("body", "messages", 0, "content")
+    -> "messages[0].content"; None for a body that is not JSON at all."""
+    for error in errors:
+        loc = tuple(error.get("loc", ()))
+        if error.get("type") == "json_invalid" or loc[:1] != ("body",):
+            return None
+        param = ""
+        for part in loc[1:]:
+            if isinstance(part, int):
+                param += f"[{part}]"
+            else:
+                param += f".{part}" if param else str(part)
+        return param or None
+    return None
+
+
 async def _api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
     return error_response(
-        exc.status, exc.type, exc.message, request_id_from_scope(request.scope), exc.headers
+        exc.status,
+        exc.type,
+        exc.message,
+        request_id_from_scope(request.scope),
+        exc.headers,
+        scope=request.scope,
+        param=exc.param,
     )
 
 
 async def _validation_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
-    message = _validation_message(exc.errors())
-    return error_response(422, "invalid_parameter", message, request_id_from_scope(request.scope))
+    errors = exc.errors()
+    return error_response(
+        422,
+        "invalid_parameter",
+        _validation_message(errors),
+        request_id_from_scope(request.scope),
+        scope=request.scope,
+        param=_validation_param(errors),
+    )
 
 
 async def _http_exception(request: Request, exc: Exception) -> Response:
@@ -178,6 +248,7 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
         message,
         request_id_from_scope(request.scope),
         exc.headers,
+        scope=request.scope,
     )
 
 
@@ -192,7 +263,11 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
         extra={"request_id": request_id},
     )
     return error_response(
-        500, "internal", "internal error; quote the request id when reporting it", request_id
+        500,
+        "internal",
+        "internal error; quote the request id when reporting it",
+        request_id,
+        scope=request.scope,
     )
 
 

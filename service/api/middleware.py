@@ -136,6 +136,7 @@ class _LimitedRequest:
             "payload_too_large",
             f"request body is larger than the limit of {self.max_bytes} bytes",
             request_id_from_scope(self.scope),
+            scope=self.scope,
         )
         await response(self.scope, self.receive, self.send)
 

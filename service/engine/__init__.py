@@ -13,7 +13,7 @@ queues and admission control are `service.scheduler`; the knobs are
 `service.settings.EngineConfig`.
 """
 
-from service.engine.engine import Engine
+from service.engine.engine import Engine, Submission
 from service.engine.types import (
     DEFAULT_TENANT,
     CaptionRequest,
@@ -32,5 +32,6 @@ __all__ = [
     "EngineConfig",
     "EngineStats",
     "FinishReason",
+    "Submission",
     "Timings",
 ]

@@ -5,6 +5,8 @@ the worker thread's life. The HTTP layer uses this API and nothing below it.
     results = await engine.caption(CaptionRequest(image, adapters=("news",), tenant="acme"))
     r = results[0]   # one CaptionResult per requested adapter, in order
     r.caption, r.token_ids, r.finish_reason, r.ref.version, r.timings.first_token_ms
+    submission = await engine.submit(request)   # admission errors raise here (streaming)
+    results = await submission.results()        # caption() is these two steps
     task.cancel()                    # cancelling the caption() task cancels its rows
     engine.registry                  # resolve / list_adapters / describe / add_version / delete
     engine.ready                     # backbone loaded, worker running, not draining
@@ -74,6 +76,45 @@ from service.store import AdapterStore
 log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _JOIN_S = 30.0  # how long close() waits for the worker to finish its step
+
+
+class Submission:
+    """An admitted request whose rows are queued or running. `await results()` waits for
+    them (until the request's deadline); cancelling that wait, or `cancel()`, cancels exactly
+    these rows: queued ones are dropped before any compute, running ones leave at the
+    worker's next step."""
+
+    def __init__(self, engine: Engine, rows: list[Row], timeout_s: float) -> None:
+        self._engine = engine
+        self.rows = rows
+        self.timeout_s = timeout_s
+
+    async def results(self) -> list[CaptionResult]:
+        """The results in the order of the names, or the first error among them (its
+        siblings are cancelled at once)."""
+        rows = self.rows
+        futures = [row.future for row in rows]
+        try:
+            left = rows[0].deadline - time.monotonic()
+            done, pending = await asyncio.wait(
+                futures, timeout=max(0.0, left), return_when=asyncio.FIRST_EXCEPTION
+            )
+        except asyncio.CancelledError:  # the caller cancelled this request
+            self._engine._abandon(rows, "cancelled")
+            raise
+        for future in futures:  # the first error in the order of the names
+            error = future.exception() if future in done else None
+            if error is not None:
+                self._engine._abandon(rows, "cancelled")  # its siblings stop at once
+                raise error
+        if pending:
+            self._engine._abandon(rows, "deadline")
+            raise DeadlineExceeded(f"no answer within {self.timeout_s:g} s (request_timeout_s)")
+        return [future.result() for future in futures]
+
+    def cancel(self) -> None:
+        """Cancel the rows that have not been answered yet (on the event loop's thread)."""
+        self._engine._abandon(self.rows, "cancelled")
 
 
 class Engine:
@@ -211,6 +252,14 @@ class Engine:
     # --- the asyncio side ---------------------------------------------------------------
     async def caption(self, request: CaptionRequest) -> list[CaptionResult]:
         """Caption `request.image` with each adapter; results in the order of the names."""
+        submission = await self.submit(request)
+        return await submission.results()
+
+    async def submit(self, request: CaptionRequest) -> Submission:
+        """Admit a request: resolve its adapters, reserve room (tenant limit, queue), decode
+        and preprocess its image, queue its rows. Raises the request's admission errors
+        (404, 422, 429, 503, and whatever the image decoder raises); the returned
+        `Submission` then delivers the results (or the error of a row)."""
         cfg = self.config
         names = request.adapters
         if not names:
@@ -264,24 +313,7 @@ class Engine:
             if not self.alive:
                 raise EngineStopped(f"the engine stopped ({self.stopped}); retry later") from None
             raise
-        futures = [row.future for row in rows]
-        try:
-            left = arrival + timeout - time.monotonic()
-            done, pending = await asyncio.wait(
-                futures, timeout=max(0.0, left), return_when=asyncio.FIRST_EXCEPTION
-            )
-        except asyncio.CancelledError:  # the caller cancelled this request
-            self._abandon(rows, "cancelled")
-            raise
-        for future in futures:  # the first error in the order of the names
-            error = future.exception() if future in done else None
-            if error is not None:
-                self._abandon(rows, "cancelled")  # its siblings stop at once
-                raise error
-        if pending:
-            self._abandon(rows, "deadline")
-            raise DeadlineExceeded(f"no answer within {timeout:g} s (request_timeout_s)")
-        return [future.result() for future in futures]
+        return Submission(self, rows, timeout)
 
     def _abandon(self, rows: Sequence[Row], reason: str) -> int:
         """Answer rows that are still open with Cancelled / DeadlineExceeded (counted). The

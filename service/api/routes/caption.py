@@ -1,35 +1,41 @@
-"""POST /caption: an uploaded image and one or more adapter names -> captions."""
+"""POST /caption: an uploaded image and one or more adapter names -> captions, as one JSON
+answer or (`stream=true`) as Server-Sent Events, one per generated token."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import time
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
+from starlette.responses import Response
 
+from service.api.captioning import (
+    CLIENT_GONE,
+    SSE_KEEPALIVE,
+    SSE_MEDIA_TYPE,
+    CaptionObservation,
+    CaptionStream,
+    EventStreamResponse,
+    KeepAlive,
+    image_decoder,
+    run_caption,
+    sse,
+    start_stream,
+)
 from service.api.deps import CaptionPrincipal, ReadyEngine, State
-from service.api.engine_errors import to_api_error
-from service.api.errors import ApiError, error_responses, request_id_from_scope
-from service.api.images import ImageLimits, decode_image
+from service.api.errors import ApiError, error_content, error_responses, request_id_from_scope
 from service.api.schemas import CaptionOut, MultiCaptionOut, Timings
-from service.api.state import ServiceState
-from service.engine import CaptionRequest, CaptionResult, Engine
-from service.exceptions import Cancelled, EngineError
+from service.engine import CaptionRequest, CaptionResult
 from service.store import StoreError, check_name
 
 router = APIRouter(tags=["caption"])
 
-# Rejection reasons counted for bad input, by status.
-_REJECTION = {
-    400: "bad_request",
-    404: "not_found",
-    413: "too_large",
-    415: "unsupported_media_type",
-    422: "bad_request",
-}
-_POLL_S = 0.25  # how often a waiting handler checks for a gone client or an expired drain
+_STREAM_DOC = (
+    "The JSON answer; with `stream=true`, Server-Sent Events instead: `event: token` per "
+    'generated token, data `{"adapter", "index", "token_id", "text"}` (the texts concatenate '
+    "to the caption), then `event: result` with the JSON answer, or `event: error` with the "
+    "error shape when the request fails after the stream began."
+)
 
 
 def _names(adapter: str | None, adapters: str | None, default: str | None) -> tuple[str, ...]:
@@ -76,43 +82,52 @@ def _out(result: CaptionResult) -> CaptionOut:
     )
 
 
-async def _run(
-    state: ServiceState, engine: Engine, request: Request, caption_request: CaptionRequest
-) -> list[CaptionResult]:
-    """Await the engine; if the client goes away first, cancel the request (its rows stop at
-    the engine's next step, or are dropped before any compute). If the shutdown's drain time
-    runs out first, give up with a 503 in the error shape (the server would otherwise cut the
-    request off with a bare 500)."""
-    task = asyncio.ensure_future(engine.caption(caption_request))
-    while True:
-        done, _ = await asyncio.wait({task}, timeout=_POLL_S)
-        if done:
-            return task.result()
-        if state.drain_expired:
-            await _cancel(task)
-            raise ApiError(
-                503,
-                "draining",
-                "the service shut down before this request finished (drain_timeout_s); retry",
-                headers={"Retry-After": "1"},
-            )
-        if await request.is_disconnected():
-            await _cancel(task)
-            raise Cancelled("the client went away")
+async def _events(stream: CaptionStream, multi: bool) -> AsyncIterator[str]:
+    """The native event stream: `token` per token, then `result` (or `error`)."""
+    names = stream.caption_request.adapters
+    try:
+        async for event in stream:
+            if isinstance(event, KeepAlive):
+                yield SSE_KEEPALIVE
+                continue
+            yield _token_event(names, event.index, event.token_id, event.text)
+    except ApiError as exc:
+        if exc.status != CLIENT_GONE:
+            content = error_content(exc.type, exc.message, stream.caption_request.request_id)
+            yield sse(content, "error")
+        return
+    for index, tail in enumerate(stream.tails):
+        if tail:  # text the last tokens could not settle (see TextDeltas)
+            yield _token_event(names, index, None, tail)
+    answer = _answer(stream.results, stream.caption_request.request_id, multi)
+    yield sse(answer.model_dump(mode="json"), "result")
 
 
-async def _cancel(task: asyncio.Future[list[CaptionResult]]) -> None:
-    """Cancel a caption() task and wait until the engine let go of its rows."""
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, EngineError):
-        await task
+def _token_event(names: tuple[str, ...], index: int, token_id: int | None, text: str) -> str:
+    return sse(
+        {"adapter": names[index], "index": index, "token_id": token_id, "text": text}, "token"
+    )
+
+
+def _answer(
+    results: list[CaptionResult], request_id: str, multi: bool
+) -> CaptionOut | MultiCaptionOut:
+    if not multi:
+        return _out(results[0])
+    return MultiCaptionOut(request_id=request_id, results=[_out(r) for r in results])
 
 
 @router.post(
     "/caption",
     response_model=CaptionOut | MultiCaptionOut,
     summary="Caption an uploaded image with an adapter",
-    responses=error_responses(400, 401, 403, 404, 413, 415, 422, 429, 503, 504),
+    responses={
+        200: {
+            "description": _STREAM_DOC,
+            "content": {SSE_MEDIA_TYPE: {"schema": {"type": "string"}}},
+        },
+        **error_responses(400, 401, 403, 404, 413, 415, 422, 429, 503, 504),
+    },
 )
 async def caption(
     request: Request,
@@ -149,52 +164,34 @@ async def caption(
             examples=[32],
         ),
     ] = None,
-) -> CaptionOut | MultiCaptionOut:
-    started = time.perf_counter()
+    stream: Annotated[
+        bool,
+        Form(
+            description="Answer Server-Sent Events: one `token` event per generated token, "
+            "then one `result` event with the JSON answer.",
+            examples=[False],
+        ),
+    ] = False,
+) -> CaptionOut | MultiCaptionOut | Response:
     settings = state.settings
-    names: tuple[str, ...] = ()
-    status = 200
-    state.metrics.inflight.inc()
-    try:
+    with CaptionObservation(state.metrics) as observed:
         names = _names(adapter, adapters, settings.default_adapter)
+        observed.names = names
         if max_new_tokens is not None and not 1 <= max_new_tokens <= settings.max_new_tokens_limit:
             raise ApiError(
                 422,
                 "invalid_parameter",
                 f"max_new_tokens must be between 1 and {settings.max_new_tokens_limit}",
             )
-        data = await image.read()
-        limits = ImageLimits.from_settings(settings)
+        decoder = image_decoder(settings, await image.read())
         request_id = request_id_from_scope(request.scope)
-        # Decoded by the engine after admission (tenant limit, queue), in its bounded pool.
         caption_request = CaptionRequest(
-            lambda: decode_image(data, limits).rgb,
-            names,
-            principal.tenant,
-            max_new_tokens,
-            request_id=request_id,
+            decoder, names, principal.tenant, max_new_tokens, request_id=request_id
         )
-        try:
-            results = await _run(state, engine, request, caption_request)
-        except EngineError as exc:
-            raise to_api_error(exc) from None
+        multi = adapters is not None
+        if stream:
+            tokens = await start_stream(state, engine, request, caption_request)
+            return EventStreamResponse(_events(tokens, multi), tokens, observed)
         # Generated tokens are counted by the engine as it answers each row (not again here).
-        if adapters is None:
-            return _out(results[0])
-        return MultiCaptionOut(request_id=request_id, results=[_out(r) for r in results])
-    except ApiError as exc:
-        status = exc.status
-        if status in _REJECTION:
-            state.metrics.reject(_REJECTION[status])
-        raise
-    except BaseException:
-        status = 500
-        raise
-    finally:
-        state.metrics.inflight.dec()
-        # A multi-adapter request counts once under each adapter it named. Names that did
-        # not resolve (404) or were invalid (422) never take one of the bounded label values.
-        seconds = time.perf_counter() - started
-        labels: tuple[str | None, ...] = names if names and status not in (404, 422) else (None,)
-        for name in labels:
-            state.metrics.observe_request(name, status, seconds)
+        results = await run_caption(state, engine, request, caption_request)
+        return _answer(results, request_id, multi)
