@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-from service.engine_types import FinishReason
+from service.engine import FinishReason
 
 OPENAI_PREFIX = "/v1"
 # A 16x16 PNG (a red disc on white): what /docs' "Try it out" sends as the image.
