@@ -79,7 +79,7 @@ class ContextPEFTModel(nn.Module):
             out = self.backbone.lm(
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
-                past_key_values=past_key_values,
+                cache=past_key_values,  # transformers 5.24 renamed past_key_values
                 use_cache=past_key_values is not None,
                 logits_to_keep=logits_to_keep,
             )

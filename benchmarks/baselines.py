@@ -138,7 +138,7 @@ def base_step(backbone: Backbone, connector: nn.Linear, max_new_tokens: int) -> 
 
     def lm_call(embeds: torch.Tensor, cache: DynamicCache, rows: list[int]) -> torch.Tensor:
         return backbone.lm(
-            inputs_embeds=embeds, past_key_values=cache, use_cache=True, logits_to_keep=1
+            inputs_embeds=embeds, cache=cache, use_cache=True, logits_to_keep=1
         ).logits
 
     def step(adapters: list[int], pixels: torch.Tensor) -> list[list[int]]:
@@ -202,7 +202,7 @@ class PeftLoras:
 
         def lm_call(embeds: torch.Tensor, cache: DynamicCache, rows: list[int]) -> torch.Tensor:
             return self.model(
-                inputs_embeds=embeds, past_key_values=cache, use_cache=True, logits_to_keep=1
+                inputs_embeds=embeds, cache=cache, use_cache=True, logits_to_keep=1
             ).logits
 
         def step(adapters: list[int], pixels: torch.Tensor) -> list[list[int]]:
@@ -222,7 +222,7 @@ class PeftLoras:
         def lm_call(embeds: torch.Tensor, cache: DynamicCache, rows: list[int]) -> torch.Tensor:
             return self.model(
                 inputs_embeds=embeds,
-                past_key_values=cache,
+                cache=cache,
                 use_cache=True,
                 logits_to_keep=1,
                 adapter_names=[names[r] for r in rows],

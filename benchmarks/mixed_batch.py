@@ -195,7 +195,7 @@ def _cases(s: Setup) -> dict[tuple[str, str], tuple[Call, Call | None]]:
             cache = DynamicCache(config=config)
             model(
                 inputs_embeds=s.prefill,
-                past_key_values=cache,
+                cache=cache,
                 use_cache=True,
                 logits_to_keep=1,
                 **kwargs,
@@ -220,14 +220,14 @@ def _cases(s: Setup) -> dict[tuple[str, str], tuple[Call, Call | None]]:
         cache = DynamicCache(config=config)
         model(
             inputs_embeds=s.prefill,
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
             logits_to_keep=1,
             **kwargs,
         )
 
         def run() -> None:
-            model(inputs_embeds=s.step, past_key_values=cache, use_cache=True, **kwargs)
+            model(inputs_embeds=s.step, cache=cache, use_cache=True, **kwargs)
 
         return run, _rewind(cache, prefix_len)
 

@@ -331,7 +331,7 @@ def compute_breakdown(bench: Bench, repeats: int = 7) -> dict[str, float]:
 
     def base_lm(embeds: torch.Tensor, cache: Any, _: list[int]) -> torch.Tensor:
         return base.lm(
-            inputs_embeds=embeds, past_key_values=cache, use_cache=True, logits_to_keep=1
+            inputs_embeds=embeds, cache=cache, use_cache=True, logits_to_keep=1
         ).logits
 
     cases: dict[str, Callable[[], object]] = {
