@@ -102,6 +102,13 @@ def resolve_common(args: argparse.Namespace) -> tuple[Path, Path, str, str]:
     # Library warnings and log records as JSON lines on stderr, as in `ctxpeft serve`; the
     # command's own report (stdout) and progress bars (--no-progress) are for a person.
     configure_logging(settings.log_level, settings.log_json)
+    if getattr(args, "no_progress", False):
+        # No progress bars at all, Hugging Face's (weight loading and saving) included.
+        from huggingface_hub.utils import disable_progress_bars
+        from transformers.utils.logging import disable_progress_bar
+
+        disable_progress_bar()
+        disable_progress_bars()
     runtime = args.runtime_dir or settings.runtime_dir
     store = args.store or (
         settings.store_dir if settings.store_dir is not None else runtime / "adapters"
