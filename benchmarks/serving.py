@@ -330,9 +330,7 @@ def compute_breakdown(bench: Bench, repeats: int = 7) -> dict[str, float]:
     base = bench.base_backbone
 
     def base_lm(embeds: torch.Tensor, cache: Any, _: list[int]) -> torch.Tensor:
-        return base.lm(
-            inputs_embeds=embeds, cache=cache, use_cache=True, logits_to_keep=1
-        ).logits
+        return base.lm(inputs_embeds=embeds, cache=cache, use_cache=True, logits_to_keep=1).logits
 
     cases: dict[str, Callable[[], object]] = {
         "base (no adapters)": lambda: greedy(
