@@ -92,7 +92,7 @@ test-latest:
 	@grep -E '^[a-z0-9]' $(LOCK) | sed 's/==/ /' | sort > $(LATEST_VENV)/locked.txt
 	@echo "newest releases that differ from $(LOCK) (name locked -> newest):"
 	@join $(LATEST_VENV)/locked.txt $(LATEST_VENV)/latest.txt | awk '$$2 != $$3 {print "  " $$0}'
-	CTXPEFT_UNLOCKED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(LATEST_VENV)/bin/pytest -q
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(LATEST_VENV)/bin/pytest -q
 
 clean:
 	rm -rf $(VENV) $(LOCK_VENV) $(LATEST_VENV) var .mypy_cache .ruff_cache .pytest_cache
