@@ -8,22 +8,38 @@ On the first SIGTERM (or Ctrl-C): /readyz turns 503 and new requests get 503 whi
 listening socket stays open (load balancers see the 503s and move away); requests already
 admitted finish; then uvicorn stops, within `drain_timeout_s`. Requests still unfinished when
 that time runs out are answered 503 "draining" (retry elsewhere). A second signal exits at once.
+
+Start-up: a signal that arrives before the server listens (while torch loads, say) exits at
+once with status 0: there is nothing to drain yet. A configuration the service cannot run
+with (settings, keys file, folders it cannot write, a backbone that cannot be the store's;
+see service.startup_checks) ends start-up with one log line naming the problem and its fix,
+and status 2, before the port is bound.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import uvicorn
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+
+    from service.auth import KeyStore
+    from service.settings import Settings
 
 log = logging.getLogger("service.serve")
 GRACEFUL_S = 1  # uvicorn's own shutdown: close connections once their answers are out
 ANSWER_GRACE_S = 0.5  # after an expired drain, for waiting handlers to answer 503
+CONFIG_ERROR = 2  # exit status of a start-up the configuration makes impossible
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,28 +65,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from transformers.utils.logging import disable_progress_bar
+    # First, before the slow imports: a stop now has nothing to drain (uvicorn's handlers,
+    # which drain, replace these once it serves).
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _stop_during_startup)
 
-    from service.api.app import create_app
-    from service.auth import KeyStore
+    from pydantic import ValidationError
+
     from service.logging import configure_logging
-    from service.settings import Settings, assert_safe_binding
+    from service.settings import Settings
+    from service.startup_checks import StartupError, check_backbone, check_files
 
+    configure_logging()  # JSON lines until the settings say otherwise (a settings error too)
     overrides = {
         key: value
         for key, value in vars(args).items()
         if value is not None and not key.startswith("_") and key != "command"
     }
-    settings = Settings(**overrides)
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        log.error("%s", _settings_error(exc), extra={"exit_code": CONFIG_ERROR})
+        return CONFIG_ERROR
     configure_logging(settings.log_level, settings.log_json)
+    log.info("starting", extra={"pid": os.getpid(), "uid": os.getuid()})
+    try:
+        check_files(settings)
+        keys = _load_keys(settings)
+        check_backbone(settings)
+    except StartupError as exc:
+        log.error("%s", exc, extra={"exit_code": CONFIG_ERROR})
+        return CONFIG_ERROR
+
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils.logging import disable_progress_bar
+
+    from service.api.app import create_app
+
     # Weight-loading progress bars would break the one-JSON-object-per-line log stream.
     disable_progress_bar()
-    keys = KeyStore.from_settings(settings)
-    try:
-        assert_safe_binding(settings, has_keys=not keys.empty)
-    except ValueError as exc:
-        log.error("%s", exc)
-        return 2
+    disable_progress_bars()
     app = create_app(settings, keys=keys)
     state = app.state.service
     config = uvicorn.Config(
@@ -88,6 +122,39 @@ def run(args: argparse.Namespace) -> int:
     budget = max(0.5, settings.drain_timeout_s - GRACEFUL_S - ANSWER_GRACE_S - 0.5)
     DrainingServer(config, state.drain, budget).run()
     return 0
+
+
+def _stop_during_startup(sig: int, frame: FrameType | None) -> None:
+    """SIGTERM/SIGINT before uvicorn serves: nothing is admitted yet, so exit now, status 0
+    (a container stopped while it starts must not wait for its kill timeout)."""
+    log.info("stopped during start-up", extra={"signal": sig})
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    os._exit(0)  # not SystemExit: it could be raised inside an import and caught there
+
+
+def _settings_error(exc: ValidationError) -> str:
+    """A pydantic ValidationError of Settings as one line naming each setting's variable."""
+    problems = []
+    for error in exc.errors():
+        name = ".".join(str(part) for part in error["loc"]) or "settings"
+        problems.append(f"{name} (CTXPEFT_{name.upper()}): {error['msg']}")
+    return "invalid settings: " + "; ".join(problems)
+
+
+def _load_keys(settings: Settings) -> KeyStore:
+    """The API keys, or StartupError naming the problem (bad JSON, a binding refused without
+    keys)."""
+    from service.auth import KeyStore
+    from service.settings import assert_safe_binding
+    from service.startup_checks import StartupError
+
+    try:
+        keys = KeyStore.from_settings(settings)
+        assert_safe_binding(settings, has_keys=not keys.empty)
+    except ValueError as exc:
+        raise StartupError(str(exc)) from None
+    return keys
 
 
 class DrainingServer(uvicorn.Server):

@@ -88,6 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def resolve_common(args: argparse.Namespace) -> tuple[Path, Path, str, str]:
     """(runtime dir, store dir, backbone spec, device) from flags, else CTXPEFT_* settings.
     Applies --threads."""
+    from service.logging import configure_logging
     from service.settings import Settings
 
     if args.threads is not None:
@@ -98,6 +99,16 @@ def resolve_common(args: argparse.Namespace) -> tuple[Path, Path, str, str]:
         torch.set_num_threads(args.threads)
 
     settings = Settings()
+    # Library warnings and log records as JSON lines on stderr, as in `ctxpeft serve`; the
+    # command's own report (stdout) and progress bars (--no-progress) are for a person.
+    configure_logging(settings.log_level, settings.log_json)
+    if getattr(args, "no_progress", False):
+        # No progress bars at all, Hugging Face's (weight loading and saving) included.
+        from huggingface_hub.utils import disable_progress_bars
+        from transformers.utils.logging import disable_progress_bar
+
+        disable_progress_bar()
+        disable_progress_bars()
     runtime = args.runtime_dir or settings.runtime_dir
     store = args.store or (
         settings.store_dir if settings.store_dir is not None else runtime / "adapters"

@@ -13,19 +13,25 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import dockerfile
+import httpx
 import pytest
 import yaml
 from compose_spec import PyCompose
 
 from adapters.data.synthetic import TASKS
+from service.api.app import create_app
 from service.auth import KeyStore
 from service.cli import COMMANDS, build_parser
+from service.engine import Engine
+from service.metrics import ServiceMetrics
 from service.settings import Settings, assert_safe_binding
 from tests.deploy.conftest import DOCKER, ROOT, LiveService, free_port
+from tests.service.live_server import live_server
 
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILES = {"cpu": DOCKER / "Dockerfile", "cuda": DOCKER / "Dockerfile.cuda"}
@@ -62,6 +68,22 @@ def instructions(which: str) -> list[Any]:
 
 def of(which: str, cmd: str) -> list[Any]:
     return [i for i in instructions(which) if i.cmd.upper() == cmd]
+
+
+def stages(which: str) -> list[list[Any]]:
+    """The instructions of each build stage (from its FROM on), in order."""
+    found: list[list[Any]] = []
+    for instruction in instructions(which):
+        if instruction.cmd.upper() == "FROM":
+            found.append([])
+        if found:
+            found[-1].append(instruction)
+    return found
+
+
+def runtime_stage(which: str, cmd: str) -> list[Any]:
+    """The `cmd` instructions of the last stage: the image that runs."""
+    return [i for i in stages(which)[-1] if i.cmd.upper() == cmd]
 
 
 def env_of(which: str) -> dict[str, str]:
@@ -185,11 +207,12 @@ def test_depends_on_waits_for_health_and_every_dependency_has_a_health_check() -
         assert check["retries"] >= 3, name
 
 
-def test_service_health_check_is_the_images_and_probes_healthz() -> None:
+def test_service_health_check_is_the_images_and_probes_readiness() -> None:
     check = service("ctxpeft")["healthcheck"]
     assert check["test"] == ["CMD", "python", "-c", healthcheck_code("cpu")]
     assert healthcheck_code("cuda") == healthcheck_code("cpu")
-    assert "/healthz" in healthcheck_code("cpu")
+    # Readiness, not liveness: a backbone that failed to load is unhealthy (docs/OPERATIONS.md).
+    assert "/readyz" in healthcheck_code("cpu") and "/healthz" not in healthcheck_code("cpu")
     flags = dict(flag.removeprefix("--").split("=") for flag in of("cpu", "HEALTHCHECK")[0].flags)
     for key in ("interval", "timeout", "start-period", "retries"):
         compose_key = key.replace("-", "_")
@@ -209,6 +232,29 @@ def test_health_check_command_passes_on_the_live_service_and_fails_without_one(
         [sys.executable, "-c", code], env={"CTXPEFT_PORT": port}, capture_output=True, timeout=30
     )
     assert alive.returncode == 0, alive.stderr
+    # A live process whose backbone failed to load (an unwritable runtime folder, say):
+    # /healthz answers 200, /readyz 503, and the health check fails.
+    settings = Settings(device="cpu", backbone="tiny")
+
+    def failing(_: ServiceMetrics) -> Engine:
+        raise PermissionError(13, "Permission denied", "/var/lib/ctxpeft/adapters")
+
+    app = create_app(settings, engine_factory=failing)
+    with live_server(app) as url:
+        deadline = time.monotonic() + 30
+        while app.state.service.load_error is None:
+            assert time.monotonic() < deadline, "the failing load never finished"
+            time.sleep(0.01)
+        assert httpx.get(f"{url}/healthz", timeout=10).status_code == 200
+        assert httpx.get(f"{url}/readyz", timeout=10).status_code == 503
+        broken = subprocess.run(
+            [sys.executable, "-c", code],
+            env={"CTXPEFT_PORT": url.rsplit(":", 1)[1]},
+            capture_output=True,
+            timeout=30,
+        )
+    assert broken.returncode == 1
+    assert b"HTTP Error 503" in broken.stderr
     dead = subprocess.run(
         [sys.executable, "-c", code],
         env={"CTXPEFT_PORT": str(free_port())},
@@ -257,13 +303,15 @@ def test_volumes_are_declared_and_bind_mounts_exist() -> None:
 def test_service_volumes_are_the_images_volumes() -> None:
     env = env_of("cpu")
     mounts = dict(v.removesuffix(":ro").split(":", 1) for v in service("ctxpeft")["volumes"])
-    (volume,) = of("cpu", "VOLUME")
-    assert volume.json
-    image_volumes = set(volume.value)
-    # The runtime folder (backbone + adapter store) and the keys folder.
-    assert mounts["ctxpeft-data"] == env["CTXPEFT_RUNTIME_DIR"] in image_volumes
+    for which in DOCKERFILES:
+        (volume,) = of(which, "VOLUME")
+        assert volume.json
+        # The runtime folder (backbone + adapter store) only: the keys file is a read-only
+        # bind mount, and a VOLUME for its folder would leave an anonymous volume behind.
+        assert list(volume.value) == [env["CTXPEFT_RUNTIME_DIR"]], which
+    assert mounts["ctxpeft-data"] == env["CTXPEFT_RUNTIME_DIR"]
     keys_file = service("ctxpeft")["environment"]["CTXPEFT_KEYS_FILE"]
-    assert str(Path(keys_file).parent) in image_volumes
+    assert mounts[next(src for src, dst in mounts.items() if dst == keys_file)] == keys_file
     assert Settings(runtime_dir=Path(env["CTXPEFT_RUNTIME_DIR"])).resolved_store_dir() == Path(
         env["CTXPEFT_RUNTIME_DIR"], "adapters"
     )
@@ -276,11 +324,24 @@ def test_compose_builds_the_cpu_image_from_the_repository() -> None:
 
 
 # --- the Dockerfiles ---------------------------------------------------------------------------
+def makefile_variable(name: str) -> str:
+    found = re.search(rf"^{name}\s*[:?]?=\s*(\S+)$", (ROOT / "Makefile").read_text(), re.M)
+    assert found is not None, f"no {name} in the Makefile"
+    return found.group(1)
+
+
 def makefile_pip_steps() -> list[str]:
-    """The Makefile's `pip install` arguments, in order."""
-    steps = re.findall(r"\$\(PY\) -m pip install -q (.+)", (ROOT / "Makefile").read_text())
+    """The Makefile's `pip install` arguments in the venv recipe, in order, variables expanded."""
+    steps = re.findall(
+        r"^\t\$\(PY\) -m pip install -q (.+)$", (ROOT / "Makefile").read_text(), re.M
+    )
     assert steps, "no pip install in the Makefile"
-    return [step.strip() for step in steps]
+    expanded = []
+    for step in steps:
+        for name in ("LOCK", "TORCH", "EXTRAS"):
+            step = step.replace(f"$({name})", makefile_variable(name))
+        expanded.append(step.strip())
+    return expanded
 
 
 def dockerfile_pip_steps(which: str) -> list[str]:
@@ -293,16 +354,28 @@ def dockerfile_pip_steps(which: str) -> list[str]:
     return steps
 
 
-def test_install_steps_mirror_the_makefile() -> None:
+def test_install_steps_mirror_the_makefile_and_use_the_lock() -> None:
+    lock = makefile_variable("LOCK")
+    torch_pin = makefile_variable("TORCH")
+    assert lock == "requirements.lock" and torch_pin.startswith("torch==")
     make = makefile_pip_steps()
-    torch_pin = next(step for step in make if step.startswith("torch=="))
-    assert make == ["--upgrade pip", torch_pin, "-e '.[dev]'"]
+    assert make == [
+        "--upgrade pip",
+        f"-c {lock} {torch_pin}",
+        f"-c {lock} -e '.[{makefile_variable('EXTRAS')}]'",
+    ]
     readme = (ROOT / "README.md").read_text()
     assert f"`{torch_pin}`" in readme
     for which in DOCKERFILES:
         steps = dockerfile_pip_steps(which)
-        # Same order, same torch pin; the project itself without the editable dev install.
-        assert steps == ["--upgrade pip", f"--index-url $TORCH_INDEX_URL {torch_pin}", "."], which
+        # Same order, same torch pin, the same lock; the project itself, not editable, no dev.
+        assert steps == [
+            "--upgrade pip",
+            f"--extra-index-url $TORCH_INDEX_URL -c {lock} {torch_pin}",
+            f"-c {lock} .",
+        ], which
+        copied = {s for c in of(which, "COPY") for s in c.value[:-1]}
+        assert lock in copied, which
     assert args_of("cpu")["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
     assert args_of("cuda")["TORCH_INDEX_URL"] == "https://pypi.org/simple"
 
@@ -310,9 +383,9 @@ def test_install_steps_mirror_the_makefile() -> None:
 def test_project_is_installed_after_its_sources_are_copied() -> None:
     for which in DOCKERFILES:
         steps = [i for i in instructions(which) if i.cmd.upper() in ("COPY", "RUN")]
-        install = next(n for n, i in enumerate(steps) if i.value == ("pip install .",))
+        install = next(n for n, i in enumerate(steps) if i.value[0].startswith("pip install -c"))
         copied = {s for i in steps[:install] if i.cmd.upper() == "COPY" for s in i.value[:-1]}
-        assert copied == {"pyproject.toml", "README.md", "adapters", "service"}, which
+        assert copied == {"requirements.lock", "pyproject.toml", "README.md", "adapters", "service"}
 
 
 def test_copied_sources_exist_and_dockerignore_keeps_exactly_them() -> None:
@@ -324,9 +397,43 @@ def test_copied_sources_exist_and_dockerignore_keeps_exactly_them() -> None:
     assert ignore[0] == "*"  # everything out, then the exceptions
     kept = {line[1:] for line in ignore if line.startswith("!")}
     for which in DOCKERFILES:
-        sources = {s for c in of(which, "COPY") for s in c.value[:-1]}
+        sources = {s for c in of(which, "COPY") if not c.flags for s in c.value[:-1]}
         assert sources == kept, which
     assert all((ROOT / path).exists() for path in kept)
+
+
+def test_runtime_stage_holds_the_venv_not_the_sources_or_build_tools() -> None:
+    for which in DOCKERFILES:
+        build, runtime = stages(which)
+        assert build[0].value[1:] == ("AS", "build"), which
+        # The runtime copies one thing: the venv, from the build stage.
+        (copy,) = [i for i in runtime if i.cmd.upper() == "COPY"]
+        assert copy.flags == ("--from=build",) and copy.value == ("/opt/venv", "/opt/venv")
+        assert env_of(which)["VIRTUAL_ENV"] == "/opt/venv"
+        # pip leaves the venv once the project is installed; the sources stay in the build.
+        last_build_run = [i for i in build if i.cmd.upper() == "RUN"][-1].value[0]
+        assert last_build_run.endswith("&& pip check && pip uninstall --yes pip"), which
+        assert not [i for i in runtime if i.cmd.upper() == "WORKDIR"], which
+
+
+def test_tini_is_pid_1_and_a_stop_during_start_up_counts_as_success() -> None:
+    for which in DOCKERFILES:
+        (entrypoint,) = runtime_stage(which, "ENTRYPOINT")
+        assert entrypoint.json and entrypoint.value == ("tini", "-e", "143", "--"), which
+        installs = " ".join(r.value[0] for r in runtime_stage(which, "RUN"))
+        assert re.search(r"apt-get install --yes --no-install-recommends tini=\S+", installs)
+        assert "rm -rf /var/lib/apt/lists/*" in installs
+        assert env_of(which)["TINI_SUBREAPER"] == "1"  # quiet under `docker run --init` too
+    # The image brings its own init: compose must not add a second one.
+    assert service("ctxpeft").get("init") in (None, False)
+
+
+def test_documented_docker_run_outlasts_the_drain(monkeypatch: pytest.MonkeyPatch) -> None:
+    drain = settings_from_env(env_of("cpu"), monkeypatch).drain_timeout_s
+    for which in DOCKERFILES:
+        header = DOCKERFILES[which].read_text().split("\nARG ", 1)[0]
+        (timeout,) = re.findall(r"docker run .*?--stop-timeout (\d+)", header, re.S)
+        assert int(timeout) >= drain + 5, which
 
 
 def test_images_run_as_a_numeric_non_root_user_that_owns_the_runtime_folder() -> None:
@@ -349,6 +456,7 @@ def test_commands_are_real_cli_invocations() -> None:
     for which in DOCKERFILES:
         (cmd,) = of(which, "CMD")
         assert cmd.json, "CMD must use the exec form (signals reach ctxpeft, not a shell)"
+        assert of(which, "ENTRYPOINT")[0].json
         assert cmd.value == ("ctxpeft", "serve")
         assert parser.parse_args(list(cmd.value[1:])).command == "serve"
         demo = next(r.value[0] for r in of(which, "RUN") if r.value[0].startswith("ctxpeft "))
@@ -376,8 +484,8 @@ def test_base_image_python_is_one_the_project_supports() -> None:
     for which in DOCKERFILES:
         version = args_of(which)["PYTHON_VERSION"]
         assert int(low) <= int(version.split(".")[1]) < int(high)
-        (base,) = of(which, "FROM")
-        assert base.value[0] == "python:${PYTHON_VERSION}-slim-bookworm"
+        bases = {stage[0].value[0] for stage in stages(which)}
+        assert bases == {"python:${PYTHON_VERSION}-slim-bookworm"}, which
 
 
 HADOLINT = shutil.which("hadolint") or shutil.which(

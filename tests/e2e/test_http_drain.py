@@ -12,12 +12,8 @@ the error shape, never a bare 500, and the server stops within its budget.
 
 from __future__ import annotations
 
-import json
-import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -45,82 +41,30 @@ from tests.e2e.conftest import (
     noise_png,
     scrape,
 )
-from tests.service.adapter_fixtures import put, random_adapter, tiny_backbone
+from tests.e2e.serve_process import ServedProcess, saved_tiny_service, serve_process
+from tests.service.adapter_fixtures import tiny_backbone
 
-REPO = Path(__file__).resolve().parents[2]
 DRAIN_TIMEOUT_S = 20.0
 IN_FLIGHT = 8  # four batches of two
-START_TIMEOUT_S = 120.0  # a cold interpreter imports torch and transformers first
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @pytest.fixture(scope="module")
-def served(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
-    """`ctxpeft serve` in a child process; yields (process, base URL, log file)."""
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedProcess]:
+    """`ctxpeft serve` in a child process (tests/e2e/serve_process.py), ready."""
     root = tmp_path_factory.mktemp("drain")
-    backbone_dir = root / "backbone"
-    tiny_backbone().save(backbone_dir)
-    put(AdapterStore(root / "adapters"), "acme", "news", random_adapter(tiny_backbone(), 1))
-    port = _free_port()
+    backbone_dir, store_dir = saved_tiny_service(root)
     env = {
-        **os.environ,
-        "PYTHONPATH": str(REPO),
-        "CTXPEFT_HOST": "127.0.0.1",
-        "CTXPEFT_PORT": str(port),
         "CTXPEFT_RUNTIME_DIR": str(root / "var"),
         "CTXPEFT_BACKBONE": str(backbone_dir),
-        "CTXPEFT_STORE_DIR": str(root / "adapters"),
-        "CTXPEFT_DEVICE": "cpu",
-        "CTXPEFT_KEYS": KEYS_JSON,
+        "CTXPEFT_STORE_DIR": str(store_dir),
         "CTXPEFT_DRAIN_TIMEOUT_S": str(DRAIN_TIMEOUT_S),
         # Two rows per batch and long captions: the requests take a few batches to finish.
         "CTXPEFT_MAX_BATCH_SIZE": "2",
         "CTXPEFT_MAX_NEW_TOKENS_LIMIT": "64",
-        "CTXPEFT_LOG_LEVEL": "info",
-        "HF_HUB_OFFLINE": "1",
-        # One intra-op thread: on a model this small a second one only synchronises, and on
-        # a busy machine it spins, making a batch many times slower (and the drain longer).
-        "OMP_NUM_THREADS": "1",
     }
-    log_path = root / "serve.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve"],
-            cwd=REPO,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_ready(process, url, log_path)
-        yield process, url, log_path
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=10)
-
-
-def _wait_ready(process: subprocess.Popen[bytes], url: str, log_path: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"ctxpeft serve exited with {process.returncode}:\n{log_path.read_text()}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    pytest.fail(f"ctxpeft serve was not ready within {START_TIMEOUT_S} s:\n{log_path.read_text()}")
+    with serve_process(root, env) as process:
+        process.wait_ready()
+        yield process
 
 
 def _caption(client: httpx.Client, seed: int, tokens: int) -> httpx.Response:
@@ -151,10 +95,8 @@ def _launch(
         time.sleep(0.005)
 
 
-def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(
-    served: tuple[subprocess.Popen[bytes], str, Path],
-) -> None:
-    process, url, log_path = served
+def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(served: ServedProcess) -> None:
+    process, url = served.process, served.url
     with (
         httpx.Client(base_url=url, timeout=DRAIN_TIMEOUT_S + 10) as client,
         ThreadPoolExecutor(IN_FLIGHT) as pool,
@@ -185,11 +127,11 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(
 
     returncode = process.wait(timeout=DRAIN_TIMEOUT_S + 10)
     took = time.monotonic() - signalled
-    assert returncode == 0, log_path.read_text()
+    assert returncode == 0, served.output()
     assert took < DRAIN_TIMEOUT_S, f"exit took {took:.1f} s"
 
     # JSON logs: the drain is logged, and every line is one JSON object.
-    lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    lines = served.json_lines()
     messages = [line["msg"] for line in lines]
     assert "drain started" in messages and "drain finished" in messages
     finished = next(line for line in lines if line["msg"] == "drain finished")

@@ -6,6 +6,9 @@ import io
 import json
 import logging
 import re
+import sys
+import threading
+import warnings
 from collections.abc import Iterator
 from typing import Annotated
 
@@ -320,6 +323,11 @@ def test_configure_logging_replaces_its_handler(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(root, "level", root.level)
     stream = io.StringIO()
     monkeypatch.setattr("sys.stderr", stream)
+    # configure_logging also routes warnings and uncaught exceptions: restore them afterwards.
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)
+    monkeypatch.setattr(threading, "excepthook", threading.excepthook)
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)
     configure_logging("debug", json=True)
     configure_logging("info", json=True)
     ours = [h for h in root.handlers if type(h).__name__ == "_ServiceHandler"]
