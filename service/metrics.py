@@ -48,6 +48,7 @@ REJECTION_REASONS = (
     "too_large",
     "unsupported_media_type",
 )
+SAMPLE_OUTCOMES = ("served", "rate_limited")  # GET /samples/random
 LOAD_TIERS = ("cpu", "device")  # where an adapter load lands
 RESIDENCY_TIERS = ("device", "cpu", "disk")
 
@@ -199,6 +200,14 @@ class ServiceMetrics:
             "ctxpeft_encoder_runs", "Images passed through the vision encoder.", registry=r
         )
 
+        # --- sample images (GET /samples/random, demo backbone only) ------------------------
+        self.samples = Counter(
+            "ctxpeft_samples",
+            "Sample images asked for at GET /samples/random, by outcome.",
+            ["outcome"],
+            registry=r,
+        )
+
         self.build_info = Gauge(
             "ctxpeft_build_info",
             "Always 1; labels name the running version, backbone and device.",
@@ -210,6 +219,8 @@ class ServiceMetrics:
         # rate() see them before the first event.
         for reason in REJECTION_REASONS:
             self.rejections.labels(reason=reason)
+        for outcome in SAMPLE_OUTCOMES:
+            self.samples.labels(outcome=outcome)
         for tier in LOAD_TIERS:
             self.adapter_loads.labels(tier=tier)
             self.adapter_load_seconds.labels(tier=tier)

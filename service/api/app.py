@@ -4,7 +4,8 @@
     app = create_app(settings, engine=engine)    # tests: an engine built in-process
 
 Middlewares (outermost first): request id, body size limit. Routers: caption, adapters,
-health (with /metrics and the web page). One error shape for every 4xx/5xx.
+health (with /metrics and the web page), info and samples (what the page reads). One error
+shape for every 4xx/5xx.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from fastapi_offline import FastAPIOffline
 from service import __version__
 from service.api.errors import install_error_handlers
 from service.api.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
-from service.api.routes import adapters, caption, health
+from service.api.routes import adapters, caption, health, info, samples
 from service.api.state import ServiceState
 from service.auth import KeyStore
 from service.engine import Engine
@@ -78,6 +79,8 @@ def create_app(
     app.include_router(caption.router)
     app.include_router(adapters.router)
     app.include_router(health.router)
+    app.include_router(info.router)
+    app.include_router(samples.router)
     # add_middleware wraps: the last added is outermost, so the request id covers the 413.
     app.add_middleware(
         BodySizeLimitMiddleware,
