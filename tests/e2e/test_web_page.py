@@ -22,7 +22,9 @@ import json
 import os
 import re
 import shutil
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -31,6 +33,9 @@ from PIL import Image
 from playwright.sync_api import Browser, FilePayload, Page, Route, expect, sync_playwright
 
 from adapters.backbone import Backbone
+from service.api.app import create_app
+from service.engine import Engine, EngineConfig
+from service.metrics import ServiceMetrics
 from service.store import AdapterStore
 from tests.e2e.conftest import (
     ACME_ADMIN,
@@ -43,6 +48,7 @@ from tests.e2e.conftest import (
     scrape,
 )
 from tests.service.adapter_fixtures import put, random_adapter, tiny_backbone
+from tests.service.live_server import live_server
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = [
@@ -118,7 +124,9 @@ def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+@contextmanager
 def page_at(browser: Browser, url: str) -> Iterator[Page]:
+    """A fresh page (its own browser context: no stored key) at the service's /."""
     context = browser.new_context(viewport={"width": 960, "height": 900})
     page = context.new_page()
     page.goto(f"{url}/")
@@ -128,17 +136,20 @@ def page_at(browser: Browser, url: str) -> Iterator[Page]:
 
 @pytest.fixture
 def page(browser: Browser, service: Service) -> Iterator[Page]:
-    yield from page_at(browser, service.url)
+    with page_at(browser, service.url) as page:
+        yield page
 
 
 @pytest.fixture
 def open_page(browser: Browser, open_service: Service) -> Iterator[Page]:
-    yield from page_at(browser, open_service.url)
+    with page_at(browser, open_service.url) as page:
+        yield page
 
 
 @pytest.fixture
 def demo_page(browser: Browser, demo_service: Service) -> Iterator[Page]:
-    yield from page_at(browser, demo_service.url)
+    with page_at(browser, demo_service.url) as page:
+        yield page
 
 
 def api_caption(url: str, adapter: str, image: bytes = IMAGE, key: str | None = ACME_ADMIN) -> str:
@@ -445,6 +456,41 @@ def test_usable_with_the_keyboard_alone(demo_page: Page, demo_service: Service) 
     expect(page.locator("#announce")).to_have_text(
         f"colors: {captions['colors']}. count: {captions['count']}."
     )
+
+
+# --- while the backbone loads ----------------------------------------------------------------
+def test_a_page_opened_while_the_backbone_loads_fills_in_once_it_is_ready(
+    browser: Browser, open_service: Service
+) -> None:
+    """`make run` prints its address before the backbone is loaded: a page opened then says so,
+    and lists the adapters and preselects the default by itself once the service is ready."""
+    gate = threading.Event()
+    settings = open_service.settings
+
+    def slow_engine(metrics: ServiceMetrics) -> Engine:
+        gate.wait(timeout=120)
+        store = AdapterStore(settings.resolved_store_dir())
+        return Engine(tiny_backbone(), store, EngineConfig.from_settings(settings), metrics)
+
+    metrics = ServiceMetrics(backbone=settings.backbone)
+    app = create_app(settings, metrics=metrics, engine_factory=slow_engine)
+    with live_server(app) as url, page_at(browser, url) as page:
+        try:
+            expect(page.locator("#adapter-hint")).to_have_text(
+                "The service is still loading its backbone: the adapters appear here when it "
+                "is ready."
+            )
+            expect(page.locator("#sample")).to_be_hidden()
+            assert ticked(page) == []
+        finally:
+            gate.set()  # never leave the loader waiting, whatever failed above
+        expect(page.locator("#adapter-hint")).to_have_text("2 available")
+        assert ticked(page) == ["zeta"]
+        choose(page)
+        page.click("#submit")
+        expect(page.locator(f"{card(page, 'zeta')} .caption")).to_have_text(
+            api_caption(open_service.url, "zeta", key=None)
+        )
 
 
 # --- errors and other ways in ---------------------------------------------------------------
