@@ -222,7 +222,10 @@ def test_fresh_page_first_click_captions_with_the_services_default(
     expect(caption).to_have_text(api_caption(open_service.url, "zeta", key=None))
     expect(page.locator("#error")).to_be_empty()
     meta = page.locator(f"{card(page, 'zeta')} .meta").text_content() or ""
-    assert re.fullmatch(r"4 tokens · encode [\d.]+ ms · generate [\d.]+ ms · total [\d.]+ ms", meta)
+    assert re.fullmatch(
+        r"4 tokens · queue [\d.]+ ms · encode [\d.]+ ms · generate [\d.]+ ms · total [\d.]+ ms",
+        meta,
+    )
     assert page.text_content(f"{card(page, 'zeta')} h3") == "zeta · v1"
     assert re.fullmatch(r"request id: [0-9a-f]{32}", page.text_content("#request-id") or "")
     page.screenshot(path=shots / "1-first-click.png", full_page=True)
