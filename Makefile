@@ -45,7 +45,7 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/ctxpeft demo
 
 run: demo
-	HF_HUB_OFFLINE=1 $(VENV)/bin/ctxpeft serve
+	HF_HUB_OFFLINE=1 $(VENV)/bin/ctxpeft serve --default-adapter describe
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run_all

@@ -50,6 +50,7 @@ REJECTION_REASONS = (
 )
 # Stages of the engine where an exception is contained (ctxpeft_engine_faults_total).
 FAULT_STAGES = ("bind", "encode", "prefill", "decode", "deliver", "loop")
+SAMPLE_OUTCOMES = ("served", "rate_limited")  # GET /samples/random
 LOAD_TIERS = ("cpu", "device")  # where an adapter load lands
 RESIDENCY_TIERS = ("device", "cpu", "disk")
 
@@ -229,6 +230,14 @@ class ServiceMetrics:
             "ctxpeft_encoder_runs", "Images passed through the vision encoder.", registry=r
         )
 
+        # --- sample images (GET /samples/random, demo backbone only) ------------------------
+        self.samples = Counter(
+            "ctxpeft_samples",
+            "Sample images asked for at GET /samples/random, by outcome.",
+            ["outcome"],
+            registry=r,
+        )
+
         self.build_info = Gauge(
             "ctxpeft_build_info",
             "Always 1; labels name the running version, backbone and device.",
@@ -242,6 +251,8 @@ class ServiceMetrics:
             self.rejections.labels(reason=reason)
         for stage in FAULT_STAGES:
             self.engine_faults.labels(stage=stage)
+        for outcome in SAMPLE_OUTCOMES:
+            self.samples.labels(outcome=outcome)
         for tier in LOAD_TIERS:
             self.adapter_loads.labels(tier=tier)
             self.adapter_load_seconds.labels(tier=tier)

@@ -4,8 +4,8 @@
     app = create_app(settings, engine=engine)    # tests: an engine built in-process
 
 Middlewares (outermost first): request id, body size limit. Routers: caption, adapters,
-health (with /metrics and the web page), openai (/v1). One error shape for every 4xx/5xx;
-OpenAI's under /v1.
+health (with /metrics and the web page), info and samples (what the page reads), openai
+(/v1). One error shape for every 4xx/5xx; OpenAI's under /v1.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from service import __version__
 from service.api.errors import add_error_shape, install_error_handlers
 from service.api.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
 from service.api.openai_schemas import OPENAI_PREFIX, openai_error_content
-from service.api.routes import adapters, caption, health, openai
+from service.api.routes import adapters, caption, health, info, openai, samples
 from service.api.state import ServiceState
 from service.auth import KeyStore
 from service.engine import Engine
@@ -86,6 +86,8 @@ def create_app(
     app.include_router(adapters.router)
     app.include_router(health.router)
     app.include_router(openai.router)
+    app.include_router(info.router)
+    app.include_router(samples.router)
     # add_middleware wraps: the last added is outermost, so the request id covers the 413.
     app.add_middleware(
         BodySizeLimitMiddleware,

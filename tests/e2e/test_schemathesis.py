@@ -25,6 +25,8 @@ OPERATIONS = [
     ("GET", "/healthz"),
     ("GET", "/readyz"),
     ("GET", "/metrics"),
+    ("GET", "/info"),
+    ("GET", "/samples/random"),
 ]
 
 

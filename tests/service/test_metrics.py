@@ -32,6 +32,7 @@ FAMILIES = {
     "ctxpeft_rejections": "counter",
     "ctxpeft_queue_depth": "gauge",
     "ctxpeft_inflight_requests": "gauge",
+    "ctxpeft_samples": "counter",
     "ctxpeft_build_info": "gauge",
 }
 
