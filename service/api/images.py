@@ -31,10 +31,12 @@ that (`ImageLimits.decode_bound_bytes`, docs/OPERATIONS.md).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import io
 import threading
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 from PIL import Image
@@ -68,6 +70,34 @@ class ImageLimits:
         """The most memory decoding may take at once in this process (module docstring)."""
         working = 16 * (2 * self.decode_side) ** 2
         return self.max_concurrent_decodes * (BYTES_PER_PIXEL * self.max_pixels + working)
+
+
+# After decoding an image this large, freed memory is handed back to the OS (see below).
+TRIM_AFTER_PIXELS = 1_000_000
+
+
+def _find_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim: Callable[[int], int] = libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to do
+        return None
+    return trim
+
+
+_MALLOC_TRIM = _find_malloc_trim()
+
+
+def return_freed_memory() -> None:
+    """Give the pages of freed heap memory back to the OS (glibc's malloc_trim).
+
+    Pillow frees a decoded image, but glibc keeps large freed blocks in the arena of the
+    thread that freed them, and decodes run on whichever worker thread the caller used: under
+    a flood, every thread's arena would hold a decoded image's worth of dead memory (measured:
+    peak RSS +753 MB for 24 maximum-size PNGs with 2 decodes at a time, against +314 MB with
+    this). A no-op where the C library has no malloc_trim."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 # One gate per concurrency limit, shared by every caller in the process: decoding memory is
@@ -145,6 +175,10 @@ def decode_image(data: bytes, limits: ImageLimits | None = None) -> DecodedImage
                 raise ApiError(
                     400, "invalid_image", f"the {image_format} image is truncated or corrupt"
                 ) from exc
+            finally:
+                image.close()  # frees the full-size pixels before the next decode starts
+                if image.width * image.height >= TRIM_AFTER_PIXELS:
+                    return_freed_memory()
     return DecodedImage(
         rgb=rgb,
         format=image_format,
