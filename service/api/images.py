@@ -2,6 +2,7 @@
 
     limits = ImageLimits.from_settings(settings)
     image = decode_image(raw_bytes, limits)   # raises ApiError 400 / 413 / 415
+    image = await decode_image_async(raw_bytes, limits)   # the same, from async code
     image.rgb, image.format, image.width, image.height, image.sha256
 
 The client's Content-Type and file name are ignored: the format is sniffed from magic bytes.
@@ -11,7 +12,9 @@ only the header), with this call's limits rather than Pillow's process-wide
 
 Decoding memory is bounded twice over:
 - at most `max_concurrent_decodes` images decode at once in the process (one gate per value
-  of that limit; callers beyond it wait in `decode_image`);
+  of that limit; callers beyond it wait in `decode_image`). From async code use
+  `decode_image_async`: it waits for its turn on the event loop, so that a flood of uploads
+  does not occupy the worker-thread pool other endpoints need;
 - an image is reduced to what the encoder needs while it decodes: a JPEG by DCT scaling
   (`draft`), every format by an integer box reduction per axis (`reduce`) before any mode
   conversion or alpha flattening, so that no full-size RGB copy is ever made. Each axis keeps
@@ -31,15 +34,18 @@ that (`ImageLimits.decode_bound_bytes`, docs/OPERATIONS.md).
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import ctypes.util
 import hashlib
 import io
 import threading
+import weakref
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 from PIL import Image
+from starlette.concurrency import run_in_threadpool
 
 from service.api.errors import ApiError
 from service.settings import IMAGE_FORMATS, Settings
@@ -140,6 +146,25 @@ def sniff_format(data: bytes) -> str | None:
         if dib_size in (12, 16, 40, 52, 56, 64, 108, 124):
             return "BMP"
     return None
+
+
+# Per event loop (a semaphore belongs to one loop) and per limit: where requests wait.
+_ASYNC_GATES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[int, asyncio.Semaphore]]
+_ASYNC_GATES = weakref.WeakKeyDictionary()
+
+
+async def decode_image_async(data: bytes, limits: ImageLimits | None = None) -> DecodedImage:
+    """`decode_image` in a worker thread, entered only when a decode place is free: callers
+    beyond `max_concurrent_decodes` wait on the event loop, not in a thread."""
+    limits = limits or ImageLimits()
+    gates = _ASYNC_GATES.setdefault(asyncio.get_running_loop(), {})
+    gate = gates.get(limits.max_concurrent_decodes)
+    if gate is None:
+        gate = gates[limits.max_concurrent_decodes] = asyncio.Semaphore(
+            limits.max_concurrent_decodes
+        )
+    async with gate:
+        return await run_in_threadpool(decode_image, data, limits)
 
 
 def decode_image(data: bytes, limits: ImageLimits | None = None) -> DecodedImage:

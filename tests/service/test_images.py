@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import struct
@@ -360,6 +361,40 @@ def test_at_most_max_concurrent_decodes_run_at_once(monkeypatch: pytest.MonkeyPa
         thread.join(timeout=30)
     assert len(results) == 8 and peak[0] == 3
     assert all(r.rgb.size == (48, 32) for r in results)
+
+
+def test_async_callers_wait_on_the_loop_not_in_worker_threads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Eight async decodes with a limit of 2: only two ever enter a worker thread until they
+    finish, so a flood cannot occupy the thread pool other endpoints use."""
+    import service.api.images as images
+
+    entered: list[int] = []
+    release = threading.Event()
+    real = images.decode_image
+
+    def counting(data: bytes, limits: ImageLimits | None = None) -> DecodedImage:
+        entered.append(1)
+        release.wait(timeout=30)
+        return real(data, limits)
+
+    monkeypatch.setattr(images, "decode_image", counting)
+    limits = ImageLimits(max_concurrent_decodes=2)
+    data = encode(sample(), "PNG")
+
+    async def flood() -> list[DecodedImage]:
+        tasks = [asyncio.create_task(images.decode_image_async(data, limits)) for _ in range(8)]
+        deadline = time.monotonic() + 30
+        while len(entered) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(0.05)  # every chance for a third to enter a thread (it must not)
+        assert len(entered) == 2
+        release.set()
+        return await asyncio.gather(*tasks)
+
+    results = asyncio.run(flood())
+    assert len(entered) == 8 and all(r.rgb.size == (48, 32) for r in results)
 
 
 def test_a_failed_decode_gives_its_place_back() -> None:
