@@ -18,8 +18,9 @@ Invariants:
 - The CPU tier never holds more than `budget_bytes`: the loader starts a disk read only when
   the set fits beside the CPU copies pinned by waiting requests, evicting unpinned ones least
   recently used first (every use touches an entry: want, a ready check, a bind, also of a
-  version already in a slot). An upload's set enters at the cold end: it has served nobody
-  yet, so it never displaces an entry that has ahead of a colder one. (One exception keeps
+  version already in a slot), so an upload evicts another tenant's hot entry only after every
+  colder one, and never a pinned one. The upload's own set enters at the cold end: it has
+  served nobody yet, so it is the next to go. (One exception keeps
   progress possible: a set larger than the whole budget is loaded when nothing else is
   pinned, and evicted as soon as its requests have been bound.)
 - Load failures: a version that fails validation (or does not fit the bank) is failed for
@@ -420,11 +421,15 @@ class AdapterCache(Generic[K]):
         copies: list[tuple[K, int, AdapterSet]] = []
         with self._cond:
             self._tick += 1
+            # Resident keys first: their slots are used this call, so no other key of the
+            # call takes one of them as its victim.
             for key in rows:
                 if key in self._slot_of:
                     slots[key] = self._slot_of[key]
                     self._last_used[slots[key]] = self._tick
                     self._touch(key)
+            for key in rows:
+                if key in slots:
                     continue
                 entry = self._cpu.get(key)
                 slot = self._free_slot() if entry is not None else None

@@ -149,7 +149,7 @@ def test_a_failing_copy_fails_that_version_alone_and_leaves_its_slot_empty(
     registry = registries(slots=3, metrics=metrics)
     cache, bank = registry.cache, registry.cache.bank
     assert isinstance(bank, FaultyBank)
-    a0, a1, a2, a3 = loaded(registry, store, 4)
+    a0, a1, a2, a3, a4 = loaded(registry, store, 5)
     # Earlier steps: a0 in slot 0, then a2 and a3 in slots 1 and 2; nothing pins them now.
     first, _, _ = cache.bind([a0])
     cache.release(first, [a0])
@@ -157,21 +157,22 @@ def test_a_failing_copy_fails_that_version_alone_and_leaves_its_slot_empty(
     cache.release(second, [a2, a3])
     assert (first[a0], second[a2], second[a3]) == (0, 1, 2)
 
-    # The next step: a1 (whose copy raises) takes the least recently used slot, a0's; a2 is
-    # resident; a0, asked for again after the failure, is copied into a3's slot.
+    # The next step: a2 is resident; a1 (whose copy raises) takes the least recently used
+    # slot, a0's; a4, after the failure, takes a3's.
     bank.fail_for[id(cpu_copy(cache, a1))] = error
-    slots, failed, missing = cache.bind([a1, a2, a2, a0, a1])
+    slots, failed, missing = cache.bind([a1, a2, a2, a4, a1])
 
     assert set(failed) == {a1}
     assert isinstance(failed[a1], AdapterLoadError)
-    assert slots == {a2: 1, a0: 2} and missing == []
+    assert slots == {a2: 1, a4: 2} and missing == []
     assert cache.slot_of(a1) is None  # never mapped
-    assert cache.slot_of(a3) is None  # unmapped before its slot was overwritten
-    assert_slot_is_empty(bank, 0)  # a1's half-done slot: cleared, not a0's old weights
+    assert cache.slot_of(a0) is None  # unmapped before its slot was overwritten
+    assert cache.slot_of(a3) is None
+    assert_slot_is_empty(bank, 0)  # a1's written-then-failed slot: cleared, not stale
     assert_slot_holds(bank, 1, cpu_copy(cache, a2))
-    assert_slot_holds(bank, 2, cpu_copy(cache, a0))
+    assert_slot_holds(bank, 2, cpu_copy(cache, a4))
     assert [cache.pins(s) for s in range(3)] == [0, 2, 1]
-    cache.release(slots, [a2, a2, a0])
+    cache.release(slots, [a2, a2, a4])
     assert [cache.pins(s) for s in range(3)] == [0, 0, 0]  # no pin leaked
     reason = "invalid" if isinstance(error, BankError) else failure_reason(error)
     assert failures(metrics, "device", reason) == 1
@@ -209,6 +210,22 @@ def test_a_slot_whose_clear_also_fails_is_never_mapped(
     assert failed == {}
     assert_slot_holds(bank, again[a0], cpu_copy(cache, a0))
     cache.release(again, [a0])
+
+
+def test_a_resident_key_is_never_the_victim_of_another_key_of_the_same_call(
+    registries: Callable[..., AdapterRegistry], store: AdapterStore
+) -> None:
+    registry = registries(slots=2)
+    cache = registry.cache
+    a0, a1, a2 = loaded(registry, store, 3)
+    for keys in ([a0], [a1]):  # a0 is the least recently used slot
+        slots, _, _ = cache.bind(keys)
+        cache.release(slots, keys)
+    loads = cache.stats().device_loads
+    slots, _, missing = cache.bind([a2, a0])  # a2 comes first, but a0 is resident
+    assert slots == {a0: 0, a2: 1} and missing == []
+    assert cache.stats().device_loads == loads + 1  # a0 was not evicted and copied back
+    cache.release(slots, [a2, a0])
 
 
 def test_no_free_slot_sends_the_key_back_instead_of_raising(
