@@ -25,8 +25,10 @@ import json
 import math
 import re
 from pathlib import Path
+from typing import Annotated
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -34,9 +36,13 @@ from adapters.adapter_set import AdapterSet, tensor_shapes
 from adapters.backbone import LMDims
 from adapters.config import (
     AGNOSTIC,
+    MAX_CONFIG_BYTES,
+    MAX_CONFIG_DEPTH,
+    MAX_RANK,
     AdapterConfig,
     AdapterConfigError,
     ConnectorSpec,
+    json_depth,
     resolve_targets,
 )
 
@@ -201,6 +207,49 @@ def check_tensors(
 
 
 # --- PEFT import ----------------------------------------------------------------------
+class PeftLoraConfig(BaseModel):
+    """The fields of a PEFT adapter_config.json that the import reads, typed and ranged
+    (PEFT writes many more; they are ignored)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    peft_type: StrictStr = "LORA"
+    r: Annotated[int, Field(strict=True, ge=1, le=MAX_RANK)]
+    lora_alpha: Annotated[float, Field(strict=True, allow_inf_nan=False, gt=0, le=1e6)] | None = (
+        None
+    )
+    use_rslora: StrictBool = False
+    fan_in_fan_out: StrictBool = False
+    base_model_name_or_path: Annotated[str, Field(max_length=500)] | None = None
+
+
+def read_peft_config(path: Path) -> PeftLoraConfig:
+    """A PEFT LoRA adapter_config.json, bounded like ours before parsing; raises
+    AdapterFormatError naming the field."""
+    with open(path, "rb") as handle:
+        raw = handle.read(MAX_CONFIG_BYTES + 1)
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise AdapterFormatError(f"the PEFT {path.name} is larger than {MAX_CONFIG_BYTES} bytes")
+    if json_depth(raw, stop_above=MAX_CONFIG_DEPTH) > MAX_CONFIG_DEPTH:
+        raise AdapterFormatError(f"the PEFT {path.name} nests deeper than {MAX_CONFIG_DEPTH}")
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise AdapterFormatError(f"the PEFT {path.name} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise AdapterFormatError(f"the PEFT {path.name} must hold a JSON object")
+    if data.get("peft_type", "LORA") != "LORA":
+        raise AdapterFormatError(f"only PEFT LoRA can be imported, got {data.get('peft_type')}")
+    try:
+        return PeftLoraConfig.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise AdapterFormatError(
+            f"invalid PEFT {path.name}: {where}: {first['msg']}", where
+        ) from None
+
+
 _PEFT_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
 
 
@@ -227,14 +276,12 @@ def import_peft_lora(
         raise AdapterFormatError(
             "a PEFT LoRA folder needs adapter_config.json and adapter_model.safetensors"
         )
-    peft = json.loads(cfg_path.read_text())
-    if peft.get("peft_type", "LORA") != "LORA":
-        raise AdapterFormatError(f"only PEFT LoRA can be imported, got {peft.get('peft_type')}")
-    if peft.get("fan_in_fan_out"):
+    peft = read_peft_config(cfg_path)
+    if peft.fan_in_fan_out:
         raise AdapterFormatError("fan_in_fan_out LoRA (Conv1D models) is not a Llama-family layout")
-    rank = int(peft["r"])
-    alpha = float(peft.get("lora_alpha", rank))
-    if peft.get("use_rslora"):
+    rank = peft.r
+    alpha = float(peft.lora_alpha if peft.lora_alpha is not None else rank)
+    if peft.use_rslora:
         # rsLoRA scales by alpha / sqrt(r); ours is alpha / r, so the equivalent alpha is alpha * sqrt(r).
         alpha = alpha * math.sqrt(rank)
     raw = load_file(str(weights))
@@ -260,7 +307,7 @@ def import_peft_lora(
         alpha=alpha,
         targets=resolve_targets("lora", sorted(targets)),
         num_layers=dims.num_layers,
-        description=f"imported from PEFT LoRA ({peft.get('base_model_name_or_path') or 'unknown base'})",
+        description=f"imported from PEFT LoRA ({peft.base_model_name_or_path or 'unknown base'})",
     )
     fresh = AdapterSet.initialise(config, dims, seed=seed).tensors()
     source = connector_from.tensors() if connector_from is not None else fresh

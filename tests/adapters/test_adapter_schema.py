@@ -6,6 +6,7 @@ the served ones, and folders already in a store judged by the rules they were st
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from adapters.format import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     AdapterFormatError,
+    import_peft_lora,
     parse_config,
     read_config,
     save_adapter,
@@ -334,3 +336,28 @@ def test_an_os_error_is_not_a_validation_error(
     with pytest.raises(OSError, match="Input/output error") as error:
         validate_folder(folder, backbone.dims)
     assert not isinstance(error.value, AdapterFormatError)
+
+
+# --- the other external config: a PEFT LoRA folder's, on import --------------------------------
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"peft_type": "LORA", "r": "8"}, "invalid PEFT adapter_config.json: r: Input should"),
+        ({"peft_type": "LORA", "r": 0}, "r: Input should be greater than or equal to 1"),
+        ({"r": 8, "lora_alpha": "16"}, "lora_alpha: Input should be a valid number"),
+        ({"r": 8, "use_rslora": "yes"}, "use_rslora: Input should be a valid boolean"),
+        ({"lora_alpha": 16}, "r: Field required"),
+        ({"peft_type": "IA3", "r": 4}, "only PEFT LoRA can be imported, got IA3"),
+        ([1, 2], "must hold a JSON object"),
+    ],
+)
+def test_peft_configs_are_typed_too(
+    tmp_path: Path, backbone: Backbone, config: object, message: str
+) -> None:
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "adapter_model.safetensors"))
+    with pytest.raises(AdapterFormatError, match=re.escape(message)):
+        import_peft_lora(tmp_path, backbone.dims, backbone.fingerprint(), backbone.vision_dim)
+    (tmp_path / "adapter_config.json").write_bytes(b"[" * 100_000)
+    with pytest.raises(AdapterFormatError, match="larger than 65536 bytes"):
+        import_peft_lora(tmp_path, backbone.dims, backbone.fingerprint(), backbone.vision_dim)
