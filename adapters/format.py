@@ -5,8 +5,18 @@
         adapter.safetensors      tensors named as in `adapters.adapter_set` (weights only)
 
 Loading validates everything before a set can be served and rejects with a message that says
-what is wrong: pickle files, unknown/missing tensors, shapes or targets that do not match the
-backbone, a different base fingerprint, a rank above the bank's maximum, non-finite values.
+what is wrong: pickle files, an adapter_config.json outside its schema (`AdapterConfig`,
+naming the field), unknown/missing tensors, shapes or targets that do not match the backbone,
+a different base fingerprint, a rank above the bank's maximum, tensor dtypes the service does
+not serve, non-finite values.
+
+    adapter = validate_folder(folder, backbone.dims, fingerprint=..., max_rank=...)  # or raises
+    config = read_config(folder)                                  # the config alone
+
+Validation failures raise `AdapterFormatError`; an OSError (the disk, not the folder's
+content) propagates as it is, so that a caller can tell "invalid" (final) from "could not be
+read now" (worth a retry). `stored=True` reads a folder already in a store by the rules it was
+accepted under (see `AdapterConfig.from_dict`); uploads and offline checks use the default.
 """
 
 from __future__ import annotations
@@ -15,14 +25,26 @@ import json
 import math
 import re
 from pathlib import Path
+from typing import Annotated
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from adapters.adapter_set import AdapterSet, tensor_shapes
 from adapters.backbone import LMDims
-from adapters.config import AGNOSTIC, AdapterConfig, ConnectorSpec, resolve_targets
+from adapters.config import (
+    AGNOSTIC,
+    MAX_CONFIG_BYTES,
+    MAX_CONFIG_DEPTH,
+    MAX_RANK,
+    AdapterConfig,
+    AdapterConfigError,
+    ConnectorSpec,
+    json_depth,
+    resolve_targets,
+)
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter.safetensors"
@@ -30,8 +52,20 @@ WEIGHTS_FILE = "adapter.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".npy", ".npz", ".joblib")
 
 
+# The tensor dtypes the service computes in (Settings.dtype); anything else is refused at
+# upload. Folders already stored were accepted by older builds with any floating dtype: those
+# that could serve (float64 too; float8 never passed the finite check) still load.
+SERVED_DTYPES: frozenset[torch.dtype] = frozenset({torch.float32, torch.float16, torch.bfloat16})
+STORED_DTYPES: frozenset[torch.dtype] = SERVED_DTYPES | {torch.float64}
+
+
 class AdapterFormatError(ValueError):
-    """An adapter folder is invalid; the message says why."""
+    """An adapter folder is invalid; the message says why. `field` names the config field at
+    fault when there is one (e.g. "alpha", "connector.in_features")."""
+
+    def __init__(self, message: str, field: str = "") -> None:
+        super().__init__(message)
+        self.field = field
 
 
 def save_adapter(adapter: AdapterSet, folder: Path) -> None:
@@ -46,22 +80,38 @@ def save_adapter(adapter: AdapterSet, folder: Path) -> None:
     )
 
 
-def load_adapter(
+def validate_folder(
     folder: Path,
     dims: LMDims,
     fingerprint: str | None = None,
     max_rank: int | None = None,
     vision_dim: int | None = None,
+    connector: ConnectorSpec | None = None,
+    stored: bool = False,
 ) -> AdapterSet:
-    """Read and validate an adapter folder against a backbone (`dims`, `fingerprint`)."""
-    config = read_config(folder)
-    check_compatible(config, dims, fingerprint, max_rank, vision_dim)
+    """Read and validate an adapter folder against a backbone (`dims`, and when given its
+    `fingerprint`, the bank's `max_rank`, the encoder's `vision_dim`, the bank's `connector`).
+    The check an upload gets; raises AdapterFormatError (OSError when the disk fails)."""
+    config = read_config(folder, stored=stored)
+    check_compatible(config, dims, fingerprint, max_rank, vision_dim, connector)
     tensors = _read_tensors(folder)
-    check_tensors(config, dims, tensors)
+    check_tensors(config, dims, tensors, stored=stored)
     return AdapterSet(config, dims, tensors)
 
 
-def read_config(folder: Path) -> AdapterConfig:
+load_adapter = validate_folder  # the older name
+
+
+def parse_config(raw: bytes, stored: bool = False) -> AdapterConfig:
+    """adapter_config.json bytes as an AdapterConfig (size and nesting bounded before
+    parsing); raises AdapterFormatError naming the field."""
+    try:
+        return AdapterConfig.from_json(raw, stored=stored)
+    except AdapterConfigError as exc:
+        raise AdapterFormatError(f"invalid {CONFIG_FILE}: {exc}", exc.field) from None
+
+
+def read_config(folder: Path, stored: bool = False) -> AdapterConfig:
     if not folder.is_dir():
         raise AdapterFormatError(f"adapter folder {folder} does not exist")
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
@@ -72,9 +122,9 @@ def read_config(folder: Path) -> AdapterConfig:
     if not (folder / CONFIG_FILE).is_file():
         raise AdapterFormatError(f"missing {CONFIG_FILE} in {folder.name}")
     try:
-        return AdapterConfig.load(folder / CONFIG_FILE)
-    except (ValueError, TypeError, KeyError) as exc:
-        raise AdapterFormatError(f"invalid {CONFIG_FILE}: {exc}") from exc
+        return AdapterConfig.load(folder / CONFIG_FILE, stored=stored)
+    except AdapterConfigError as exc:
+        raise AdapterFormatError(f"invalid {CONFIG_FILE}: {exc}", exc.field) from None
 
 
 def check_compatible(
@@ -83,6 +133,7 @@ def check_compatible(
     fingerprint: str | None,
     max_rank: int | None,
     vision_dim: int | None = None,
+    connector: ConnectorSpec | None = None,
 ) -> None:
     if fingerprint is not None and config.base_fingerprint != fingerprint:
         raise AdapterFormatError(
@@ -105,6 +156,10 @@ def check_compatible(
         raise AdapterFormatError(
             f"connector takes {config.connector.in_features} features, the vision encoder gives {vision_dim}"
         )
+    if connector is not None and config.connector != connector:
+        raise AdapterFormatError(
+            f"connector {config.connector} does not match this backbone's {connector}"
+        )
 
 
 def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -113,11 +168,20 @@ def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
         raise AdapterFormatError(f"missing {WEIGHTS_FILE} in {folder.name}")
     try:
         return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
+    except (SafetensorError, ValueError) as exc:  # an OSError is the disk's: not wrapped
         raise AdapterFormatError(f"{WEIGHTS_FILE} is not a valid safetensors file: {exc}") from exc
 
 
-def check_tensors(config: AdapterConfig, dims: LMDims, tensors: dict[str, torch.Tensor]) -> None:
+def check_dtype(name: str, tensor: torch.Tensor, stored: bool = False) -> None:
+    """Refuse dtypes the service does not serve (a stored folder: also float64)."""
+    if tensor.dtype not in (STORED_DTYPES if stored else SERVED_DTYPES):
+        served = ", ".join(sorted(str(d).removeprefix("torch.") for d in SERVED_DTYPES))
+        raise AdapterFormatError(f"{name} has dtype {tensor.dtype}; expected one of {served}")
+
+
+def check_tensors(
+    config: AdapterConfig, dims: LMDims, tensors: dict[str, torch.Tensor], stored: bool = False
+) -> None:
     expected = tensor_shapes(config, dims)
     unknown = sorted(set(tensors) - set(expected))
     if unknown:
@@ -137,15 +201,55 @@ def check_tensors(config: AdapterConfig, dims: LMDims, tensors: dict[str, torch.
             raise AdapterFormatError(
                 f"shape mismatch for {name}: file has {tuple(tensor.shape)}, backbone needs {shape}"
             )
-        if not tensor.is_floating_point():
-            raise AdapterFormatError(
-                f"{name} has dtype {tensor.dtype}; expected a floating-point tensor"
-            )
+        check_dtype(name, tensor, stored)
         if not bool(torch.isfinite(tensor).all()):
             raise AdapterFormatError(f"non-finite values (NaN or Inf) in {name}")
 
 
 # --- PEFT import ----------------------------------------------------------------------
+class PeftLoraConfig(BaseModel):
+    """The fields of a PEFT adapter_config.json that the import reads, typed and ranged
+    (PEFT writes many more; they are ignored)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    peft_type: StrictStr = "LORA"
+    r: Annotated[int, Field(strict=True, ge=1, le=MAX_RANK)]
+    lora_alpha: Annotated[float, Field(strict=True, allow_inf_nan=False, gt=0, le=1e6)] | None = (
+        None
+    )
+    use_rslora: StrictBool = False
+    fan_in_fan_out: StrictBool = False
+    base_model_name_or_path: Annotated[str, Field(max_length=500)] | None = None
+
+
+def read_peft_config(path: Path) -> PeftLoraConfig:
+    """A PEFT LoRA adapter_config.json, bounded like ours before parsing; raises
+    AdapterFormatError naming the field."""
+    with open(path, "rb") as handle:
+        raw = handle.read(MAX_CONFIG_BYTES + 1)
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise AdapterFormatError(f"the PEFT {path.name} is larger than {MAX_CONFIG_BYTES} bytes")
+    if json_depth(raw, stop_above=MAX_CONFIG_DEPTH) > MAX_CONFIG_DEPTH:
+        raise AdapterFormatError(f"the PEFT {path.name} nests deeper than {MAX_CONFIG_DEPTH}")
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise AdapterFormatError(f"the PEFT {path.name} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise AdapterFormatError(f"the PEFT {path.name} must hold a JSON object")
+    if data.get("peft_type", "LORA") != "LORA":
+        raise AdapterFormatError(f"only PEFT LoRA can be imported, got {data.get('peft_type')}")
+    try:
+        return PeftLoraConfig.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise AdapterFormatError(
+            f"invalid PEFT {path.name}: {where}: {first['msg']}", where
+        ) from None
+
+
 _PEFT_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
 
 
@@ -172,14 +276,12 @@ def import_peft_lora(
         raise AdapterFormatError(
             "a PEFT LoRA folder needs adapter_config.json and adapter_model.safetensors"
         )
-    peft = json.loads(cfg_path.read_text())
-    if peft.get("peft_type", "LORA") != "LORA":
-        raise AdapterFormatError(f"only PEFT LoRA can be imported, got {peft.get('peft_type')}")
-    if peft.get("fan_in_fan_out"):
+    peft = read_peft_config(cfg_path)
+    if peft.fan_in_fan_out:
         raise AdapterFormatError("fan_in_fan_out LoRA (Conv1D models) is not a Llama-family layout")
-    rank = int(peft["r"])
-    alpha = float(peft.get("lora_alpha", rank))
-    if peft.get("use_rslora"):
+    rank = peft.r
+    alpha = float(peft.lora_alpha if peft.lora_alpha is not None else rank)
+    if peft.use_rslora:
         # rsLoRA scales by alpha / sqrt(r); ours is alpha / r, so the equivalent alpha is alpha * sqrt(r).
         alpha = alpha * math.sqrt(rank)
     raw = load_file(str(weights))
@@ -205,7 +307,7 @@ def import_peft_lora(
         alpha=alpha,
         targets=resolve_targets("lora", sorted(targets)),
         num_layers=dims.num_layers,
-        description=f"imported from PEFT LoRA ({peft.get('base_model_name_or_path') or 'unknown base'})",
+        description=f"imported from PEFT LoRA ({peft.base_model_name_or_path or 'unknown base'})",
     )
     fresh = AdapterSet.initialise(config, dims, seed=seed).tensors()
     source = connector_from.tensors() if connector_from is not None else fresh

@@ -3,24 +3,39 @@ bytes <- disk, with a loader thread that keeps disk reads off the critical path.
 
     want(v)       a queued request needs version v (pins its CPU copy; starts a disk load)
     is_ready(v)   v is in a device slot or on the CPU tier (else a load is started)
-    bind(vs)      worker thread, between batches: copy CPU sets into free slots, pin slots
-    release(...)  worker thread, after the batch: unpin
+    bind(vs)      worker thread, between steps: copy CPU sets into free slots, pin slots
+    release(...)  worker thread, when rows leave: unpin
     unwant(v)     the request left the queue (bound into a batch, dropped or failed)
+    failure(v)    why v cannot be served now (None while it loads or retries)
 
 Invariants:
-- A slot pinned by rows of the running batch is never given to another version (bind raises
-  if asked to); a new version of an adapter is a different key, so it loads into another slot
-  while the old one finishes.
+- A slot pinned by running rows is never given to another version; a new version of an
+  adapter is a different key, so it loads into another slot while the old one finishes.
+- Binding is atomic per version: a slot is mapped to a version only after its weights are
+  completely in place. The previous occupant is unmapped before the copy starts, and a copy
+  that raises (anything, not only BankError) leaves the slot unmapped and cleared: that
+  version's rows fail, every other key of the same call binds as if it had not happened.
 - The CPU tier never holds more than `budget_bytes`: the loader starts a disk read only when
-  the set fits beside the CPU copies pinned by waiting requests, evicting unpinned ones LRU
-  first. (One exception keeps progress possible: a set larger than the whole budget is loaded
-  when nothing else is pinned, and evicted as soon as its requests have been bound.)
+  the set fits beside the CPU copies pinned by waiting requests, evicting unpinned ones least
+  recently used first (every use touches an entry: want, a ready check, a bind, also of a
+  version already in a slot), so an upload evicts another tenant's hot entry only after every
+  colder one, and never a pinned one. The upload's own set enters at the cold end: it has
+  served nobody yet, so it is the next to go. (One exception keeps
+  progress possible: a set larger than the whole budget is loaded when nothing else is
+  pinned, and evicted as soon as its requests have been bound.)
+- Load failures: a version that fails validation (or does not fit the bank) is failed for
+  good, versions being immutable; one that was deleted meanwhile is "gone" (the engine
+  resolves again). An OSError (EIO, EMFILE, ...) or MemoryError is retried with exponential
+  backoff (`load_retries` times from `retry_base_s`); after that, and after an unexpected
+  exception, the failure is reported for `cool_down_s` only, then the next request retries.
+  Every failed attempt counts in ctxpeft_adapter_load_failures_total{tier, reason}.
 - Disk reads and validation run on the loader thread only; the bank is written on the caller
   of `bind` (the engine's worker) only.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 import time
@@ -28,6 +43,8 @@ from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
+
+import torch
 
 from adapters.adapter_set import AdapterSet
 from adapters.bank import AdapterBank, BankError
@@ -37,6 +54,15 @@ from service.metrics import ServiceMetrics
 log = logging.getLogger(__name__)
 K = TypeVar("K", bound=Hashable)
 _FAILURES_KEPT = 1024
+# Transient load failures: retries, first delay (doubling), cap of one delay, and how long a
+# failure is reported once the retries are spent (it is then forgotten: the next request
+# tries again). About 1.5 s of retrying in all with the defaults.
+LOAD_RETRIES = 4
+RETRY_BASE_S = 0.1
+RETRY_MAX_S = 2.0
+COOL_DOWN_S = 5.0
+# OSErrors that mean "out of a resource" rather than "the disk failed".
+_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOSPC})
 
 
 def set_nbytes(adapter: AdapterSet) -> int:
@@ -64,6 +90,32 @@ class _CpuEntry:
     nbytes: int
 
 
+@dataclass
+class _Failure:
+    error: EngineError
+    until: float | None  # monotonic time it is forgotten; None: final
+
+
+def failure_reason(exc: BaseException) -> str:
+    """The ctxpeft_adapter_load_failures_total reason of an exception raised by a load."""
+    if isinstance(exc, EngineError):
+        return str(getattr(exc, "load_failure", "invalid"))
+    if isinstance(exc, BankError):
+        return "invalid"
+    if isinstance(exc, MemoryError | torch.OutOfMemoryError):
+        return "resource"
+    if isinstance(exc, OSError):
+        return "resource" if exc.errno in _RESOURCE_ERRNOS else "io"
+    return "other"
+
+
+def _describe(exc: BaseException) -> str:
+    """A short, path-free description for the client (the log has the full exception)."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return f"{type(exc).__name__} {errno.errorcode.get(exc.errno, exc.errno)}"
+    return type(exc).__name__
+
+
 class AdapterCache(Generic[K]):
     """Device slots + CPU LRU + a loader thread, keyed by an immutable version key `K`.
 
@@ -83,8 +135,14 @@ class AdapterCache(Generic[K]):
         on_change: Callable[[], None] | None = None,
         housekeeping: Callable[[], object] | None = None,
         housekeeping_s: float = 2.0,
+        load_retries: int = LOAD_RETRIES,
+        retry_base_s: float = RETRY_BASE_S,
+        cool_down_s: float = COOL_DOWN_S,
     ) -> None:
         self.bank = bank
+        self.load_retries = load_retries
+        self.retry_base_s = retry_base_s
+        self.cool_down_s = cool_down_s
         self.budget_bytes = budget_bytes
         self._load = load
         self._size_hint = size_hint
@@ -100,7 +158,9 @@ class AdapterCache(Generic[K]):
         self._wanted: Counter[K] = Counter()
         self._pending: deque[K] = deque()
         self._queued: set[K] = set()
-        self._failed: OrderedDict[K, EngineError] = OrderedDict()
+        self._failed: OrderedDict[K, _Failure] = OrderedDict()
+        self._attempts: Counter[K] = Counter()  # failed transient attempts of a queued key
+        self._retry_at: dict[K, float] = {}  # queued keys waiting for their backoff
         self._cpu_loads = 0
         # device tier (worker thread writes)
         slots = bank.num_slots
@@ -118,6 +178,7 @@ class AdapterCache(Generic[K]):
     def want(self, key: K, rows: int = 1) -> None:
         with self._cond:
             self._wanted[key] += rows
+            self._touch(key)
             self._request_load(key)
 
     def unwant(self, key: K, rows: int = 1) -> None:
@@ -134,22 +195,27 @@ class AdapterCache(Generic[K]):
         started (if none is running and it has not failed)."""
         with self._cond:
             if key in self._slot_of or key in self._cpu:
+                self._touch(key)
                 return True
             self._request_load(key)
             return False
 
     def failure(self, key: K) -> EngineError | None:
-        """Why loading `key` failed, if it did (versions are immutable: failures are final)."""
+        """Why `key` cannot be served now, if so: final for an invalid or gone version,
+        for `cool_down_s` after transient failures. None while a load or retry is pending."""
         with self._cond:
-            return self._failed.get(key)
+            return self._current_failure(key)
 
     def insert(self, key: K, adapter: AdapterSet) -> bool:
-        """Put an already validated set on the CPU tier (e.g. just uploaded) if it fits."""
+        """Put an already validated set on the CPU tier (e.g. just uploaded) if it fits,
+        evicting unpinned entries least recently used first. It enters at the cold end: it
+        has served nobody yet, so it is the next to go, ahead of entries that have served."""
         nbytes = set_nbytes(adapter)
         with self._cond:
             if key in self._cpu or not self._evict(nbytes):
                 return False
             self._store(key, adapter, nbytes)
+            self._cpu.move_to_end(key, last=False)
         return True
 
     def forget(self, match: Callable[[K], bool]) -> int:
@@ -162,13 +228,28 @@ class AdapterCache(Generic[K]):
         return len(gone)
 
     def _request_load(self, key: K) -> None:
-        if key in self._cpu or key in self._queued or key in self._failed:
+        if key in self._cpu or key in self._queued or self._current_failure(key) is not None:
             return
         if key in self._slot_of:
             return
         self._queued.add(key)
         self._pending.append(key)
         self._cond.notify_all()
+
+    def _current_failure(self, key: K) -> EngineError | None:
+        """The failure of `key` unless it has expired (lock held)."""
+        failure = self._failed.get(key)
+        if failure is None:
+            return None
+        if failure.until is not None and time.monotonic() >= failure.until:
+            del self._failed[key]
+            return None
+        return failure.error
+
+    def _touch(self, key: K) -> None:
+        """Mark `key`'s CPU copy as just used (lock held)."""
+        if key in self._cpu:
+            self._cpu.move_to_end(key)
 
     # --- CPU tier internals (lock held) -----------------------------------------------------
     def _pinned_bytes(self) -> int:
@@ -201,12 +282,14 @@ class AdapterCache(Generic[K]):
         deadline = time.monotonic() + timeout
         with self._cond:
             while not self._closed:
+                wake = self._due_retries()
                 while self._pending:
                     key = self._pending[0]
                     if key in self._wanted and key not in self._cpu and key not in self._slot_of:
                         break
                     self._pending.popleft()  # nobody needs it any more
                     self._queued.discard(key)
+                    self._attempts.pop(key, None)
                 else:
                     key = None
                 if key is not None:
@@ -215,11 +298,25 @@ class AdapterCache(Generic[K]):
                     if pinned + need <= self.budget_bytes or pinned == 0:
                         self._pending.popleft()
                         return key
-                left = deadline - time.monotonic()
+                left = min(deadline, wake) - time.monotonic()
                 if left <= 0:
-                    return None
+                    if time.monotonic() >= deadline:
+                        return None
+                    continue
                 self._cond.wait(left)
         return None
+
+    def _due_retries(self) -> float:
+        """Queue the keys whose backoff is over (lock held); returns when the next is due."""
+        now = time.monotonic()
+        wake = float("inf")
+        for key, at in list(self._retry_at.items()):
+            if at <= now:
+                del self._retry_at[key]
+                self._pending.appendleft(key)
+            else:
+                wake = min(wake, at)
+        return wake
 
     def _loader(self) -> None:
         last_housekeeping = time.monotonic()
@@ -240,16 +337,14 @@ class AdapterCache(Generic[K]):
         started = time.perf_counter()
         try:
             adapter = self._load(key)
-        except EngineError as exc:
-            self._fail(key, exc)
-            return
-        except Exception as exc:  # an unexpected read error must not kill the loader
-            self._fail(key, AdapterLoadError(f"loading failed: {exc!r}"))
+        except Exception as exc:  # whatever it is, it must not kill the loader
+            self._load_failed(key, exc)
             return
         seconds = time.perf_counter() - started
         nbytes = set_nbytes(adapter)
         with self._cond:
             self._queued.discard(key)
+            self._attempts.pop(key, None)
             if key in self._cpu:  # inserted meanwhile (an upload of this very version)
                 return
             if not self._evict(nbytes) and self._pinned_bytes() > 0:
@@ -265,10 +360,47 @@ class AdapterCache(Generic[K]):
         if self._on_change is not None:
             self._on_change()
 
-    def _fail(self, key: K, error: EngineError) -> None:
+    def _load_failed(self, key: K, exc: Exception) -> None:
+        """Classify a failed disk load: final, retried after a backoff, or reported for a
+        cool-down (see the module docstring)."""
+        reason = failure_reason(exc)
+        if self._metrics is not None:
+            self._metrics.count_load_failure("cpu", reason)
+        if isinstance(exc, EngineError):  # invalid or gone: versions are immutable
+            self._fail(key, exc, until=None)
+            return
+        if reason in ("io", "resource"):
+            with self._cond:
+                self._attempts[key] += 1
+                attempt = self._attempts[key]
+                if attempt <= self.load_retries and not self._closed:
+                    delay = min(self.retry_base_s * 2 ** (attempt - 1), RETRY_MAX_S)
+                    self._retry_at[key] = time.monotonic() + delay
+                    self._cond.notify_all()  # the loader recomputes when to wake up
+                    log.warning(
+                        "adapter load failed (%s), retry %d of %d in %.2f s: %s",
+                        reason,
+                        attempt,
+                        self.load_retries,
+                        delay,
+                        exc,
+                    )
+                    return  # still queued: its requests keep waiting
+            log.error("adapter load failed (%s) after %d retries: %s", reason, attempt - 1, exc)
+            message = f"the adapter could not be read ({_describe(exc)}); try again later"
+        else:
+            log.error("adapter load failed unexpectedly", exc_info=exc)
+            message = f"loading the adapter failed ({_describe(exc)}); try again later"
+        error = AdapterLoadError(message, retry_after_s=self.cool_down_s)
+        self._fail(key, error, until=time.monotonic() + self.cool_down_s)
+
+    def _fail(self, key: K, error: EngineError, until: float | None) -> None:
         with self._cond:
             self._queued.discard(key)
-            self._failed[key] = error
+            self._attempts.pop(key, None)
+            self._retry_at.pop(key, None)
+            self._failed[key] = _Failure(error, until)
+            self._failed.move_to_end(key)
             while len(self._failed) > _FAILURES_KEPT:
                 self._failed.popitem(last=False)
         if self._on_change is not None:
@@ -276,10 +408,12 @@ class AdapterCache(Generic[K]):
 
     # --- device tier (worker thread) -------------------------------------------------------
     def bind(self, keys: Iterable[K]) -> tuple[dict[K, int], dict[K, EngineError], list[K]]:
-        """Give every key a bank slot for the next batch and pin it once per row.
+        """Give every key a bank slot and pin it once per row (worker thread).
 
-        Returns (slot per key, keys that cannot be served with why, keys whose CPU copy is
-        not there any more: their rows go back to the queue)."""
+        Returns (slot per key, keys that cannot be served with why, keys to put back in line:
+        their CPU copy is not there any more, or no slot is free now). A key is in `slots`
+        only once its weights are completely in its slot; a copy that raises fails that key
+        alone (see the module docstring)."""
         rows = Counter(keys)
         slots: dict[K, int] = {}
         failed: dict[K, EngineError] = {}
@@ -287,38 +421,39 @@ class AdapterCache(Generic[K]):
         copies: list[tuple[K, int, AdapterSet]] = []
         with self._cond:
             self._tick += 1
+            # Resident keys first: their slots are used this call, so no other key of the
+            # call takes one of them as its victim.
             for key in rows:
                 if key in self._slot_of:
                     slots[key] = self._slot_of[key]
                     self._last_used[slots[key]] = self._tick
+                    self._touch(key)
+            for key in rows:
+                if key in slots:
                     continue
                 entry = self._cpu.get(key)
-                if entry is None:
+                slot = self._free_slot() if entry is not None else None
+                if entry is None or slot is None:
                     missing.append(key)
                     continue
-                self._cpu.move_to_end(key)
-                slot = self._free_slot()
+                self._touch(key)
                 old = self._owner[slot]
-                if old is not None:
+                if old is not None:  # unmapped before its weights are overwritten
                     del self._slot_of[old]
-                self._owner[slot] = key
-                self._slot_of[key] = slot
-                self._last_used[slot] = self._tick
-                slots[key] = slot
+                    self._owner[slot] = None
+                self._last_used[slot] = self._tick  # reserved: no other key of this call
                 copies.append((key, slot, entry.adapter))
         for key, slot, adapter in copies:
             started = time.perf_counter()
             try:
                 self.bank.load(slot, adapter)
-            except BankError as exc:
-                failed[key] = AdapterLoadError(str(exc))
-                with self._cond:
-                    self._owner[slot] = None
-                    del self._slot_of[key]
-                    self._failed[key] = failed[key]
-                    del slots[key]
-                self.bank.clear(slot)
+            except Exception as exc:  # any failure: this key alone, its slot left empty
+                failed[key] = self._bind_failed(key, slot, exc)
                 continue
+            with self._cond:
+                self._owner[slot] = key
+                self._slot_of[key] = slot
+            slots[key] = slot
             self._device_loads += 1
             if self._metrics is not None:
                 self._metrics.observe_adapter_load("device", time.perf_counter() - started)
@@ -328,10 +463,31 @@ class AdapterCache(Generic[K]):
             self._publish()
         return slots, failed, missing
 
-    def _free_slot(self) -> int:
-        """An empty slot, else the least recently used slot nobody pins (lock held)."""
+    def _bind_failed(self, key: K, slot: int, exc: Exception) -> EngineError:
+        """Clean up after a copy into `slot` raised; returns the error for `key`'s rows."""
+        try:
+            self.bank.clear(slot)
+        except Exception:  # the slot is unmapped, so nobody reads it; the next load clears it
+            log.exception("clearing device slot %d after a failed copy failed", slot)
+        reason = failure_reason(exc)
+        if self._metrics is not None:
+            self._metrics.count_load_failure("device", reason)
+        if isinstance(exc, BankError):  # the set does not fit this bank: final
+            error = AdapterLoadError(str(exc))
+            with self._cond:
+                self._failed[key] = _Failure(error, until=None)
+            return error
+        log.error("copying an adapter into device slot %d failed", slot, exc_info=exc)
+        return AdapterLoadError(
+            f"the adapter could not be placed on the device ({_describe(exc)}); try again later",
+            retry_after_s=1.0,
+        )
+
+    def _free_slot(self) -> int | None:
+        """An empty slot, else the least recently used slot nobody pins and this bind call
+        has not used; None when there is none (lock held)."""
         for slot, owner in enumerate(self._owner):
-            if owner is None:
+            if owner is None and self._last_used[slot] != self._tick:
                 return slot
         candidates = [
             s
@@ -339,9 +495,7 @@ class AdapterCache(Generic[K]):
             if self._pins[s] == 0 and self._last_used[s] != self._tick
         ]
         if not candidates:
-            raise RuntimeError(
-                "no unpinned device slot: a batch may use at most device_slots adapters"
-            )
+            return None
         return min(candidates, key=lambda s: self._last_used[s])
 
     def release(self, slots: dict[K, int], rows: Sequence[K]) -> None:

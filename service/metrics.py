@@ -52,6 +52,11 @@ REJECTION_REASONS = (
 FAULT_STAGES = ("bind", "encode", "prefill", "decode", "deliver", "loop")
 SAMPLE_OUTCOMES = ("served", "rate_limited")  # GET /samples/random
 LOAD_TIERS = ("cpu", "device")  # where an adapter load lands
+# Why an adapter load failed (a bounded label): invalid = the version fails validation or does
+# not fit the bank (final); gone = deleted or replaced while loading (final for that version);
+# io = an OSError reading it, resource = out of memory or file descriptors (both retried with
+# backoff); other = an unexpected exception (a bug; not retried, reported for a cool-down).
+LOAD_FAILURE_REASONS = ("invalid", "gone", "io", "resource", "other")
 RESIDENCY_TIERS = ("device", "cpu", "disk")
 
 # Buckets in seconds, from a cached tiny-model caption (ms) to a cold CPU batch (tens of s).
@@ -212,6 +217,12 @@ class ServiceMetrics:
             buckets=LOAD_BUCKETS,
             registry=r,
         )
+        self.adapter_load_failures = Counter(
+            "ctxpeft_adapter_load_failures",
+            "Failed adapter set loads (each attempt) by tier and reason.",
+            ["tier", "reason"],
+            registry=r,
+        )
         self.adapters_resident = Gauge(
             "ctxpeft_adapters_resident",
             "Adapter set versions held in each tier.",
@@ -256,6 +267,8 @@ class ServiceMetrics:
         for tier in LOAD_TIERS:
             self.adapter_loads.labels(tier=tier)
             self.adapter_load_seconds.labels(tier=tier)
+            for failure in LOAD_FAILURE_REASONS:
+                self.adapter_load_failures.labels(tier=tier, reason=failure)
         for tier in RESIDENCY_TIERS:
             self.adapters_resident.labels(tier=tier).set(0)
         self.set_build_info(__version__, backbone, device)
@@ -279,6 +292,14 @@ class ServiceMetrics:
             raise ValueError(f"unknown adapter load tier {tier!r}; expected one of {LOAD_TIERS}")
         self.adapter_loads.labels(tier=tier).inc()
         self.adapter_load_seconds.labels(tier=tier).observe(seconds)
+
+    def count_load_failure(self, tier: str, reason: str) -> None:
+        if tier not in LOAD_TIERS or reason not in LOAD_FAILURE_REASONS:
+            raise ValueError(
+                f"unknown load failure {tier!r}/{reason!r}; expected a tier of {LOAD_TIERS} "
+                f"and a reason of {LOAD_FAILURE_REASONS}"
+            )
+        self.adapter_load_failures.labels(tier=tier, reason=reason).inc()
 
     def set_resident(self, tier: str, count: int) -> None:
         if tier not in RESIDENCY_TIERS:

@@ -3,7 +3,7 @@
     registry = AdapterRegistry(store, backbone, bank, cpu_budget_bytes=256 << 20)
     version = registry.resolve("acme", "news")      # acme/news, else public/news; newest version
     registry.list_adapters("acme")                   # own + public, with latest version
-    ref = registry.add_version("acme", "news", config_bytes, weights_bytes)  # validated first
+    ref = registry.add_version("acme", "news", config_bytes, weights_bytes, quota)  # validated
     registry.delete("acme", "news")
     registry.cache                                   # device slots <- CPU LRU <- disk
 
@@ -16,6 +16,12 @@ of deleted adapters and publishes the number of adapters on disk.
 A resolved `AdapterVersion` is a version *and* the identity of its folder on disk: deleting
 an adapter and uploading it again restarts numbering at v1 in the store, and the identity
 keeps the old v1's cached weights from ever serving the new v1.
+
+Uploads are judged by the current rules (`adapters.format.validate_folder`); versions already
+in the store are read with `stored=True`, by the rules they were accepted under, so that an
+upgrade never makes a version that served before unavailable (see `AdapterConfig.from_dict`).
+A disk error while loading is not a validation failure: it propagates as OSError for the
+cache to retry.
 """
 
 from __future__ import annotations
@@ -35,8 +41,9 @@ from adapters.format import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     AdapterFormatError,
-    load_adapter,
+    parse_config,
     read_config,
+    validate_folder,
 )
 from service.adapter_cache import AdapterCache
 from service.exceptions import AdapterLoadError, AdapterNotFound, InvalidRequest
@@ -46,6 +53,7 @@ from service.store import (
     AdapterRef,
     AdapterStore,
     StoreError,
+    StoreQuota,
     check_name,
     check_tenant,
 )
@@ -83,6 +91,8 @@ class AdapterInfo:
 
 class VersionGone(AdapterLoadError):
     """The resolved version's folder was deleted or replaced before its weights were read."""
+
+    load_failure = "gone"  # the ctxpeft_adapter_load_failures_total reason
 
 
 @dataclass
@@ -124,6 +134,8 @@ class AdapterRegistry:
         self._metrics = metrics
         self._index: dict[tuple[str, str], _Entry] = {}
         self._lock = threading.Lock()
+        # One upload at a time per tenant: its quota check and write happen together.
+        self._upload_locks: dict[str, threading.Lock] = {}
         self.cache: AdapterCache[AdapterVersion] = AdapterCache(
             bank,
             load=self._load,
@@ -228,7 +240,7 @@ class AdapterRegistry:
             return None
         try:
             config: AdapterConfig | None = read_config(
-                self.store.path(AdapterRef(tenant, name, versions[-1]))
+                self.store.path(AdapterRef(tenant, name, versions[-1])), stored=True
             )
         except (AdapterFormatError, OSError):
             config = None
@@ -250,17 +262,25 @@ class AdapterRegistry:
         return removed
 
     def add_version(
-        self, tenant: str, name: str, config_bytes: bytes, weights_bytes: bytes
+        self,
+        tenant: str,
+        name: str,
+        config_bytes: bytes,
+        weights_bytes: bytes,
+        quota: StoreQuota | None = None,
     ) -> AdapterRef:
         """Store a new version from uploaded `adapter_config.json` and `adapter.safetensors`
-        bytes. It is validated against this backbone inside the store's temporary folder and
-        becomes visible (renamed to v<N+1>) only if valid; otherwise AdapterFormatError says
-        why and nothing is left on disk. The validated set goes straight to the CPU tier."""
+        bytes. The config is checked first (no disk touched for a bad one), then the tenant's
+        `quota` (raises QuotaExceeded), then the whole version is validated against this
+        backbone inside the store's temporary folder and becomes visible (renamed to v<N+1>)
+        only if valid; otherwise AdapterFormatError says why and nothing is left on disk. The
+        validated set goes to the CPU tier."""
         try:
             check_tenant(tenant)
             check_name(name)
         except StoreError as exc:
             raise InvalidRequest(str(exc)) from None
+        parse_config(config_bytes)
         validated: list[AdapterSet] = []
 
         def write(folder: Path) -> None:
@@ -268,7 +288,14 @@ class AdapterRegistry:
             (folder / WEIGHTS_FILE).write_bytes(weights_bytes)
             validated.append(self.validate(folder))
 
-        ref = self.store.write_version(tenant, name, write)
+        with self._lock:
+            upload_lock = self._upload_locks.setdefault(tenant, threading.Lock())
+        with upload_lock:
+            if quota is not None:
+                new_adapter = not self.store.versions(tenant, name)
+                usage = self.store.usage(tenant)
+                quota.check(usage, new_adapter, len(config_bytes) + len(weights_bytes))
+            ref = self.store.write_version(tenant, name, write)
         with self._lock:
             self._index.pop((tenant, name), None)
         try:
@@ -279,28 +306,33 @@ class AdapterRegistry:
         return ref
 
     # --- loading (loader thread) --------------------------------------------------------
-    def validate(self, folder: Path) -> AdapterSet:
-        """Read and check one version folder against this backbone and bank."""
-        adapter = load_adapter(
-            folder, self.dims, self.fingerprint, self.max_rank, vision_dim=self.vision_dim
+    def validate(self, folder: Path, stored: bool = False) -> AdapterSet:
+        """Read and check one version folder against this backbone and bank (`stored`: a
+        folder already in the store, judged by the rules it was accepted under)."""
+        return validate_folder(
+            folder,
+            self.dims,
+            self.fingerprint,
+            self.max_rank,
+            vision_dim=self.vision_dim,
+            connector=self.connector,
+            stored=stored,
         )
-        if adapter.config.connector != self.connector:
-            raise AdapterFormatError(
-                f"connector {adapter.config.connector} does not match this backbone's "
-                f"{self.connector}"
-            )
-        return adapter
 
     def _load(self, version: AdapterVersion) -> AdapterSet:
         folder = self.store.path(version.ref)
         if not _same(folder, version.stamp):
             raise VersionGone(f"{version.ref.label} was deleted or replaced")
         try:
-            adapter = self.validate(folder)
+            adapter = self.validate(folder, stored=True)
         except AdapterFormatError as exc:
             if not _same(folder, version.stamp):
                 raise VersionGone(f"{version.ref.label} was deleted while loading") from None
             raise AdapterLoadError(f"{version.ref.label} is invalid: {exc}") from None
+        except OSError:  # the disk's failure (retried by the cache) unless the folder went
+            if not _same(folder, version.stamp):
+                raise VersionGone(f"{version.ref.label} was deleted while loading") from None
+            raise
         # Deleted while reading: the bytes read may be a mix of two folders; say gone.
         if not _same(folder, version.stamp):
             raise VersionGone(f"{version.ref.label} was deleted while loading")

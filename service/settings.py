@@ -174,6 +174,26 @@ class Settings(BaseSettings, EngineConfig):
     max_image_side: PositiveInt = Field(
         default=8192, description="Largest width or height of an uploaded image (413 above)."
     )
+    max_concurrent_decodes: PositiveInt = Field(
+        default=2,
+        le=256,
+        description="Images decoded at once (the rest wait); bounds decoding memory.",
+    )
+    image_decode_side: int = Field(
+        default=512,
+        ge=8,
+        le=8192,
+        description="Decoded images are reduced (by an integer factor, JPEG while decoding) "
+        "until a side would go below this; at least the encoder's image_size.",
+    )
+    tenant_max_adapters: int = Field(
+        default=100, ge=0, description="Adapters one tenant may store (0: no limit; 413 above)."
+    )
+    tenant_max_adapter_bytes: int = Field(
+        default=2 * 1024 * MiB,
+        ge=0,
+        description="Bytes of all versions one tenant may store (0: no limit; 413 above).",
+    )
     # NoDecode: the env value may be "PNG,JPEG" as well as a JSON list; _split_formats parses.
     allowed_image_formats: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: list(IMAGE_FORMATS),

@@ -7,8 +7,15 @@ Tenant and adapter names are opaque ids checked against strict patterns and only
 from this module's own directory listing or a validated argument: a request string is never
 joined into a path unchecked. Versions are immutable: a new version is written into a
 temporary folder inside the adapter's folder and renamed into place, so a crash never leaves
-a half-written version visible and readers never see one appear partially. Public adapters
-belong to the reserved tenant `public`.
+a half-written version visible and readers never see one appear partially; the files, the
+temporary folder and, after the rename, the adapter's folder are fsynced, so a version that
+was reported written survives a power cut. Public adapters belong to the reserved tenant
+`public`.
+
+Several processes may share a store (replicas, `ctxpeft train`): start-up cleanup removes only
+temporary folders old enough to be abandoned (`ABANDONED_AFTER_S`), never one that another
+process may still be writing. `usage(tenant)` counts a tenant's adapters and bytes, for the
+per-tenant quotas (`StoreQuota`) that uploads are held to.
 
 This module only touches disk. Caching, slots and hot-swap are the registry's business.
 """
@@ -18,6 +25,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import stat
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,6 +37,11 @@ TENANT_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 VERSION_PATTERN = re.compile(r"^v([1-9][0-9]{0,8})$")
 PUBLIC_TENANT = "public"
 _TMP_PREFIX = ".tmp-"
+_TRASH_PREFIX = f"{_TMP_PREFIX}deleted-"
+# A writer's temporary folder untouched (itself and its files) for this long is abandoned: its
+# writer crashed. Writers finish in seconds (two files, then validation), so an hour is far
+# beyond any live writer, even on a slow shared disk.
+ABANDONED_AFTER_S = 3600.0
 
 
 class StoreError(ValueError):
@@ -48,6 +62,42 @@ def check_tenant(tenant: str) -> str:
             f"invalid tenant {tenant!r}: use 1-32 of a-z, 0-9, '_' and '-', starting with a letter or digit"
         )
     return tenant
+
+
+@dataclass(frozen=True)
+class TenantUsage:
+    """What a tenant holds in the store: adapters (names) and bytes of all their versions."""
+
+    adapters: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class StoreQuota:
+    """Per-tenant limits on uploads (settings tenant_max_adapters, tenant_max_adapter_bytes);
+    0 means no limit."""
+
+    max_adapters: int = 0
+    max_bytes: int = 0
+
+    def check(self, usage: TenantUsage, new_adapter: bool, new_bytes: int) -> None:
+        """Raise QuotaExceeded if adding `new_bytes` (and a new adapter name, if
+        `new_adapter`) to `usage` goes over a limit; the message names the limit."""
+        if self.max_adapters and new_adapter and usage.adapters + 1 > self.max_adapters:
+            raise QuotaExceeded(
+                f"the tenant already has {usage.adapters} adapters; the limit is "
+                f"{self.max_adapters} (tenant_max_adapters): delete one or upload a new "
+                "version of an existing adapter"
+            )
+        if self.max_bytes and usage.bytes + new_bytes > self.max_bytes:
+            raise QuotaExceeded(
+                f"the tenant's adapters take {usage.bytes} bytes and this upload {new_bytes}; "
+                f"the limit is {self.max_bytes} bytes (tenant_max_adapter_bytes)"
+            )
+
+
+class QuotaExceeded(StoreError):
+    """An upload would take a tenant over its quota."""
 
 
 @dataclass(frozen=True, order=True)
@@ -97,6 +147,18 @@ class AdapterStore:
     def exists(self, ref: AdapterRef) -> bool:
         return self.path(ref).is_dir()
 
+    def usage(self, tenant: str) -> TenantUsage:
+        """The tenant's adapter count and the bytes of every version's files (a deleted
+        adapter's folder may vanish while counting: it then counts as gone)."""
+        names = self.names(tenant)
+        total = 0
+        for name in names:
+            folder = self.root / tenant / name
+            for entry in self._dirs(folder):
+                if VERSION_PATTERN.fullmatch(entry.name):
+                    total += _folder_bytes(entry)
+        return TenantUsage(len(names), total)
+
     def all_latest(self) -> Iterator[AdapterRef]:
         for tenant in self.tenants():
             for name in self.names(tenant):
@@ -116,7 +178,10 @@ class AdapterStore:
         which is then renamed to v<N+1>. Never overwrites an existing version; if another
         writer takes N+1 first, the rename moves on to the next number."""
         adapter_dir = self.root / check_tenant(tenant) / check_name(name)
-        adapter_dir.mkdir(parents=True, exist_ok=True)
+        if not adapter_dir.is_dir():
+            adapter_dir.mkdir(parents=True, exist_ok=True)
+            _fsync_dir(adapter_dir.parent)  # the new adapter (and tenant) entries
+            _fsync_dir(self.root)
         tmp = adapter_dir / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
         tmp.mkdir()
         try:
@@ -136,6 +201,8 @@ class AdapterStore:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        # The rename is durable only once the folder that holds the new name is synced.
+        _fsync_dir(adapter_dir)
         return AdapterRef(tenant, name, version)
 
     def delete(self, tenant: str, name: str) -> int:
@@ -145,24 +212,74 @@ class AdapterStore:
         if not adapter_dir.is_dir():
             return 0
         count = len(self.versions(tenant, name))
-        trash = adapter_dir.parent / f"{_TMP_PREFIX}deleted-{name}-{uuid.uuid4().hex}"
+        trash = adapter_dir.parent / f"{_TRASH_PREFIX}{name}-{uuid.uuid4().hex}"
         os.rename(adapter_dir, trash)
         shutil.rmtree(trash, ignore_errors=True)
         return count
 
-    def clean_temporaries(self) -> int:
-        """Remove temporary folders left by writers that crashed (call at start-up)."""
+    def clean_temporaries(self, older_than_s: float = ABANDONED_AFTER_S) -> int:
+        """Remove what crashed writers left (call at start-up): a delete's renamed-aside
+        folder always (nobody writes into it), a writer's temporary folder only when neither
+        it nor its files changed for `older_than_s` seconds, since another process sharing
+        the store may be writing it right now. Returns how many were removed."""
         removed = 0
+        now = time.time()
         for tenant_dir in [self.root, *self._dirs(self.root)]:
             for entry in [tenant_dir, *self._dirs(tenant_dir)]:
                 for tmp in entry.glob(f"{_TMP_PREFIX}*"):
+                    if not tmp.name.startswith(_TRASH_PREFIX):
+                        touched = _last_change(tmp)
+                        if touched is None or now - touched < older_than_s:
+                            continue
                     shutil.rmtree(tmp, ignore_errors=True)
                     removed += 1
         return removed
 
 
+def _last_change(folder: Path) -> float | None:
+    """The newest mtime of `folder` and the entries in it; None if it vanished."""
+    try:
+        newest = folder.stat().st_mtime
+        for entry in folder.iterdir():
+            try:
+                newest = max(newest, entry.lstat().st_mtime)
+            except FileNotFoundError:
+                continue
+    except FileNotFoundError:
+        return None
+    return newest
+
+
+def _folder_bytes(folder: Path) -> int:
+    """Bytes of the regular files directly in `folder` (symlinks are not followed)."""
+    total = 0
+    try:
+        entries = list(folder.iterdir())
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        try:
+            st = entry.lstat()
+        except FileNotFoundError:
+            continue
+        if stat.S_ISREG(st.st_mode):
+            total += st.st_size
+    return total
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the entries of `folder` (created, renamed) durable."""
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _fsync_tree(folder: Path) -> None:
+    """The files a writer put in `folder`, then the folder's own entries."""
     for path in folder.iterdir():
         if path.is_file():
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
+    _fsync_dir(folder)

@@ -22,6 +22,7 @@ from adapters.config import (
     FUSED_GATE_UP,
     LM_MODULES,
     AdapterConfig,
+    AdapterConfigError,
     BackboneConfig,
     ConnectorSpec,
     resolve_targets,
@@ -197,31 +198,36 @@ def test_adapter_config_json_round_trip(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("changes", "message"),
+    ("changes", "field", "message"),
     [
-        ({"method": "prefix"}, "unknown method"),
-        ({"contexts": ("image",)}, "contexts must be"),
-        ({"rank": 0}, "LoRA rank must be >= 1"),
-        ({"targets": ()}, "at least one target"),
-        ({"targets": ("c_attn",)}, "invalid lora target"),
-        ({"num_layers": 0}, "num_layers must be >= 1"),
-        ({"format_version": 2}, "unsupported adapter format_version 2"),
+        ({"method": "prefix"}, "method", "Input should be 'lora', 'ia3' or 'bitfit'"),
+        ({"contexts": ("image",)}, "contexts", "contexts must be"),
+        ({"rank": 0}, "rank", "LoRA rank must be >= 1"),
+        ({"targets": ()}, "targets", "at least one target"),
+        ({"targets": ("c_attn",)}, "targets", "invalid lora target"),
+        ({"num_layers": 0}, "num_layers", "greater than or equal to 1"),
+        ({"format_version": 2}, "format_version", "unsupported adapter format_version 2"),
         (
-            {"connector": ConnectorSpec("linear", 1, 1), "method": "ia3", "targets": ("up",)},
+            {"connector": {"kind": "linear", "in_features": 1, "out_features": 1},
+             "method": "ia3", "targets": ("up",)},
+            "targets",
             "invalid ia3 target",
         ),
     ],
-)
-def test_adapter_config_validation(changes: dict[str, object], message: str) -> None:
-    with pytest.raises(ValueError, match=message):
+)  # fmt: skip
+def test_adapter_config_validation(changes: dict[str, object], field: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):  # constructed in code: pydantic's error
         _config(**changes)
+    with pytest.raises(AdapterConfigError, match=f"^{field}: .*{re.escape(message)}") as error:
+        AdapterConfig.from_dict({**_config().to_dict(), **changes})  # read from a file
+    assert error.value.field == field
 
 
 def test_adapter_config_rejects_unknown_keys_and_bad_json(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"unknown adapter_config keys: \['lora_dropout'\]"):
+    with pytest.raises(AdapterConfigError, match=r"^lora_dropout: unknown field"):
         AdapterConfig.from_dict({**_config().to_dict(), "lora_dropout": 0.1})
     (tmp_path / "bad.json").write_text("{not json")
-    with pytest.raises(ValueError, match=r"bad\.json is not valid JSON"):
+    with pytest.raises(ValueError, match=r"adapter_config\.json is not valid JSON"):
         AdapterConfig.load(tmp_path / "bad.json")
     (tmp_path / "list.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="must hold a JSON object"):
@@ -229,7 +235,7 @@ def test_adapter_config_rejects_unknown_keys_and_bad_json(tmp_path: Path) -> Non
 
 
 def test_connector_spec_validation() -> None:
-    with pytest.raises(ValueError, match="connector kind must be 'linear' or 'mlp'"):
+    with pytest.raises(ValueError, match="Input should be 'linear' or 'mlp'"):
         ConnectorSpec("conv", 1, 1)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="needs hidden_features > 0"):
         ConnectorSpec("mlp", 8, 8)

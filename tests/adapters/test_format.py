@@ -171,7 +171,7 @@ def test_target_modules_that_do_not_match(
     _rewrite_config(folder, targets=["q_proj", "c_attn"])
     with pytest.raises(
         AdapterFormatError,
-        match=r"invalid adapter_config.json: invalid lora target\(s\) \['c_attn'\]",
+        match=r"invalid adapter_config.json: targets: invalid lora target\(s\) \['c_attn'\]",
     ):
         _load(folder, backbone)
 

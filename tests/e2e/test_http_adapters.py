@@ -173,3 +173,55 @@ def test_delete_removes_an_own_adapter_only(client: httpx.Client) -> None:
     assert acme_pub.json() == {"name": "pub", "deleted_versions": 1}
     assert_error(client.delete("/adapters/pub", headers=ACME), 404, "adapter_not_found")
     assert names(client, ACME) == {"news": False, "fresh": False, "pub": True}  # ... not public
+
+
+def test_a_megabyte_of_nested_json_config_is_422_on_an_intact_connection(
+    client: httpx.Client,
+) -> None:
+    """Once a 500 with the connection reset: now refused by size before any parsing."""
+    nested = b"[" * 500_000 + b"]" * 500_000
+    files = {**upload_files(seed=16), "config": (CONFIG_FILE, nested)}
+    response = client.post("/adapters/nested/versions", files=files, headers=ACME)
+    body = assert_error(response, 422, "invalid_adapter")
+    assert "larger than 65536 bytes" in body["error"]["message"]
+    # The same connection carries on.
+    assert client.get("/adapters/news", headers=ACME).status_code == 200
+    assert_error(client.get("/adapters/nested", headers=ACME), 404, "adapter_not_found")
+
+
+def test_quotas_and_versions_stored_by_older_builds(
+    tiny_store: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    store_dir = fresh_store(tiny_store, tmp_path_factory.mktemp("quota") / "adapters")
+    # A version an older build accepted: its description is not a string (that once made
+    # the tenant's GET /adapters answer 500).
+    legacy = json.loads(upload_files(seed=17)["config"][1]) | {"description": ["old", 1]}
+    folder = store_dir / "acme" / "legacy" / "v1"
+    folder.mkdir(parents=True)
+    (folder / CONFIG_FILE).write_text(json.dumps(legacy))
+    (folder / WEIGHTS_FILE).write_bytes(upload_files(seed=17)["weights"][1])
+    with (
+        running_service(store_dir, tenant_max_adapters=3) as running,
+        httpx.Client(base_url=running.url, timeout=30) as http,
+    ):
+        listed = http.get("/adapters", headers=ACME)
+        assert listed.status_code == 200, listed.text
+        described = {a["name"]: a["description"] for a in listed.json()["adapters"]}
+        assert described["legacy"] == '["old", 1]'
+        assert caption_with(http, ACME, "legacy").status_code == 200  # it still serves
+        # acme holds news, sports and legacy: a fourth adapter is over its quota ...
+        response = http.post("/adapters/fourth/versions", files=upload_files(18), headers=ACME)
+        body = assert_error(response, 413, "quota_exceeded")
+        assert body["error"]["message"] == (
+            "the tenant already has 3 adapters; the limit is 3 (tenant_max_adapters): delete "
+            "one or upload a new version of an existing adapter"
+        )
+        # ... a new version of one it has is not, and beta's quota is its own.
+        assert (
+            http.post("/adapters/news/versions", files=upload_files(19), headers=ACME).status_code
+            == 201
+        )
+        assert (
+            http.post("/adapters/other/versions", files=upload_files(20), headers=BETA).status_code
+            == 201
+        )

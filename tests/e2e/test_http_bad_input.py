@@ -101,11 +101,15 @@ def chunked_multipart(total: int, boundary: str = "e2e-boundary") -> Iterator[by
 def adapter_upload(
     tensors_edit: Callable[[dict[str, torch.Tensor]], None] | None = None,
     weights: tuple[str, bytes] | None = None,
+    config_changes: dict[str, object] | None = None,
+    config_text: Callable[[str], str] | None = None,
 ) -> dict[str, tuple[str, bytes, str]]:
     """The files of an upload: a valid config and weights of a random tiny adapter, with the
-    tensors edited by `tensors_edit` or the weights part replaced by `weights`."""
+    tensors edited by `tensors_edit` or the weights part replaced by `weights`, the config's
+    fields changed by `config_changes` or its JSON text by `config_text`."""
     adapter = random_adapter(tiny_backbone(), seed=40)
-    config = json.dumps(adapter.config.to_dict()).encode()
+    text = json.dumps(adapter.config.to_dict() | (config_changes or {}))
+    config = (config_text(text) if config_text else text).encode()
     tensors = {k: v.detach().clone().contiguous() for k, v in adapter.tensors().items()}
     if tensors_edit is not None:
         tensors_edit(tensors)
@@ -124,6 +128,19 @@ def _wrong_shape(tensors: dict[str, torch.Tensor]) -> None:
 def _nan(tensors: dict[str, torch.Tensor]) -> None:
     name = next(k for k in sorted(tensors) if k.endswith("lora_B"))
     tensors[name][0, 0, 0] = float("nan")
+
+
+def _float8(tensors: dict[str, torch.Tensor]) -> None:
+    name = next(k for k in sorted(tensors) if k.endswith("lora_A"))
+    tensors[name] = tensors[name].to(torch.float8_e4m3fn)
+
+
+def _nested_config(depth: int) -> dict[str, tuple[str, bytes, str]]:
+    return {**adapter_upload(), "config": (CONFIG_FILE, b"[" * depth + b"]" * depth, "text/plain")}
+
+
+def bad_config(**changes: object) -> Callable[[httpx.Client], httpx.Response]:
+    return lambda c: upload(c, adapter_upload(config_changes=changes))
 
 
 def _torch_save_bytes() -> bytes:
@@ -237,6 +254,28 @@ CASES = [
     Case("upload with a config that is not JSON",
          lambda c: upload(c, {**adapter_upload(), "config": (CONFIG_FILE, b"{oops", "text/plain")}),
          422, "invalid_adapter", "JSON"),
+    Case("config alpha not a number", bad_config(alpha="x"), 422, "invalid_adapter",
+         "adapter_config.json: alpha: Input should be a valid number"),
+    Case("config alpha NaN",
+         lambda c: upload(c, adapter_upload(config_text=lambda t: t.replace(
+             '"alpha": null', '"alpha": NaN'))),
+         422, "invalid_adapter", "alpha: Input should be a finite number"),
+    Case("config connector_dropout 5", bad_config(connector_dropout=5), 422, "invalid_adapter",
+         "connector_dropout: Input should be less than 1"),
+    Case("config base_fingerprint not a string", bad_config(base_fingerprint=1), 422,
+         "invalid_adapter", "base_fingerprint: Input should be a valid string"),
+    Case("config description not a string", bad_config(description={"x": [1]}), 422,
+         "invalid_adapter", "description: Input should be a valid string"),
+    Case("config unknown field", bad_config(lora_dropout=0.1), 422, "invalid_adapter",
+         "lora_dropout: unknown field"),
+    Case("config rank as a string", bad_config(rank="4"), 422, "invalid_adapter",
+         "rank: Input should be a valid integer"),
+    Case("config nested 60k deep", lambda c: upload(c, _nested_config(30_000)), 422,
+         "invalid_adapter", "nests deeper than 8 levels"),
+    Case("config over 64 KiB", lambda c: upload(c, _nested_config(200_000)), 422,
+         "invalid_adapter", "larger than 65536 bytes"),
+    Case("upload with float8 weights", lambda c: upload(c, adapter_upload(_float8)), 422,
+         "invalid_adapter", "dtype torch.float8_e4m3fn; expected one of bfloat16, float16, float32"),
     Case("unknown route", lambda c: c.get("/nowhere"), 404, "not_found", "/nowhere"),
     Case("wrong method", lambda c: c.put("/caption"), 405, "method_not_allowed"),
 ]  # fmt: skip

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import struct
+import threading
+import time
 import zlib
 from collections.abc import Iterator
 from typing import Annotated
@@ -237,6 +240,170 @@ def test_side_over_max_image_side_is_413(loads: list[str]) -> None:
 def test_limits_from_settings() -> None:
     settings = Settings(max_image_pixels=1000, max_image_side=50, allowed_image_formats=["png"])
     assert ImageLimits.from_settings(settings) == ImageLimits(1000, 50, frozenset({"PNG"}))
+    settings = Settings(max_concurrent_decodes=3, image_decode_side=256)
+    limits = ImageLimits.from_settings(settings)
+    assert (limits.max_concurrent_decodes, limits.decode_side) == (3, 256)
+    # 3 decodes of at most 8 bytes a pixel of 16 MP, plus their reduced working images.
+    assert limits.decode_bound_bytes() == 3 * (8 * 16_000_000 + 16 * 512**2)
+
+
+# --- decoding is reduced to what the encoder needs ------------------------------------------
+
+
+def halves(size: tuple[int, int], mode: str = "RGB") -> Image.Image:
+    return sample(size, mode)
+
+
+@pytest.mark.parametrize(
+    ("size", "expected"),
+    [
+        ((4000, 3000), (572, 600)),  # factors 7 x 5 (rounding up): each side stays >= 512
+        ((8000, 1024), (534, 512)),  # 15 x 2
+        ((600, 6000), (600, 546)),  # 1 x 10
+        ((511, 300), (511, 300)),  # smaller than decode_side: untouched
+    ],
+)
+def test_large_images_are_reduced_per_axis(
+    size: tuple[int, int], expected: tuple[int, int], loads: list[str]
+) -> None:
+    decoded = decode_image(encode(halves(size), "PNG"), ImageLimits(max_pixels=40_000_000))
+    assert (decoded.width, decoded.height) == expected
+    assert all(side < 2 * 512 or side == full for side, full in zip(expected, size, strict=True))
+    left = decoded.rgb.getpixel((2, decoded.height // 2))
+    right = decoded.rgb.getpixel((decoded.width - 3, decoded.height // 2))
+    assert left == (200, 30, 30) and right == (30, 30, 200)  # the content, not a crop
+    assert set(loads) == {f"PNG {size}"}  # at full size (PNG has no DCT scaling)
+
+
+def test_a_large_jpeg_is_scaled_while_it_decodes(loads: list[str]) -> None:
+    data = encode(halves((4096, 3072)), "JPEG", quality=90)
+    decoded = decode_image(data, ImageLimits(decode_side=512))
+    assert set(loads) == {"JPEG (1024, 768)"}  # DCT scaling 1/4: 12 MP never existed
+    assert (decoded.width, decoded.height) == (512, 768)  # then box-reduced 2 x 1
+    red = decoded.rgb.getpixel((10, 300))
+    assert isinstance(red, tuple) and red[0] > 150 and red[2] < 80
+
+
+def test_exif_orientation_is_applied_after_reduction() -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW to display
+    data = encode(halves((4000, 1200)), "JPEG", exif=exif.tobytes())
+    decoded = decode_image(data, ImageLimits(decode_side=512))
+    assert (decoded.width, decoded.height) == (600, 667)  # drafted 1/2, reduced 3 x 1, rotated
+    top = decoded.rgb.getpixel((300, 20))
+    bottom = decoded.rgb.getpixel((300, 640))
+    assert isinstance(top, tuple) and isinstance(bottom, tuple)
+    assert top[0] > 150 and bottom[2] > 150  # the left (red) half is now on top
+
+
+def test_alpha_and_palette_transparency_are_flattened_like_before() -> None:
+    """Reduced images flatten transparency onto white exactly as full-size ones did."""
+    rgba = Image.new("RGBA", (1200, 1200), (255, 0, 0, 0))
+    rgba.paste((0, 0, 255, 128), (0, 0, 1200, 600))
+    decoded = decode_image(encode(rgba, "PNG")).rgb
+    assert decoded.size == (600, 600)
+    assert decoded.getpixel((10, 10)) == (127, 127, 255)  # half-transparent blue on white
+    assert decoded.getpixel((10, 500)) == (255, 255, 255)  # fully transparent red: white
+    palette = Image.new("P", (1100, 1100))
+    palette.putpalette([0, 0, 0, 10, 20, 30, 200, 100, 0] + [0] * 759)
+    palette.paste(1, (0, 0, 1100, 550))
+    palette.paste(2, (0, 550, 550, 1100))
+    for alphas in (0, bytes([0, 128, 255])):
+        data = encode(palette, "PNG", transparency=alphas)
+        reference = Image.open(io.BytesIO(data)).convert("RGBA")
+        white = Image.new("RGBA", reference.size, (255, 255, 255, 255))
+        expected = Image.alpha_composite(white, reference).convert("RGB")
+        got = decode_image(data).rgb
+        for x, y in ((10, 10), (10, 1000), (1000, 1000)):
+            assert got.getpixel((x // 2, y // 2)) == expected.getpixel((x, y))
+
+
+# --- the number of decodes at once is bounded ----------------------------------------------------
+
+
+def test_at_most_max_concurrent_decodes_run_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Eight threads decode at once with a limit of 3: three decode, the others wait; every
+    decode finishes once they are let go. Counted, not timed."""
+    import service.api.images as images
+
+    release = threading.Event()
+    lock = threading.Lock()
+    running: list[int] = []
+    peak: list[int] = [0]
+    real = images._decode_reduced
+
+    def slow(image: Image.Image, side: int) -> Image.Image:
+        with lock:
+            running.append(1)
+            peak[0] = max(peak[0], len(running))
+        release.wait(timeout=30)
+        with lock:
+            running.pop()
+        return real(image, side)
+
+    monkeypatch.setattr(images, "_decode_reduced", slow)
+    limits = ImageLimits(max_concurrent_decodes=3)
+    data = encode(sample(), "PNG")
+    results: list[DecodedImage] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(decode_image(data, limits)))
+        for _ in range(8)
+    ]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 30
+    while len(running) < 3 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    time.sleep(0.05)  # give a fourth decode every chance to start (it must not)
+    assert (len(running), peak[0]) == (3, 3)
+    release.set()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert len(results) == 8 and peak[0] == 3
+    assert all(r.rgb.size == (48, 32) for r in results)
+
+
+def test_async_callers_wait_on_the_loop_not_in_worker_threads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Eight async decodes with a limit of 2: only two ever enter a worker thread until they
+    finish, so a flood cannot occupy the thread pool other endpoints use."""
+    import service.api.images as images
+
+    entered: list[int] = []
+    release = threading.Event()
+    real = images.decode_image
+
+    def counting(data: bytes, limits: ImageLimits | None = None) -> DecodedImage:
+        entered.append(1)
+        release.wait(timeout=30)
+        return real(data, limits)
+
+    monkeypatch.setattr(images, "decode_image", counting)
+    limits = ImageLimits(max_concurrent_decodes=2)
+    data = encode(sample(), "PNG")
+
+    async def flood() -> list[DecodedImage]:
+        tasks = [asyncio.create_task(images.decode_image_async(data, limits)) for _ in range(8)]
+        deadline = time.monotonic() + 30
+        while len(entered) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(0.05)  # every chance for a third to enter a thread (it must not)
+        assert len(entered) == 2
+        release.set()
+        return await asyncio.gather(*tasks)
+
+    results = asyncio.run(flood())
+    assert len(entered) == 8 and all(r.rgb.size == (48, 32) for r in results)
+
+
+def test_a_failed_decode_gives_its_place_back() -> None:
+    limits = ImageLimits(max_concurrent_decodes=1)
+    data = noisy_png()
+    truncated = data[: len(data) // 2]
+    for _ in range(3):  # would block forever if a failure kept the only place
+        expect_error(truncated, 400, "invalid_image", limits)
+    assert decode_image(encode(sample(), "PNG"), limits).width == 48
 
 
 # --- over HTTP: the client's content type and file name do not matter ----------------------

@@ -9,7 +9,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from service import __version__
-from service.metrics import REJECTION_REASONS, AdapterLabeler, ServiceMetrics
+from service.metrics import (
+    LOAD_FAILURE_REASONS,
+    REJECTION_REASONS,
+    AdapterLabeler,
+    ServiceMetrics,
+)
 
 FAMILIES = {
     "ctxpeft_requests": "counter",
@@ -25,6 +30,7 @@ FAMILIES = {
     "ctxpeft_engine_up": "gauge",
     "ctxpeft_adapter_loads": "counter",
     "ctxpeft_adapter_load_seconds": "histogram",
+    "ctxpeft_adapter_load_failures": "counter",
     "ctxpeft_adapters_resident": "gauge",
     "ctxpeft_encoder_cache_hits": "counter",
     "ctxpeft_encoder_cache_misses": "counter",
@@ -67,6 +73,8 @@ def test_fixed_label_series_exist_at_zero() -> None:
         assert value(m, "ctxpeft_adapters_resident", tier=tier) == 0
     for tier in ("cpu", "device"):
         assert value(m, "ctxpeft_adapter_loads_total", tier=tier) == 0
+        for reason in LOAD_FAILURE_REASONS:
+            assert value(m, "ctxpeft_adapter_load_failures_total", tier=tier, reason=reason) == 0
     build = value(
         m, "ctxpeft_build_info", version=__version__, backbone="unknown", device="unknown"
     )
@@ -129,6 +137,10 @@ def test_unknown_label_values_are_refused() -> None:
         m.observe_adapter_load("disk", 1.0)
     with pytest.raises(ValueError, match="residency tier"):
         m.set_resident("gpu", 1)
+    with pytest.raises(ValueError, match="unknown load failure"):
+        m.count_load_failure("cpu", "EIO")  # the reason label stays bounded
+    m.count_load_failure("cpu", "io")
+    assert value(m, "ctxpeft_adapter_load_failures_total", tier="cpu", reason="io") == 1
 
 
 def test_registries_are_independent() -> None:

@@ -257,3 +257,37 @@ def test_adapter_version_orders_and_hashes_by_ref_and_identity() -> None:
     a = AdapterVersion(AdapterRef("t", "n", 1), (1, 2))
     assert a == AdapterVersion(AdapterRef("t", "n", 1), (1, 2))
     assert len({a, AdapterVersion(AdapterRef("t", "n", 1), (1, 3))}) == 2
+
+
+def test_a_version_stored_by_an_older_build_keeps_serving_and_listing(
+    registry: AdapterRegistry, store: AdapterStore
+) -> None:
+    """Metadata that older builds did not check (a non-string description made the tenant's
+    listing answer 500) is read leniently from the store; the same bytes as an upload get
+    a 422-style AdapterFormatError naming the field."""
+    config, weights = upload_bytes(1)
+    data = json.loads(config) | {"description": {"note": 5}, "connector_dropout": 5}
+    legacy = json.dumps(data).encode()
+
+    def older_build(folder: Path) -> None:
+        (folder / CONFIG_FILE).write_bytes(legacy)
+        (folder / "adapter.safetensors").write_bytes(weights)
+
+    store.write_version("acme", "old", older_build)
+    info = registry.describe("acme", "old")
+    assert info.config is not None and info.config.description == '{"note": 5}'
+    version = registry.resolve("acme", "old")
+    registry.cache.want(version)
+    eventually(lambda: registry.cache.is_ready(version))
+    slots, failed, _ = registry.cache.bind([version])
+    assert failed == {} and version in slots
+    registry.cache.release(slots, [version])
+    registry.cache.unwant(version)
+    with pytest.raises(AdapterFormatError) as error:
+        registry.add_version("acme", "old", legacy, weights)
+    assert error.value.field == "connector_dropout"  # the first of the two, in field order
+    assert str(error.value) == (
+        "invalid adapter_config.json: connector_dropout: Input should be less than 1 "
+        "(and 1 more problem)"
+    )
+    assert store.versions("acme", "old") == [1]

@@ -1,5 +1,9 @@
 """/adapters: list, get, upload a new version, delete. Scoped by tenant: a key sees its
-tenant's adapters and the public ones; it can only change its own tenant's."""
+tenant's adapters and the public ones; it can only change its own tenant's.
+
+An upload is refused with 422 invalid_adapter (the message names the config field or the
+tensor at fault) before anything is stored, and with 413 quota_exceeded when it would take the
+tenant over tenant_max_adapters or tenant_max_adapter_bytes."""
 
 from __future__ import annotations
 
@@ -8,14 +12,15 @@ from typing import Annotated
 from fastapi import APIRouter, File, Path, UploadFile
 from starlette.concurrency import run_in_threadpool
 
+from adapters.config import MAX_CONFIG_BYTES
 from adapters.format import PICKLE_SUFFIXES, AdapterFormatError
-from service.api.deps import AnyPrincipal, ManagePrincipal, ReadyEngine
+from service.api.deps import AnyPrincipal, ManagePrincipal, ReadyEngine, State
 from service.api.engine_errors import to_api_error
 from service.api.errors import ApiError, error_responses
 from service.api.schemas import AdapterList, AdapterOut, Deleted, VersionCreated
 from service.exceptions import EngineError
 from service.registry import AdapterInfo
-from service.store import NAME_PATTERN, StoreError, check_name
+from service.store import NAME_PATTERN, QuotaExceeded, StoreError, StoreQuota, check_name
 
 router = APIRouter(prefix="/adapters", tags=["adapters"])
 
@@ -97,6 +102,16 @@ async def _read_upload(upload: UploadFile, what: str) -> bytes:
         raise ApiError(
             422, "invalid_adapter", f"refusing pickle file {filename!r}: {what} must be safetensors"
         )
+    if what == "config":
+        # Bounded before it is parsed (the body limit alone allows megabytes of nesting).
+        data = await upload.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            raise ApiError(
+                422,
+                "invalid_adapter",
+                f"adapter_config.json is larger than {MAX_CONFIG_BYTES} bytes",
+            )
+        return data
     data = await upload.read()
     if what == "weights" and data.startswith(_PICKLE_MAGIC) and not _is_safetensors(data):
         raise ApiError(
@@ -118,18 +133,28 @@ async def upload_version(
     name: AdapterName,
     engine: ReadyEngine,
     principal: ManagePrincipal,
+    state: State,
     config: Annotated[UploadFile, File(description="adapter_config.json")],
     weights: Annotated[UploadFile, File(description="adapter.safetensors")],
 ) -> VersionCreated:
     _valid(name)
     config_bytes = await _read_upload(config, "config")
     weights_bytes = await _read_upload(weights, "weights")
+    settings = state.settings
+    quota = StoreQuota(settings.tenant_max_adapters, settings.tenant_max_adapter_bytes)
     try:
         ref = await run_in_threadpool(
-            engine.registry.add_version, principal.tenant, name, config_bytes, weights_bytes
+            engine.registry.add_version,
+            principal.tenant,
+            name,
+            config_bytes,
+            weights_bytes,
+            quota,
         )
     except AdapterFormatError as exc:
         raise ApiError(422, "invalid_adapter", str(exc)) from None
+    except QuotaExceeded as exc:
+        raise ApiError(413, "quota_exceeded", str(exc)) from None
     except EngineError as exc:
         raise to_api_error(exc) from None
     return VersionCreated(name=name, version=ref.version)
