@@ -36,6 +36,11 @@ class ServiceState:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
+    def loading(self) -> bool:
+        """The engine is still being built (in a background thread)."""
+        return self.engine is None and self.load_error is None
+
+    @property
     def ready(self) -> bool:
         return self.engine is not None and self.engine.ready and not self.draining
 

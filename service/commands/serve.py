@@ -121,6 +121,11 @@ def run(args: argparse.Namespace) -> int:
     # uvicorn's shutdown and up to 0.5 s for the engine to close (ServiceState.close).
     budget = max(0.5, settings.drain_timeout_s - GRACEFUL_S - ANSWER_GRACE_S - 0.5)
     DrainingServer(config, state.drain, budget).run()
+    if state.loading:
+        # Stopped before the backbone finished loading: the loading thread is inside torch's
+        # native code, and tearing the interpreter down beside it can abort the process.
+        # Nothing was admitted, so there is nothing left to finish: leave now, status 0.
+        _exit_now(0)
     return 0
 
 
@@ -128,9 +133,13 @@ def _stop_during_startup(sig: int, frame: FrameType | None) -> None:
     """SIGTERM/SIGINT before uvicorn serves: nothing is admitted yet, so exit now, status 0
     (a container stopped while it starts must not wait for its kill timeout)."""
     log.info("stopped during start-up", extra={"signal": sig})
+    _exit_now(0)  # not SystemExit: it could be raised inside an import and caught there
+
+
+def _exit_now(code: int) -> None:
     for handler in logging.getLogger().handlers:
         handler.flush()
-    os._exit(0)  # not SystemExit: it could be raised inside an import and caught there
+    os._exit(code)
 
 
 def _settings_error(exc: ValidationError) -> str:

@@ -38,6 +38,8 @@ at its next step and releases its slot pin and its tenant's count.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import io
 import logging
 import threading
@@ -277,10 +279,12 @@ class Engine:
         versions = [self.registry.resolve(request.tenant, name) for name in names]
         # Admission before any image work: a refused request never decodes its image.
         self.scheduler.admit(request.tenant, len(names))
+        # In the caller's context: what the decoder logs (a Pillow warning) names its request.
+        prepare = functools.partial(
+            contextvars.copy_context().run, self._prepare, request.image, request.tenant
+        )
         try:
-            image = await loop.run_in_executor(
-                self._prep, self._prepare, request.image, request.tenant
-            )
+            image = await loop.run_in_executor(self._prep, prepare)
         except BaseException:
             self.scheduler.withdraw(request.tenant, len(names))
             raise

@@ -123,14 +123,24 @@ def test_rejections_by_reason(metrics: Scrape) -> None:
     assert got == expected
 
 
-def test_batches_queue_wait_and_tokens(metrics: Scrape, traffic: dict[str, int]) -> None:
-    # Six rows in five batches: four alone, and the two-adapter request's rows together.
-    assert metrics.value("ctxpeft_batch_size_count") == 5
-    assert metrics.value("ctxpeft_batch_size_sum") == 6
-    assert metrics.value("ctxpeft_batch_adapters_count") == 5
-    assert metrics.value("ctxpeft_batch_adapters_sum") == 6
-    assert metrics.value("ctxpeft_batch_adapters_bucket", le="1.0") == 4
-    assert metrics.value("ctxpeft_queue_wait_seconds_count") == 6
+def test_steps_queue_wait_and_tokens(
+    metrics: Scrape, service: Service, traffic: dict[str, int]
+) -> None:
+    # Six rows joined the running batch (one queue wait each); every decode step observed its
+    # rows and adapters, the same counts the engine's stats() reads (one counting system).
+    stats = service.engine.stats()
+    assert metrics.value("ctxpeft_queue_wait_seconds_count") == 6 == stats.rows
+    steps = metrics.value("ctxpeft_engine_steps_total")
+    assert steps == stats.steps > 0
+    assert metrics.value("ctxpeft_batch_size_count") == steps
+    assert metrics.value("ctxpeft_batch_size_sum") == stats.step_rows
+    assert metrics.value("ctxpeft_batch_adapters_sum") == stats.step_adapters
+    # The requests came one after another: two rows ran together only for the two-adapter
+    # request, and then with two adapters.
+    assert metrics.value("ctxpeft_batch_size_bucket", le="2.0") == steps
+    mixed = steps - metrics.value("ctxpeft_batch_adapters_bucket", le="1.0")
+    assert 0 < mixed == stats.step_adapters - stats.steps
+    assert metrics.value("ctxpeft_time_to_first_token_seconds_count") == 6
     for adapter, tokens in traffic.items():
         assert tokens > 0
         assert metrics.value("ctxpeft_generated_tokens_total", adapter=adapter) == tokens
