@@ -3,10 +3,12 @@
     state, first = DecodeState.prefill(model, source, features, slots)   # new rows
     state.merge(other)            # rows prefilled later join the running batch
     tokens = state.step()         # one decode step for every row: next token ids [B] (device)
-    state.keep([0, 2])            # rows 1, 3, ... left (EOS, limit, cancel): drop them
+    order = state.keep([0, 2])    # rows 1, 3, ... left (EOS, limit, cancel); `order` gives
+                                  # each remaining row's old position (the last rows move
+                                  # into the holes)
 
-No method returns host values: the caller reads the token ids (one host synchronisation per
-step) and decides which rows stay.
+No method returns device values to the host: the caller reads the token ids (one host
+synchronisation per step) and decides which rows stay.
 
 KV-cache layout: every row's cache is right-aligned. With W cache columns, row i's
 `lengths[i]` real tokens occupy the last `lengths[i]` columns and the columns before them are
@@ -15,13 +17,13 @@ one column for every row. Positions are explicit per row, so rotary embeddings s
 real positions 0, 1, ... however much padding sits in front of it, and a row computes the same
 attention whether it runs alone or beside longer rows (the padding gets exactly zero weight).
 
-Joining: new rows are prefilled on their own (their prefix has no padding), then the shorter
-of the two caches is padded on the left and both are concatenated along the batch. Leaving:
-the remaining rows are index-selected and every leading column that is padding for all of them
-is dropped, so the waste is bounded by the length spread of the rows present (at most the
-longest row's length minus the shortest's), and a batch whose rows all joined together has
-none. The cost of a join is one copy of the running cache (what DynamicCache's per-step
-concatenation costs anyway); docs/ARCHITECTURE.md compares this with a paged cache.
+Joining: new rows are prefilled on their own (their prefix has no padding) into a plain
+DynamicCache, whose tensors are then copied once into the running batch's `RowCache`
+(adapters.kv_cache: preallocated buffers, right-aligned rows), after its last row. Leaving: the
+last rows move into the holes (one row copied per hole), and the leading columns that are
+padding for every remaining row are dropped from the view without a copy. So the waste is
+bounded by the length spread of the rows present, a step writes one column in place instead
+of copying the cache, and a join or a leave copies only the rows that change.
 
 Masks are built here as 4-D additive tensors, so the LM uses them as given: Hugging Face's
 mask helpers would inspect them on the host (a synchronisation per call).
@@ -29,7 +31,7 @@ mask helpers would inspect them on the host (a synchronisation per call).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -37,6 +39,7 @@ from transformers import DynamicCache, PretrainedConfig
 from transformers.cache_utils import DynamicLayer
 
 from adapters.config import TEXT
+from adapters.kv_cache import RowCache
 from adapters.routing import Path, Routing, WeightSource
 
 if TYPE_CHECKING:
@@ -51,7 +54,7 @@ class DecodeState:
         model: ContextPEFTModel,
         source: WeightSource,
         slots: torch.Tensor,
-        cache: DynamicCache,
+        cache: RowCache,
         lengths: list[int],
         next_ids: torch.Tensor,
         path: Path = "row",
@@ -84,7 +87,7 @@ class DecodeState:
         image_embeds = source.connect(features.to(device), slots)
         embeds, contexts = model.prefix(image_embeds)
         batch, width = contexts.shape
-        cache = _new_cache(model.backbone.lm.config)
+        prefill = _new_cache(model.backbone.lm.config)
         positions = torch.arange(width, device=device).expand(batch, width)
         mask = causal_mask(width, embeds.dtype, device)
         logits = model.lm_forward(
@@ -92,10 +95,11 @@ class DecodeState:
             Routing(source, slots, contexts, path),
             attention_mask=mask,
             position_ids=positions,
-            cache=cache,
+            cache=prefill,
             logits_to_keep=1,
         )
         first = logits[:, -1].argmax(dim=-1)
+        cache = RowCache.adopt(prefill)
         state = cls(model, source, slots, cache, [width] * batch, first, decode_path or path)
         return state, first
 
@@ -106,8 +110,8 @@ class DecodeState:
 
     @property
     def width(self) -> int:
-        """Cache columns (the longest row's length)."""
-        return _cache_width(self.cache)
+        """Cache columns in use (the longest row's length)."""
+        return self.cache.width
 
     def step(self) -> torch.Tensor:
         """Feed every row its next token; returns the token ids generated [B] (device)."""
@@ -116,72 +120,67 @@ class DecodeState:
         if self._routing is None:
             text = torch.full((self.rows, 1), TEXT, dtype=torch.long, device=self.slots.device)
             self._routing = Routing(self.source, self.slots, text, self.path)
-        try:
-            logits = self.model.lm_forward(
-                embeds,
-                self._routing,
-                attention_mask=padding_mask(self._lengths, width + 1, embeds.dtype),
-                position_ids=self._lengths.unsqueeze(1),
-                cache=self.cache,
-            )
-        except BaseException:
-            # Layers before the failing one already appended this step's column: take it
-            # back, so the state is as before the call and the step can be tried again.
-            _map_cache(self.cache, lambda t: t[:, :, :width])
-            raise
+        # If the forward raises, the layers before the failing one wrote a column that `end`
+        # does not cover yet: the state is as before the call, and the step can be retried.
+        self.cache.reserve_column()
+        logits = self.model.lm_forward(
+            embeds,
+            self._routing,
+            attention_mask=padding_mask(self._lengths, width + 1, embeds.dtype),
+            position_ids=self._lengths.unsqueeze(1),
+            cache=self.cache,
+        )
+        self.cache.advance()
         self.next_ids = logits[:, -1].argmax(dim=-1)
         self._lengths = self._lengths + 1
         self.lengths = [n + 1 for n in self.lengths]
         return self.next_ids
 
     # --- rows joining and leaving ----------------------------------------------------------
-    def keep(self, rows: Sequence[int]) -> None:
-        """Keep only `rows` (positions in this batch, in order); the others leave."""
-        if list(rows) == list(range(self.rows)):
-            return
-        index = torch.tensor(list(rows), dtype=torch.long, device=self.slots.device)
-        self.cache.batch_select_indices(index)
+    def keep(self, rows: Sequence[int]) -> list[int]:
+        """Keep the rows at positions `rows`; the others leave. Rows after a hole may move
+        into it: returns each remaining row's old position, in the new order."""
+        gone = sorted(set(range(self.rows)) - set(rows))
+        if not gone:
+            return list(range(self.rows))
+        order = self.cache.remove(gone)
+        index = torch.tensor(order, dtype=torch.long, device=self.slots.device)
         self.slots = self.slots.index_select(0, index)
         self.next_ids = self.next_ids.index_select(0, index)
         self._lengths = self._lengths.index_select(0, index)
-        self.lengths = [self.lengths[i] for i in rows]
+        self.lengths = [self.lengths[i] for i in order]
         if self._routing is not None:
-            self._routing = self._routing.select_rows(index)
+            self._routing = self._routing.select_rows(index) if order else None
         if self.lengths:
-            trim = self.width - max(self.lengths)
-            if trim > 0:
-                _map_cache(self.cache, lambda t: t[:, :, trim:])
+            self.cache.trim(max(self.lengths))
+        return order
 
     def subset(self, rows: Sequence[int]) -> DecodeState:
-        """A copy holding only `rows` (this state is left as it is), e.g. to try a step on
-        some rows alone when a step of the whole batch failed."""
+        """A copy holding only `rows`, in that order (this state is left as it is), e.g. to
+        try a step on some rows alone when a step of the whole batch failed."""
+        index = torch.tensor(list(rows), dtype=torch.long, device=self.slots.device)
+        cache = RowCache(len(self.cache.row_layers))
+        views = [layer.view() for layer in self.cache.row_layers]
+        cache.append_tensors(
+            [(k.index_select(0, index), v.index_select(0, index)) for k, v in views]
+        )
         copy = DecodeState(
             self.model,
             self.source,
-            self.slots,
-            _copy_cache(self.cache, self.model.backbone.lm.config),
-            list(self.lengths),
-            self.next_ids,
+            self.slots.index_select(0, index),
+            cache,
+            [self.lengths[i] for i in rows],
+            self.next_ids.index_select(0, index),
             self.path,
         )
-        copy.keep(rows)
+        copy.cache.trim(max(copy.lengths))
         return copy
 
     def merge(self, other: DecodeState) -> None:
-        """Append `other`'s rows (same model and weight source) after this batch's rows.
-        All or nothing: if it raises (out of memory), this state is unchanged."""
+        """Append `other`'s rows (same model and weight source) after this batch's rows."""
         if other.source is not self.source:
             raise ValueError("rows of different weight sources cannot share a batch")
-        width = max(self.width, other.width)
-        mine, theirs = _layers(self.cache), _layers(other.cache)
-        merged = []
-        for a, b in zip(mine, theirs, strict=True):
-            (keys_a, values_a), (keys_b, values_b) = _kv(a), _kv(b)
-            keys = torch.cat([_pad_left(keys_a, width), _pad_left(keys_b, width)])
-            values = torch.cat([_pad_left(values_a, width), _pad_left(values_b, width)])
-            merged.append((keys, values))
-        for layer, (keys, values) in zip(mine, merged, strict=True):
-            layer.keys, layer.values = keys, values
+        self.cache.append(other.cache)
         self.slots = torch.cat([self.slots, other.slots])
         self.next_ids = torch.cat([self.next_ids, other.next_ids])
         self._lengths = torch.cat([self._lengths, other._lengths])
@@ -210,51 +209,10 @@ def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
-def _layers(cache: DynamicCache) -> list[DynamicLayer]:
-    """The cache's layers; every one keeps every column (no sliding window)."""
-    layers = []
+def _new_cache(config: PretrainedConfig) -> DynamicCache:
+    """The prefill's cache; every layer must keep every column (no sliding window)."""
+    cache = DynamicCache(config=config)
     for layer in cache.layers:
         if not isinstance(layer, DynamicLayer) or layer.is_sliding:
             raise ValueError(f"DecodeState needs full-attention cache layers, not {layer!r}")
-        layers.append(layer)
-    return layers
-
-
-def _kv(layer: DynamicLayer) -> tuple[torch.Tensor, torch.Tensor]:
-    assert layer.keys is not None and layer.values is not None, "cache layer not filled"
-    return layer.keys, layer.values
-
-
-def _cache_width(cache: DynamicCache) -> int:
-    return int(_kv(_layers(cache)[0])[0].shape[-2])
-
-
-def _new_cache(config: PretrainedConfig) -> DynamicCache:
-    cache = DynamicCache(config=config)
-    _layers(cache)  # padding and merging assume every layer keeps every column
     return cache
-
-
-def _copy_cache(cache: DynamicCache, config: PretrainedConfig) -> DynamicCache:
-    """A cache object of its own over the same tensors (never written in place: every
-    update, selection or trim makes new ones)."""
-    copy = _new_cache(config)
-    for mine, theirs in zip(_layers(copy), _layers(cache), strict=True):
-        keys, values = _kv(theirs)
-        mine.lazy_initialization(keys, values)
-        mine.keys, mine.values = keys, values
-    return copy
-
-
-def _pad_left(t: torch.Tensor, width: int) -> torch.Tensor:
-    """[B, H, L, D] -> [B, H, width, D] with zero columns in front."""
-    missing = width - t.shape[-2]
-    if missing == 0:
-        return t
-    return torch.nn.functional.pad(t, (0, 0, missing, 0))
-
-
-def _map_cache(cache: DynamicCache, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-    for layer in _layers(cache):
-        keys, values = _kv(layer)
-        layer.keys, layer.values = fn(keys), fn(values)

@@ -14,7 +14,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from transformers import DynamicCache, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
+from transformers.cache_utils import Cache
 
 from adapters.backbone import Backbone, decoder_layers, lm_linear
 from adapters.config import IMAGE, LM_MODULES, TEXT
@@ -72,7 +73,7 @@ class ContextPEFTModel(nn.Module):
         inputs_embeds: torch.Tensor,
         routing: Routing | None,
         attention_mask: torch.Tensor | None = None,
-        cache: DynamicCache | None = None,
+        cache: Cache | None = None,
         logits_to_keep: int = 0,
         position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
@@ -162,8 +163,7 @@ class ContextPEFTModel(nn.Module):
             if not keep:
                 return outputs
             if len(keep) < len(active):
-                state.keep(keep)
-                active = [active[k] for k in keep]
+                active = [active[k] for k in state.keep(keep)]
             tokens = state.step()
 
     def decode(self, ids: Sequence[int]) -> str:

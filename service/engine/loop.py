@@ -142,19 +142,16 @@ class StepLoop:
         if not chosen:
             return [], None
         joining = [row for _, row in chosen]
-        running = len(self.rows)
+        running = len(self.rows)  # joining rows are merged after the running ones
         try:
             return self._admit(chosen)
         except Exception as exc:
             log.exception("rows failed while joining the running batch")
             self.counters.fault("loop")
-            joined = set(map(id, self.rows[running:]))
+            # Rows that did join this step leave too: every joining row fails, none is lost.
+            self._keep(range(running))
             for row in joining:
                 row.unwant(self.registry.cache)
-                if id(row) not in joined:  # not answered yet, not in the running batch
-                    self._fail_row(row, EngineFault(f"internal error while joining: {exc!r}"))
-            self._keep(range(running))  # rows that did join this step leave too
-            for row in self.rows[running:]:
                 self._fail_row(row, EngineFault(f"internal error while joining: {exc!r}"))
             return [], None
 
@@ -209,7 +206,7 @@ class StepLoop:
         for seq, row in chosen:
             if row.settled():
                 row.unwant(cache)
-                self.scheduler.finished(row.tenant)
+                self._end_flight(row)
             else:
                 live.append((seq, row))
         if not live:
@@ -390,12 +387,11 @@ class StepLoop:
             else:
                 self.counters.failed()
             self._release_slot(row)
-            row.deliver(outcome, before=lambda: self.scheduler.finished(row.tenant))
+            row.deliver(outcome, before=lambda: self._end_flight(row))
         except Exception:
             log.exception("answering a row failed")
             self.counters.fault("deliver")
-            self._release_slot(row)
-            self.scheduler.finished(row.tenant)
+            self._end(row)
 
     def _fail_row(self, row: Row, error: EngineError) -> None:
         self.answer(row, error)
@@ -406,14 +402,18 @@ class StepLoop:
         if row.claim():
             self.counters.dropped(reason)
             self._release_slot(row)
-            row.deliver(error, before=lambda: self.scheduler.finished(row.tenant))
+            row.deliver(error, before=lambda: self._end_flight(row))
         else:
             self._end(row)
 
     def _end(self, row: Row) -> None:
         """A row answered elsewhere leaves: release its slot pin and end its flight."""
         self._release_slot(row)
-        self.scheduler.finished(row.tenant)
+        self._end_flight(row)
+
+    def _end_flight(self, row: Row) -> None:
+        if row.end_flight():  # once, whichever path ends the row first
+            self.scheduler.finished(row.tenant)
 
     def _release_slot(self, row: Row) -> None:
         if row.slot is not None:
@@ -421,14 +421,14 @@ class StepLoop:
             row.slot = None
 
     def _keep(self, positions: Sequence[int]) -> None:
-        """Keep only the running rows at `positions`; the others have been answered."""
+        """Keep only the running rows at `positions`; the others have been answered. The
+        rows may be reordered (the decode state fills holes with its last rows)."""
         if len(positions) == len(self.rows):
             return
-        self.rows = [self.rows[p] for p in positions]
-        if not self.rows:
-            self.state = None
-        elif self.state is not None:
-            self.state.keep(positions)
+        if not positions or self.state is None:
+            self.rows, self.state = [], None
+            return
+        self.rows = [self.rows[i] for i in self.state.keep(positions)]
 
     def _fail_running(self, error: EngineError) -> None:
         """Fail every running row (the state cannot be trusted) and empty the batch."""

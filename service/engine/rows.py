@@ -55,11 +55,20 @@ class Row:
     encode_s: float = 0.0  # the encoder time of the rows that joined with it
     first_token: float = 0.0  # time.monotonic() of its first generated token
     _wanting: bool = False  # holds a want on its version's CPU copy (see want / unwant)
+    _flight_ended: bool = False  # its tenant's in-flight count was given back
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _done: bool = False
 
     def settled(self) -> bool:
         return self._done
+
+    def end_flight(self) -> bool:
+        """True the first time only: whoever gets True gives the tenant's count back."""
+        with self._lock:
+            if self._flight_ended:
+                return False
+            self._flight_ended = True
+            return True
 
     def want(self, cache: AdapterCache[AdapterVersion]) -> None:
         """Tell the cache that this queued row needs its version (pins the CPU copy)."""

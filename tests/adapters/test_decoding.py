@@ -96,17 +96,15 @@ def _drive(
                 else torch.stack([features[i] for i in new])
             )
             joined, first = DecodeState.prefill(model, bank, feats, SLOTS[new])
-            keep = take(new, first.tolist())
-            joined.keep(keep)
-            if state is None:
-                state, order = joined, [new[k] for k in keep]
-            elif keep:
+            kept = [new[k] for k in joined.keep(take(new, first.tolist()))]
+            if state is None or not state.rows:
+                state, order = joined, kept
+            elif kept:
                 state.merge(joined)
-                order += [new[k] for k in keep]
+                order += kept
         if state is not None and state.rows:
             keep = take(order, state.step().tolist())
-            state.keep(keep)
-            order = [order[k] for k in keep]
+            order = [order[k] for k in state.keep(keep)]  # rows may move into holes
             widths.append(state.width)
             if state.rows:
                 assert state.width == max(state.lengths)  # leading padding of all rows trimmed

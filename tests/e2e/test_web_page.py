@@ -221,6 +221,8 @@ def test_fresh_page_first_click_captions_with_the_services_default(
     caption = page.locator(f"{card(page, 'zeta')} .caption")
     expect(caption).to_have_text(api_caption(open_service.url, "zeta", key=None))
     expect(page.locator("#error")).to_be_empty()
+    # The caption streamed in: the page drew it from one token event per generated token.
+    expect(caption).to_have_attribute("data-tokens", "4")
     meta = page.locator(f"{card(page, 'zeta')} .meta").text_content() or ""
     assert re.fullmatch(
         r"4 tokens · queue [\d.]+ ms · encode [\d.]+ ms · generate [\d.]+ ms · total [\d.]+ ms",
