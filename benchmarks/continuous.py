@@ -35,7 +35,8 @@ from typing import Any
 
 import torch
 
-from benchmarks.serving import TENANT, build_backbone, images, make_adapter
+from adapters.backbone import Backbone
+from benchmarks.serving import TENANT, images, make_adapter
 from benchmarks.serving_args import ROOT
 from benchmarks.workload import Picker, RunResult, closed_loop, open_loop
 from service.engine import CaptionRequest, Engine, EngineConfig
@@ -129,7 +130,11 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
-    backbone = build_backbone(args.preset, args.seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(args.seed)
+        backbone = Backbone.build(args.preset, device=args.device)
+    if args.dtype != "float32":
+        backbone.to(getattr(torch, args.dtype))
     pics = images(64, backbone.config.image_size, args.seed)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="ctxpeft-continuous-") as tmp:
@@ -183,6 +188,8 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
             "cpus": os.cpu_count(),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
+            "device": str(backbone.device),
+            "gpu": torch.cuda.get_device_name(0) if backbone.device.type == "cuda" else None,
             "load_before": [round(x, 2) for x in load_before],
             "load_after": [round(x, 2) for x in os.getloadavg()],
         },
@@ -295,6 +302,8 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--duration", type=float, default=15.0)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
