@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("train", "train an adapter set; its best epoch becomes a new store version"),
     "eval": ("eval", "perplexity, exact match, BLEU-4 and CIDEr of an adapter version"),
     "demo": ("demo", "build the demo backbone and one public adapter per synthetic task"),
+    "backbone": ("backbone", "build a backbone (e.g. smol: real pretrained weights) offline"),
 }
 
 
