@@ -293,10 +293,10 @@ def test_agnostic_lora_on_all_seven_projections_equals_peft_including_an_importe
     with torch.no_grad():
         expected = peft_model(inputs_embeds=embeds).logits
         base = model.lm_forward(embeds, None)
-        for path in ("row", "segment", "token"):
-            routing = Routing(adapter, torch.zeros(2, dtype=torch.long), contexts, path)  # type: ignore[arg-type]
-            ours = model.lm_forward(embeds, routing)
-            assert float((ours - expected).abs().max()) <= PEFT_TOLERANCE, path
+        # The serving path; the three paths agree with each other in tests/adapters/test_layers.py.
+        routing = Routing(adapter, torch.zeros(2, dtype=torch.long), contexts, "row")
+        ours = model.lm_forward(embeds, routing)
+    assert float((ours - expected).abs().max()) <= PEFT_TOLERANCE
     assert float((base - expected).abs().max()) > 1.0  # the adapter changes the logits a lot
 
 
@@ -308,7 +308,9 @@ def _perturbed(adapter: AdapterSet, seed: int) -> AdapterSet:
             noise = torch.randn(param.shape, generator=gen)
             if name.endswith("ia3"):
                 param.copy_(1.0 + 0.2 * noise)
-            elif (name.endswith(("lora_B", "bias")) and name.startswith("lm")) or name.endswith("lora_A"):
+            elif (name.endswith(("lora_B", "bias")) and name.startswith("lm")) or name.endswith(
+                "lora_A"
+            ):
                 param.copy_(0.05 * noise)
     return adapter.eval()
 
@@ -328,10 +330,10 @@ def test_mixed_batch_of_four_adapters_gives_each_row_its_own_tokens(
     for slot, adapter in enumerate(sets):
         bank.load(slot, adapter)
     slots = torch.tensor([0, 1, 2, 3])
-    mixed = model.generate(features, bank, slots, 12)
+    mixed = model.generate(features, bank, slots, 8)
     one = torch.zeros(1, dtype=torch.long)
     for row in range(4):
-        alone = model.generate(features[row : row + 1], sets[row], one, 12)
+        alone = model.generate(features[row : row + 1], sets[row], one, 8)
         assert alone[0] == mixed[row], row
     assert len({tuple(ids) for ids in mixed}) >= 3  # the four adapters really differ
     assert max(len(ids) for ids in mixed) >= 4
