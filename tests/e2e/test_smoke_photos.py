@@ -25,7 +25,15 @@ from adapters.model import ContextPEFTModel
 from adapters.training import TrainOptions, encode_source, train_adapter
 from service.commands.train import write_adapter_version
 from service.store import AdapterStore
-from tests.e2e.conftest import DemoBuild, Service, encode, image_file, running_service
+from tests.e2e.conftest import (
+    ACME_CAPTION,
+    DemoBuild,
+    Service,
+    bearer,
+    encode,
+    image_file,
+    running_service,
+)
 from tests.smol import SMOKE_PHOTOS, require_smol, smoke_photos
 
 pytestmark = pytest.mark.slow
@@ -49,7 +57,7 @@ def smol_service(
     smol_backbone: Backbone, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Service]:
     size = smol_backbone.config.image_size
-    train = encode_source(smol_backbone, SyntheticCaptions("colors", "train", 48, 0, size))
+    train = encode_source(smol_backbone, SyntheticCaptions("colors", "train", 32, 0, size))
     val = encode_source(smol_backbone, SyntheticCaptions("colors", "val", 8, 0, size))
     options = TrainOptions(epochs=1, batch_size=8, lr=3e-3, device="cpu", progress=False)
     result = train_adapter(ContextPEFTModel(smol_backbone), train, val, options)
@@ -82,6 +90,7 @@ def _caption_all(url: str, photos: dict[str, tuple[bytes, str]], adapter: str) -
                 "/caption",
                 files=image_file(data, f"{name}.{fmt.lower()}", mime),
                 data={"adapter": adapter},
+                headers=bearer(ACME_CAPTION),  # tenant acme sees the public adapters
             )
             assert response.status_code == 200, (name, response.text)
             captions[name] = response.json()["caption"]
