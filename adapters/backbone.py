@@ -30,8 +30,12 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from adapters import packaged
 from adapters.config import LM_MODULES, BackboneConfig
 from adapters.presets import PRESETS
+from adapters.vision import register_towers
+
+register_towers()  # our own towers (EfficientNet-Lite) load through AutoModel like any other
 
 BACKBONE_FILE = "backbone.json"
 # Encoders whose first output token is a [CLS] summary rather than a patch.
@@ -94,6 +98,8 @@ def _load_vision(spec: str | dict[str, Any], dtype: torch.dtype) -> PreTrainedMo
     if isinstance(spec, dict):
         model = AutoModel.from_config(_config_from_dict(spec))
         return model.to(dtype)
+    if packaged.is_packaged(spec):
+        return packaged.load_efficientnet_lite(spec, dtype)
     config = AutoConfig.from_pretrained(spec)
     tower = _VISION_TOWERS.get(config.model_type)
     if tower is not None:
@@ -110,11 +116,15 @@ def _load_lm(spec: str | dict[str, Any], vocab_size: int, dtype: torch.dtype) ->
         data.setdefault("vocab_size", vocab_size)
         model = AutoModelForCausalLM.from_config(_config_from_dict(data))
         return model.to(dtype)
+    if packaged.is_gguf(spec):
+        return packaged.load_gguf_lm(spec, dtype)
     return AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
 
 
 def _load_tokenizer(config: BackboneConfig) -> PreTrainedTokenizerBase:
     if config.tokenizer is not None:
+        if packaged.is_gguf(config.tokenizer):
+            return packaged.load_gguf_tokenizer(config.tokenizer)
         return AutoTokenizer.from_pretrained(config.tokenizer)
     from adapters.data.synthetic import vocabulary
     from adapters.data.tokenizer import build_caption_tokenizer
@@ -260,7 +270,10 @@ class Backbone(nn.Module):
         """Vision features per image: [N, n_img, d_vis] (patch tokens, [CLS] dropped)."""
         pixel_values = pixel_values.to(device=self.device, dtype=self.dtype)
         hidden = self.vision(pixel_values=pixel_values).last_hidden_state
-        if hidden.dim() == 4:  # convolutional encoders (e.g. pvt_v2): [N, C, H, W] -> [N, H*W, C]
+        if hidden.dim() == 4:  # feature maps (CNNs, pvt_v2): [N, C, H, W] -> [N, H*W, C]
+            if self.config.image_pool:
+                # Fewer, coarser image tokens: the LM's cost grows with the sequence.
+                hidden = nn.functional.adaptive_avg_pool2d(hidden, self.config.image_pool)
             hidden = hidden.flatten(2).transpose(1, 2)
         if self.vision.config.model_type in _CLS_TOKEN_MODELS:
             hidden = hidden[:, 1:]

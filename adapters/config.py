@@ -407,6 +407,9 @@ class BackboneConfig:
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     dtype: str = "float32"
+    # Encoders that output a feature map [N, C, H, W] (CNNs): 0 keeps all H*W positions as
+    # image tokens; k > 0 average-pools the map to k x k tokens first (a shorter LM sequence).
+    image_pool: int = 0
 
     def __post_init__(self) -> None:
         if self.connector not in ("linear", "mlp"):
@@ -415,6 +418,8 @@ class BackboneConfig:
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
         if self.image_size < 8:
             raise ValueError("image_size must be >= 8")
+        if self.image_pool < 0:
+            raise ValueError(f"image_pool must be >= 0 (0: no pooling), got {self.image_pool}")
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from adapters.adapter_set import AdapterSet
 from adapters.backbone import BACKBONE_FILE, Backbone
+from adapters.backbone_build import backbone_dir
 from adapters.config import BackboneConfig
 from adapters.data.synthetic import TASKS, SyntheticCaptions
 from adapters.model import ContextPEFTModel
@@ -44,13 +45,7 @@ from adapters.presets import get_preset
 from adapters.pretrain import StageOptions, pretrain_encoder, pretrain_lm
 from adapters.training import EpochStats, TrainOptions, TrainResult, encode_source, train_adapter
 
-BACKBONES_DIR = "backbones"
 PLAN_FILE = "demo_plan.json"
-
-
-def backbone_dir(runtime_dir: Path, name: str) -> Path:
-    """Where a locally built backbone lives: <runtime>/backbones/<name>."""
-    return Path(runtime_dir) / BACKBONES_DIR / name
 
 
 # The demo's budgets, measured to reach >= 90% exact match per task on held-out images

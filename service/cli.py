@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "adapters",
         "list, show, push and delete a running service's adapters; validate a folder offline",
     ),
+    "backbone": ("backbone", "build a backbone (e.g. smol: real pretrained weights) offline"),
 }
 
 

@@ -145,7 +145,9 @@ class Settings(BaseSettings, EngineConfig):
         description="Runtime data folder (built backbone, adapter store, caches).",
     )
     store_dir: Path | None = Field(
-        default=None, description="Adapter store folder; defaults to <runtime_dir>/adapters."
+        default=None,
+        description="Adapter store folder; defaults to <runtime_dir>/adapters (backbone demo) "
+        "or <runtime_dir>/adapters-<backbone> (another backbone named by a plain name).",
     )
     backbone: str = Field(
         default="demo",
@@ -256,8 +258,22 @@ class Settings(BaseSettings, EngineConfig):
         return value.lower() if isinstance(value, str) else value
 
     def resolved_store_dir(self) -> Path:
-        """The adapter store folder: `store_dir`, or `runtime_dir/adapters` when unset."""
-        return self.store_dir if self.store_dir is not None else self.runtime_dir / "adapters"
+        """The adapter store folder: `store_dir`, or the backbone's default store when unset
+        (`default_store_dir`)."""
+        if self.store_dir is not None:
+            return self.store_dir
+        return default_store_dir(self.runtime_dir, self.backbone)
+
+
+def default_store_dir(runtime_dir: Path, backbone: str) -> Path:
+    """Adapters belong to one backbone (its fingerprint), so each named backbone has its own
+    store: `<runtime>/adapters` for `demo` (the default), `<runtime>/adapters-<name>` for any
+    other backbone named by a plain name (e.g. `smol`, built under <runtime>/backbones/).
+    A backbone given as a path or hub id uses `<runtime>/adapters`."""
+    plain = "/" not in backbone and "\\" not in backbone and not backbone.endswith(".json")
+    if backbone == "demo" or not plain:
+        return runtime_dir / "adapters"
+    return runtime_dir / f"adapters-{backbone}"
 
 
 def is_loopback_host(host: str) -> bool:

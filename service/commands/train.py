@@ -35,7 +35,10 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by train, eval and demo (defaults come from CTXPEFT_* settings)."""
     parser.add_argument("--runtime-dir", type=Path, help="runtime folder (default: var)")
     parser.add_argument(
-        "--store", type=Path, help="adapter store folder (default: <runtime-dir>/adapters)"
+        "--store",
+        type=Path,
+        help="adapter store folder (default: <runtime-dir>/adapters for the demo backbone, "
+        "<runtime-dir>/adapters-<name> for another backbone named by name)",
     )
     parser.add_argument(
         "--backbone",
@@ -89,7 +92,7 @@ def resolve_common(args: argparse.Namespace) -> tuple[Path, Path, str, str]:
     """(runtime dir, store dir, backbone spec, device) from flags, else CTXPEFT_* settings.
     Applies --threads."""
     from service.logging import configure_logging
-    from service.settings import Settings
+    from service.settings import Settings, default_store_dir
 
     if args.threads is not None:
         import torch
@@ -110,16 +113,19 @@ def resolve_common(args: argparse.Namespace) -> tuple[Path, Path, str, str]:
         disable_progress_bar()
         disable_progress_bars()
     runtime = args.runtime_dir or settings.runtime_dir
+    backbone = args.backbone or settings.backbone
     store = args.store or (
-        settings.store_dir if settings.store_dir is not None else runtime / "adapters"
+        settings.store_dir
+        if settings.store_dir is not None
+        else default_store_dir(runtime, backbone)
     )
-    return runtime, store, args.backbone or settings.backbone, args.device or settings.device
+    return runtime, store, backbone, args.device or settings.device
 
 
 def load_backbone(spec: str, runtime_dir: Path, device: str) -> Backbone:
     """A saved backbone folder, a backbone config JSON, or a backbone built under runtime."""
     from adapters.backbone import BACKBONE_FILE, Backbone
-    from adapters.demo import backbone_dir
+    from adapters.backbone_build import backbone_dir
 
     path = Path(spec)
     if path.is_dir() and (path / BACKBONE_FILE).is_file():
@@ -129,7 +135,13 @@ def load_backbone(spec: str, runtime_dir: Path, device: str) -> Backbone:
     built = backbone_dir(runtime_dir, spec)
     if "/" not in spec and (built / BACKBONE_FILE).is_file():
         return Backbone.load(built, device)
-    hint = " (run `ctxpeft demo` to build it)" if spec == "demo" else ""
+    hint = (
+        " (run `ctxpeft demo` to build it)"
+        if spec == "demo"
+        else f" (run `ctxpeft backbone build {spec}` to build it)"
+        if "/" not in spec
+        else ""
+    )
     raise CommandError(
         f"backbone {spec!r} not found: not a saved backbone folder, and {built} is not built{hint}"
     )

@@ -201,3 +201,95 @@ def test_paper_swinv2_gives_64_tokens_of_768() -> None:
     assert pixels.shape == (1, 3, 256, 256)
     assert backbone.encode_images(pixels).shape == (1, 64, 768)
     assert backbone.vision_dim == 768
+
+
+# --- CNN feature maps (EfficientNet-Lite) and packaged sources ---------------------------
+TINY_LITE: dict[str, Any] = {
+    "model_type": "ctxpeft_efficientnet_lite",
+    "stages": [[1, 3, 1, 1, 8, 8], [1, 3, 2, 2, 8, 16], [1, 5, 2, 2, 16, 16]],
+    "stem_channels": 8,
+    "hidden_size": 24,
+    "image_size": 32,
+}
+
+
+@pytest.mark.parametrize(("pool", "tokens"), [(0, 16), (2, 4), (3, 9)])
+def test_cnn_feature_map_gives_image_tokens_pooled_or_not(pool: int, tokens: int) -> None:
+    """A tower whose output is a feature map [N, C, H, W] gives H*W tokens of C dimensions,
+    or k x k tokens when image_pool = k (32 px / stride 8 = a 4 x 4 map here)."""
+    config = TINY.replace(vision=TINY_LITE, image_size=32, image_pool=pool)
+    backbone = build_tiny(0, config)
+    assert type(backbone.vision).__name__ == "EfficientNetLiteModel"
+    pixels = backbone.preprocess(_images(2, size=50))
+    hidden = backbone.vision(pixel_values=pixels).last_hidden_state
+    assert hidden.shape == (2, 24, 4, 4)
+    features = backbone.encode_images(pixels)
+    assert features.shape == (2, tokens, 24) and backbone.num_image_tokens == tokens
+    if pool == 0:
+        assert torch.equal(features, hidden.flatten(2).transpose(1, 2))
+    else:
+        pooled = torch.nn.functional.adaptive_avg_pool2d(hidden, pool)
+        assert torch.equal(features, pooled.flatten(2).transpose(1, 2))
+    assert backbone.vision_dim == 24
+
+
+def test_efficientnet_lite_folder_loads_through_automodel(tmp_path: Path) -> None:
+    """Our tower saves as an ordinary Hugging Face folder and comes back through
+    AutoModel.from_pretrained, the call a hub id takes; the backbone folder round-trips."""
+    from transformers import AutoModel
+
+    backbone = build_tiny(2, TINY.replace(vision=TINY_LITE, image_size=64))
+    backbone.save(tmp_path / "bb")
+    tower = AutoModel.from_pretrained(tmp_path / "bb" / "vision")
+    assert type(tower).__name__ == "EfficientNetLiteModel"
+    pixels = backbone.preprocess(_images(1, size=64))
+    with torch.no_grad():
+        assert torch.equal(
+            tower(pixel_values=pixels).last_hidden_state,
+            backbone.vision(pixel_values=pixels).last_hidden_state,
+        )
+    assert Backbone.load(tmp_path / "bb").fingerprint() == backbone.fingerprint()
+
+
+@pytest.mark.parametrize(("size", "kernel", "stride"), [(224, 3, 2), (112, 5, 2), (7, 5, 1)])
+def test_same_padding_is_tensorflows(size: int, kernel: int, stride: int) -> None:
+    """TF "SAME": output ceil(size / stride); when the padding is odd the extra row and column
+    go at the bottom and right (not symmetric, as nn.Conv2d(padding=k//2) would pad)."""
+    from adapters.vision.efficientnet_lite import Conv2dSame
+
+    torch.manual_seed(0)
+    conv = Conv2dSame(2, 3, kernel, stride, bias=False)
+    x = torch.randn(1, 2, size, size)
+    total = max((-(-size // stride) - 1) * stride + kernel - size, 0)
+    before, after = total // 2, total - total // 2
+    expected = torch.nn.functional.conv2d(
+        torch.nn.functional.pad(x, [before, after, before, after]), conv.weight, stride=stride
+    )
+    assert conv(x).shape[-1] == -(-size // stride)
+    assert torch.equal(conv(x), expected)
+    if total % 2:  # odd: symmetric padding would be a different result
+        assert (before, after) == (total // 2, total // 2 + 1)
+
+
+def test_lukemelas_weights_that_do_not_fit_are_refused() -> None:
+    from adapters.vision.efficientnet_lite import from_lukemelas_state_dict
+
+    with pytest.raises(ValueError, match="do not fit: missing"):
+        from_lukemelas_state_dict({"_conv_stem.weight": torch.zeros(32, 3, 3, 3)})
+    with pytest.raises(KeyError, match=r"unexpected EfficientNet-Lite tensor .\_se\.weight."):
+        from_lukemelas_state_dict({"_se.weight": torch.zeros(1)})
+
+
+def test_packaged_source_that_is_not_installed_names_the_install_step() -> None:
+    from adapters.packaged import PackagedWeightsError, weights_file
+
+    config = TINY.replace(vision="package:ctxpeft-no-such-weights")
+    with pytest.raises(PackagedWeightsError, match=r"not installed; install them with `make smol`"):
+        Backbone.build(config)
+    with pytest.raises(PackagedWeightsError, match="'pytest' holds 0 weight files"):
+        weights_file("package:pytest")  # installed, but no .gguf/.pth inside
+
+
+def test_image_pool_must_not_be_negative() -> None:
+    with pytest.raises(ValueError, match="image_pool must be >= 0"):
+        TINY.replace(image_pool=-1)

@@ -255,9 +255,9 @@ def test_backbone_config_round_trip_and_validation() -> None:
 
 
 def test_presets() -> None:
-    assert set(PRESETS) == {"demo", "small", "paper"}
+    assert set(PRESETS) == {"demo", "small", "paper", "smol"}
     with pytest.raises(
-        ValueError, match="unknown backbone preset 'huge'; known: demo, small, paper"
+        ValueError, match="unknown backbone preset 'huge'; known: demo, small, paper, smol"
     ):
         get_preset("huge")
     paper = get_preset("paper")
