@@ -26,6 +26,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -354,6 +355,18 @@ def test_each_sample_is_fresh(demo_page: Page) -> None:
 
 
 # --- several adapters on one image -----------------------------------------------------------
+def sse_events(body: str) -> list[tuple[str, Any]]:
+    """(event name, JSON data) of each Server-Sent Event of a stream's body."""
+    events = []
+    for block in body.split("\n\n"):
+        lines = block.splitlines()
+        name = next((line[7:] for line in lines if line.startswith("event: ")), "message")
+        data = [line[6:] for line in lines if line.startswith("data: ")]
+        if data:
+            events.append((name, json.loads("\n".join(data))))
+    return events
+
+
 def test_three_adapters_three_captions_one_encoder_pass(
     page: Page, service: Service, shots: Path
 ) -> None:
@@ -371,8 +384,18 @@ def test_three_adapters_three_captions_one_encoder_pass(
     scraped = scrape(service.url).value("ctxpeft_encoder_runs_total")
     with page.expect_response("**/caption") as answer:
         page.click("#submit")
-    # One request naming the three (`adapters=news,sports,pub`): one result each, in order.
-    assert [r["adapter"] for r in answer.value.json()["results"]] == ["news", "sports", "pub"]
+    # One request naming the three (`adapters=news,sports,pub`), streamed: token events, then
+    # one result event with one result each, in order.
+    events = sse_events(answer.value.text())
+    assert {name for name, _ in events} == {"token", "result"}
+    result = next(data for name, data in events if name == "result")
+    assert [r["adapter"] for r in result["results"]] == ["news", "sports", "pub"]
+    tokens = [
+        data["adapter"] for name, data in events if name == "token" and data["token_id"] is not None
+    ]
+    assert {a: tokens.count(a) for a in set(tokens)} == {
+        r["adapter"]: r["tokens"] for r in result["results"]
+    }
     expect(page.locator("#cards .result-card")).to_have_count(3)
     for name in ("news", "sports", "pub"):
         expect(page.locator(f"{card(page, name)} .meta")).to_contain_text("total")
