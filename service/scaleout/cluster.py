@@ -14,6 +14,7 @@ What it sets (each only where the operator has not set it already):
   file is written (Ray's default would be ~/.ray/auth_token; never anything in the working
   tree). Ray's session files go to its temp folder (/tmp/ray unless RAY_TMPDIR says).
 - RAY_USAGE_STATS_ENABLED=0: no usage report leaves the machine.
+- RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH: the proxy's request-id middleware (request_ids.py).
 The dashboard is not started; Serve's HTTP proxy listens on `http_host` (the service's `host`
 setting: loopback unless the operator binds another address, with keys).
 """
@@ -23,12 +24,15 @@ from __future__ import annotations
 import math
 import os
 import secrets
+import sys
 from typing import Any
 
 RAY_ENV_DEFAULTS = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_AUTH_MODE": "token",
     "RAY_USAGE_STATS_ENABLED": "0",
+    # Serve's HTTP proxy takes its extra middlewares from this callback (request_ids.py).
+    "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "service.scaleout.request_ids:proxy_middlewares",
 }
 
 
@@ -42,7 +46,26 @@ def loopback_environment() -> dict[str, str]:
         os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
     ):
         os.environ["RAY_AUTH_TOKEN"] = changed["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    if "ray._raylet" in sys.modules:
+        _reread_environment()
     return changed
+
+
+def _reread_environment() -> None:
+    """Ray reads these variables when it is imported; a process that imported it earlier
+    (a test module, a check) re-reads them here, before it starts a cluster: the node address
+    (`ray_constants.ENABLE_RAY_CLUSTER`, looked up at call time) and the authentication mode
+    (re-initialised as Ray's own token set-up does), so this process speaks the cluster's."""
+    from ray._private import ray_constants
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    ray_constants.ENABLE_RAY_CLUSTER = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] not in (
+        "0",
+        "false",
+        "False",
+    )
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
 
 
 def start_local(

@@ -20,6 +20,7 @@ from service.metrics import ServiceMetrics
 from service.scaleout.loopback import bind_replica_grpc_to_node_ip
 from service.scaleout.messages import ReplicaInfo
 from service.scaleout.remote_engine import RemoteEngine
+from service.scaleout.request_ids import WithoutAppRequestId
 from service.settings import EngineConfig, Settings
 from service.store import AdapterStore
 
@@ -57,6 +58,8 @@ class Ingress:
             keys=KeyStore.from_settings(settings),
             metrics=metrics,
         )
+        # Serve's proxy appends the request id to every answer (request_ids.py).
+        self._service_app.add_middleware(WithoutAppRequestId)
         return self._service_app
 
     async def drain(self, timeout_s: float) -> bool:

@@ -110,9 +110,11 @@ class ReplicaInfo:
 
 @dataclass(frozen=True)
 class Resolved:
-    """A replica's answer to `resolve` (tests, operations): which version it would serve."""
+    """A replica's answer to `resolve` (tests, operations): which version it would serve
+    now, or the name of the error (AdapterNotFound) it would answer."""
 
     replica: str
     tenant: str
     name: str
-    version: int
+    version: int | None
+    error: str | None = None

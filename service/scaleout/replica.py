@@ -195,11 +195,11 @@ class EngineReplica:
         backbone = self.engine.backbone
         return ReplicaInfo(backbone.config, str(backbone.device), backbone.tokenizer)
 
-    def resolve(self, tenant: str, name: str) -> Resolved | RemoteError:
+    def resolve(self, tenant: str, name: str) -> Resolved:
         try:
             ref = self.engine.registry.resolve(tenant, name).ref
         except EngineError as exc:
-            return RemoteError.of(exc)
+            return Resolved(self.replica, tenant, name, None, type(exc).__name__)
         return Resolved(self.replica, ref.tenant, ref.name, ref.version)
 
     def stats(self) -> dict[str, Any]:
