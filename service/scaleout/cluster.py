@@ -57,7 +57,7 @@ def _reread_environment() -> None:
     (`ray_constants.ENABLE_RAY_CLUSTER`, looked up at call time) and the authentication mode
     (re-initialised as Ray's own token set-up does), so this process speaks the cluster's."""
     from ray._private import ray_constants
-    from ray._raylet import AuthenticationTokenLoader, Config
+    from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]
 
     ray_constants.ENABLE_RAY_CLUSTER = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] not in (
         "0",
