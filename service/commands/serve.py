@@ -111,12 +111,12 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level, settings.log_json)
     log.info("starting", extra={"pid": os.getpid(), "uid": os.getuid()})
     try:
-        check_files(settings)
-        keys = _load_keys(settings)
-        check_backbone(settings)
         ray_problem = _check_ray_options(**scale)
         if ray_problem:
             raise StartupError(ray_problem)
+        check_files(settings)
+        keys = _load_keys(settings)
+        check_backbone(settings)
     except StartupError as exc:
         log.error("%s", exc, extra={"exit_code": CONFIG_ERROR})
         return CONFIG_ERROR

@@ -30,9 +30,6 @@ def serve_on_ray(settings: Settings, replicas: int, cpus_per_replica: float) -> 
         log.info("drain started", extra={"signal": sig})
         stop.set()
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, request_stop)
-
     from service.scaleout import cluster
 
     cluster.loopback_environment()  # before Ray is imported: it reads them at import
@@ -42,6 +39,10 @@ def serve_on_ray(settings: Settings, replicas: int, cpus_per_replica: float) -> 
 
     started = time.monotonic()
     cluster.start_local(http_host=settings.host, http_port=settings.port)
+    # After ray.init, which installs its own SIGTERM handler in this process (a stop before
+    # this point ends start-up at once: nothing is admitted yet).
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, request_stop)
     try:
         if not stop.is_set():
             serve.run(
