@@ -261,23 +261,61 @@ def test_an_upload_serves_on_every_replica_and_a_delete_is_never_served_again(
 
 
 # --- faults -----------------------------------------------------------------------------------
-def _load(service: RayService, count: int, threads: int) -> tuple[list[int], list[str]]:
-    """`count` caption requests over `threads` clients: their statuses and error types
-    (a request that times out or loses its connection raises: it hung or was lost)."""
-    statuses: list[int] = []
-    types: list[str] = []
-    lock = threading.Lock()
+class Load:
+    """`clients` threads captioning in a loop until `stop()`, with 16-token captions so that
+    rows are always in flight: every answer's status and error type, in arrival order. A
+    request that hangs (past HTTP_TIMEOUT_S) or loses its connection ends its client with the
+    exception, and `stop()` reports it."""
 
-    def one(i: int) -> None:
-        response = caption(service, ADAPTERS[i % len(ADAPTERS)], IMAGES[i % len(IMAGES)])
-        with lock:
-            statuses.append(response.status_code)
-            if response.status_code != 200:
-                types.append(response.json()["error"]["type"])
+    def __init__(self, service: RayService, clients: int = 6) -> None:
+        self.answers: list[tuple[int, str | None]] = []
+        self.failures: list[BaseException] = []
+        self._cond = threading.Condition()
+        self._stopping = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._client, args=(service, k), daemon=True)
+            for k in range(clients)
+        ]
+        for thread in self._threads:
+            thread.start()
 
-    with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(one, range(count)))
-    return statuses, types
+    def _client(self, service: RayService, first: int) -> None:
+        i = first
+        while not self._stopping.is_set():
+            i += 1  # every client goes through the adapters (and so both replicas)
+            try:
+                response = httpx.post(
+                    f"{service.url}/caption",
+                    files={"image": ("i.png", IMAGES[i % len(IMAGES)], "image/png")},
+                    data={"adapter": ADAPTERS[i % len(ADAPTERS)], "max_new_tokens": "16"},
+                    headers=bearer(ACME_ADMIN),
+                    timeout=HTTP_TIMEOUT_S,
+                )
+                kind = None if response.status_code == 200 else response.json()["error"]["type"]
+            except Exception as exc:
+                with self._cond:
+                    self.failures.append(exc)
+                    self._cond.notify_all()
+                return
+            with self._cond:
+                self.answers.append((response.status_code, kind))
+                self._cond.notify_all()
+
+    def wait_for(self, count: int) -> int:
+        """Block until `count` answers came (a safety-net timeout only); returns how many."""
+        with self._cond:
+            assert self._cond.wait_for(
+                lambda: len(self.answers) >= count or self.failures, timeout=HTTP_TIMEOUT_S
+            ), f"only {len(self.answers)} answers"
+            return len(self.answers)
+
+    def stop(self) -> list[tuple[int, str | None]]:
+        self._stopping.set()
+        for thread in self._threads:
+            thread.join(timeout=2 * HTTP_TIMEOUT_S)
+            assert not thread.is_alive(), "a request hung"
+        assert self.failures == [], self.failures
+        return self.answers
 
 
 def test_killing_a_replica_under_load_answers_200_or_503_and_serves_after_restart(
@@ -287,23 +325,29 @@ def test_killing_a_replica_under_load_answers_200_or_503_and_serves_after_restar
 
     from service.scaleout.application import APP_NAME
 
-    pids = ray_service.replica_pids()
-    assert len(pids) == REPLICAS
-    victim = pids[0]
-    result: dict[str, Any] = {}
-    loader = threading.Thread(target=lambda: result.update(out=_load(ray_service, 60, 6)))
-    loader.start()
-    time.sleep(1.0)  # requests in flight on both replicas
+    assert len(ray_service.replica_pids()) == REPLICAS
+    (group, *_) = ray_service.replica_targets()
+    victim = int(group["labels"]["pid"])
+    load = Load(ray_service)
+    load.wait_for(12)
+    # Kill it while its engine runs rows (their answers are then 503), read from its metrics.
+    metrics_url = f"http://{group['targets'][0]}/metrics"
+    for _ in range(1000):
+        if Scrape(httpx.get(metrics_url, timeout=10).text).value("ctxpeft_running_rows") >= 1:
+            break
+    else:
+        raise AssertionError("the replica never ran a row")
     os.kill(victim, signal.SIGKILL)
-    loader.join(timeout=2 * HTTP_TIMEOUT_S)
-    assert not loader.is_alive()
-    statuses, types = result["out"]
-    assert len(statuses) == 60
-    assert set(statuses) <= {200, 503}, Counter(statuses)
-    assert set(types) <= {"engine_fault"}, Counter(types)
-    assert statuses.count(200) >= 30  # the other replica kept serving
-    # Ray starts a new replica; the service then serves every adapter again.
     killed = time.monotonic()
+    at_kill = load.wait_for(0)
+    load.wait_for(at_kill + 30)  # the service keeps answering
+    answers = load.stop()
+    statuses = Counter(status for status, _ in answers)
+    assert set(statuses) <= {200, 503}, statuses
+    assert {kind for _, kind in answers if kind} <= {"engine_fault"}, answers
+    assert statuses[503] >= 1, statuses  # the rows the killed replica was running
+    assert sum(1 for status, _ in answers[at_kill:] if status == 200) >= 20, answers
+    # Ray starts a new replica; the service then serves every adapter again.
     deadline = killed + 150
     while time.monotonic() < deadline:
         status = serve.status().applications[APP_NAME].deployments["EngineReplica"]
@@ -312,9 +356,7 @@ def test_killing_a_replica_under_load_answers_200_or_503_and_serves_after_restar
         time.sleep(1)
     else:
         raise AssertionError(f"no replacement replica: {status}")
-    print(
-        f"replacement running {time.monotonic() - killed:.1f} s after the kill; {Counter(statuses)}"
-    )
+    print(f"replacement running {time.monotonic() - killed:.1f} s after the kill; {statuses}")
     new_pids = ray_service.replica_pids()
     assert victim not in new_pids and len(new_pids) == REPLICAS
     for name in ADAPTERS:
@@ -326,20 +368,19 @@ def test_shutdown_under_load_answers_every_request(ray_service: RayService) -> N
     (200), later ones get 503 draining; none is lost or hangs. Then Serve stops."""
     from ray import serve
 
-    result: dict[str, Any] = {}
-    loader = threading.Thread(target=lambda: result.update(out=_load(ray_service, 48, 6)))
-    loader.start()
-    time.sleep(1.0)
+    load = Load(ray_service)
+    load.wait_for(12)
     finished = ray_service.ingress.drain.remote(30.0).result(timeout_s=60)
-    loader.join(timeout=2 * HTTP_TIMEOUT_S)
-    assert not loader.is_alive()
-    statuses, types = result["out"]
+    after_drain = load.wait_for(0)
+    load.wait_for(after_drain + 12)  # requests keep coming: refused
+    answers = load.stop()
+    statuses = Counter(status for status, _ in answers)
     assert finished is True
-    assert len(statuses) == 48
-    assert set(statuses) <= {200, 503}, Counter(statuses)
+    assert set(statuses) <= {200, 503}, statuses
     # As in one process: refused at the door (unavailable: draining) or by the engine.
-    assert set(types) <= {"unavailable", "draining"}, Counter(types)
-    assert statuses.count(200) >= 1 and statuses.count(503) >= 1, Counter(statuses)
+    assert {kind for _, kind in answers if kind} <= {"unavailable", "draining"}, statuses
+    assert statuses[200] >= 12 and statuses[503] >= 12, statuses
+    print(f"drain under load: {statuses}")
     assert_error(httpx.get(f"{ray_service.url}/readyz", timeout=10), 503, "unavailable")
     assert ray_service.ingress.inflight.remote().result(timeout_s=30) == 0
     serve.shutdown()  # replicas stop gracefully: their metrics targets are removed
