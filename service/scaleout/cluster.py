@@ -80,6 +80,9 @@ def start_local(
     from ray import serve
 
     ray.init(
+        # "local": always a new cluster of our own, never one found on the machine (another
+        # user's `ray start`, RAY_ADDRESS).
+        address="local",
         num_cpus=None if num_cpus is None else math.ceil(num_cpus),
         include_dashboard=False,
         _node_ip_address="127.0.0.1",

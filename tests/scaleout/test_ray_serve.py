@@ -379,7 +379,9 @@ def test_shutdown_under_load_answers_every_request(ray_service: RayService) -> N
     assert set(statuses) <= {200, 503}, statuses
     # As in one process: refused at the door (unavailable: draining) or by the engine.
     assert {kind for _, kind in answers if kind} <= {"unavailable", "draining"}, statuses
-    assert statuses[200] >= 12 and statuses[503] >= 12, statuses
+    # 12 answers came before the drain; of the 12 after it, at most one per client (6) can
+    # be a 200 still on its way when the drain returned.
+    assert statuses[200] >= 12 and statuses[503] >= 6, statuses
     print(f"drain under load: {statuses}")
     assert_error(httpx.get(f"{ray_service.url}/readyz", timeout=10), 503, "unavailable")
     assert ray_service.ingress.inflight.remote().result(timeout_s=30) == 0
