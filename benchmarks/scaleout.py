@@ -32,6 +32,7 @@ import io
 import json
 import os
 import platform
+import shutil
 import statistics
 import tempfile
 import threading
@@ -246,6 +247,7 @@ def main() -> None:
         )
     finally:
         cluster.stop()
+        shutil.rmtree(work, ignore_errors=True)
     result["setup"] = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads 1 per replica",
         "load_before": load_before,
