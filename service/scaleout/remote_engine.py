@@ -34,7 +34,6 @@ it on its CPU tier) is the one that serves it first.
 from __future__ import annotations
 
 import asyncio
-import math
 import threading
 import time
 from collections import Counter
@@ -407,6 +406,3 @@ async def _first(stream: Any) -> Admitted | RemoteError:
         return event
     return RemoteError.of(EngineFault(f"unexpected first event {type(event).__name__}"))
 
-
-def retry_after_header(seconds: float | None) -> dict[str, str]:
-    return {} if seconds is None else {"Retry-After": str(max(1, math.ceil(seconds)))}
