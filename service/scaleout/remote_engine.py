@@ -405,4 +405,3 @@ async def _first(stream: Any) -> Admitted | RemoteError:
     if isinstance(event, Admitted | RemoteError):
         return event
     return RemoteError.of(EngineFault(f"unexpected first event {type(event).__name__}"))
-
