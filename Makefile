@@ -12,7 +12,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-EXTRAS ?= dev,smol
+EXTRAS ?= dev,smol,ray
 TORCH  := torch==2.13.0
 LOCK   := requirements.lock
 export HF_HUB_DISABLE_PROGRESS_BARS = 1

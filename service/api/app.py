@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
 from service import __version__
+from service.api.engine_port import EnginePort
 from service.api.errors import add_error_shape, install_error_handlers
 from service.api.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
 from service.api.openai_schemas import OPENAI_PREFIX, openai_error_content
@@ -45,10 +46,10 @@ shape `{"error": {"message", "type", "param", "code"}}` with the same statuses.
 
 def create_app(
     settings: Settings,
-    engine: Engine | None = None,
+    engine: EnginePort | None = None,
     keys: KeyStore | None = None,
     metrics: ServiceMetrics | None = None,
-    engine_factory: Callable[[ServiceMetrics], Engine] | None = None,
+    engine_factory: Callable[[ServiceMetrics], EnginePort] | None = None,
 ) -> FastAPI:
     """Build the app. With no `engine`, the lifespan loads one from `settings` (or
     `engine_factory`) in a background thread; the app answers /healthz meanwhile."""
@@ -65,7 +66,9 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if state.engine is None:
-            factory = engine_factory or (lambda m: Engine.from_settings(settings, metrics=m))
+            factory: Callable[[ServiceMetrics], EnginePort] = engine_factory or (
+                lambda m: Engine.from_settings(settings, metrics=m)
+            )
             state.load_in_background(lambda: factory(metrics))
         yield
         state.close()

@@ -27,7 +27,7 @@ import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
@@ -37,10 +37,11 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from service.api.engine_errors import to_api_error
+from service.api.engine_port import EnginePort, SubmissionPort
 from service.api.errors import ApiError
 from service.api.images import ImageLimits, decode_image
 from service.api.state import ServiceState
-from service.engine import CaptionRequest, CaptionResult, Engine, Submission
+from service.engine import CaptionRequest, CaptionResult
 from service.exceptions import Cancelled, EngineError
 from service.metrics import ServiceMetrics
 from service.settings import Settings
@@ -69,21 +70,28 @@ async def cancel(task: asyncio.Future[Any]) -> None:
         await task
 
 
-def image_decoder(
-    settings: Settings, data: bytes, param: str | None = None
-) -> Callable[[], Image.Image]:
-    """A function that checks and decodes an uploaded image (ApiError 400 / 413 / 415, with
-    `param` naming the request field). The engine calls it after admission."""
-    limits = ImageLimits.from_settings(settings)
+@dataclass(frozen=True)
+class ImageDecoder:
+    """Checks and decodes an uploaded image (ApiError 400 / 413 / 415, with `param` naming
+    the request field); the engine calls it after admission. A plain picklable object (the
+    bytes, the limits, the field), so that it can travel to an engine replica of the Ray
+    Serve deployment and be called there exactly as here."""
 
-    def decode() -> Image.Image:
+    data: bytes = field(repr=False)
+    limits: ImageLimits
+    param: str | None = None
+
+    def __call__(self) -> Image.Image:
         try:
-            return decode_image(data, limits).rgb
+            return decode_image(self.data, self.limits).rgb
         except ApiError as exc:
-            exc.param = exc.param or param
+            exc.param = exc.param or self.param
             raise
 
-    return decode
+
+def image_decoder(settings: Settings, data: bytes, param: str | None = None) -> ImageDecoder:
+    """The decoder of one uploaded image under the service's image limits."""
+    return ImageDecoder(data, ImageLimits.from_settings(settings), param)
 
 
 class CaptionObservation:
@@ -138,7 +146,7 @@ def _retrieve(task: asyncio.Future[list[CaptionResult]]) -> None:
         task.exception()
 
 
-async def submit(engine: Engine, caption_request: CaptionRequest) -> Submission:
+async def submit(engine: EnginePort, caption_request: CaptionRequest) -> SubmissionPort:
     """Admit a request (and decode its image); its errors come out as ApiError."""
     try:
         return await engine.submit(caption_request)
@@ -148,10 +156,10 @@ async def submit(engine: Engine, caption_request: CaptionRequest) -> Submission:
 
 async def run_caption(
     state: ServiceState,
-    engine: Engine,
+    engine: EnginePort,
     request: Request,
     caption_request: CaptionRequest,
-    submission: Submission | None = None,
+    submission: SubmissionPort | None = None,
 ) -> list[CaptionResult]:
     """Admit the request (unless `submission` already did) and await its results while
     watching the client and the drain; engine errors come out as ApiError (404, 422, 429,
@@ -237,11 +245,11 @@ class CaptionStream:
     def __init__(
         self,
         state: ServiceState,
-        engine: Engine,
+        engine: EnginePort,
         request: Request,
         caption_request: CaptionRequest,
         queue: asyncio.Queue[tuple[int, int]],
-        submission: Submission,
+        submission: SubmissionPort,
     ) -> None:
         self.caption_request = caption_request
         self._queue = queue
@@ -293,7 +301,7 @@ class CaptionStream:
 
 
 async def start_stream(
-    state: ServiceState, engine: Engine, request: Request, caption_request: CaptionRequest
+    state: ServiceState, engine: EnginePort, request: Request, caption_request: CaptionRequest
 ) -> CaptionStream:
     """Admit a request whose tokens are to be streamed: its admission and image errors are
     raised here (an ApiError with its own status, before any byte of the stream is sent)."""

@@ -11,10 +11,10 @@ from typing import Annotated
 from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from service.api.engine_port import EnginePort
 from service.api.errors import ApiError
 from service.api.state import ServiceState
 from service.auth import CAPTION, MANAGE, Principal, bearer_token
-from service.engine import Engine
 
 
 def get_state(request: Request) -> ServiceState:
@@ -25,13 +25,13 @@ def get_state(request: Request) -> ServiceState:
 State = Annotated[ServiceState, Depends(get_state)]
 
 
-def get_engine(state: State) -> Engine:
+def get_engine(state: State) -> EnginePort:
     if state.engine is None or not state.ready:
         raise ApiError(503, "unavailable", state.not_ready_reason(), headers={"Retry-After": "5"})
     return state.engine
 
 
-ReadyEngine = Annotated[Engine, Depends(get_engine)]
+ReadyEngine = Annotated[EnginePort, Depends(get_engine)]
 
 
 # Declared as a security scheme so that /docs has an "Authorize" button and clients see

@@ -13,8 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from service import __version__
+from service.api.engine_port import EnginePort
 from service.auth import KeyStore
-from service.engine import Engine
 from service.metrics import ServiceMetrics
 from service.settings import Settings
 
@@ -27,7 +27,7 @@ class ServiceState:
     settings: Settings
     keys: KeyStore
     metrics: ServiceMetrics
-    engine: Engine | None = None
+    engine: EnginePort | None = None
     load_error: str | None = None
     draining: bool = False
     # The drain time ran out with requests still in flight: their handlers stop waiting and
@@ -53,7 +53,7 @@ class ServiceState:
             return f"the backbone failed to load: {self.load_error}"
         return "loading the backbone"
 
-    def load_in_background(self, factory: Callable[[], Engine]) -> threading.Thread:
+    def load_in_background(self, factory: Callable[[], EnginePort]) -> threading.Thread:
         def load() -> None:
             try:
                 engine = factory()
@@ -83,7 +83,7 @@ class ServiceState:
         """Readiness goes 503 and new requests are refused; in-flight ones go on."""
         self.draining = True
         if self.engine is not None:
-            self.engine.scheduler.drain()
+            self.engine.begin_drain()
 
     def drain(self, timeout_s: float) -> bool:
         """Blocking: refuse new work, wait for in-flight work (True if it all finished).

@@ -3,6 +3,9 @@
 Usage:
     ctxpeft serve                          # settings from CTXPEFT_* env, defaults otherwise
     ctxpeft serve --host 0.0.0.0 --port 8000 --keys-file keys.json
+    ctxpeft serve --ray --replicas 2       # on a local Ray cluster: N engine replicas behind
+                                           # one ingress (needs the `ray` extra; see
+                                           # service.scaleout and docs/OPERATIONS.md)
 
 On the first SIGTERM (or Ctrl-C): /readyz turns 503 and new requests get 503 while the
 listening socket stays open (load balancers see the 503s and move away); requests already
@@ -62,6 +65,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="allow binding a non-loopback address with no keys (CTXPEFT_ALLOW_UNAUTHENTICATED)",
     )
+    scale = parser.add_argument_group("scaling out on Ray Serve (pip install 'ctxpeft[ray]')")
+    scale.add_argument(
+        "--ray",
+        action="store_true",
+        default=None,
+        help="serve on a local Ray cluster: one ingress and --replicas engine replicas",
+    )
+    scale.add_argument("--replicas", type=int, help="engine replicas with --ray (default 2)")
+    scale.add_argument(
+        "--cpus-per-replica", type=float, help="Ray CPUs of each engine replica (default 1)"
+    )
+
+
+_RAY_OPTIONS = ("ray", "replicas", "cpus_per_replica")  # flags of the launcher, not settings
 
 
 def run(args: argparse.Namespace) -> int:
@@ -80,8 +97,12 @@ def run(args: argparse.Namespace) -> int:
     overrides = {
         key: value
         for key, value in vars(args).items()
-        if value is not None and not key.startswith("_") and key != "command"
+        if value is not None
+        and not key.startswith("_")
+        and key != "command"
+        and key not in _RAY_OPTIONS
     }
+    scale = {key: getattr(args, key, None) for key in _RAY_OPTIONS}
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
@@ -90,12 +111,19 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level, settings.log_json)
     log.info("starting", extra={"pid": os.getpid(), "uid": os.getuid()})
     try:
+        ray_problem = _check_ray_options(**scale)
+        if ray_problem:
+            raise StartupError(ray_problem)
         check_files(settings)
         keys = _load_keys(settings)
         check_backbone(settings)
     except StartupError as exc:
         log.error("%s", exc, extra={"exit_code": CONFIG_ERROR})
         return CONFIG_ERROR
+    if scale["ray"]:
+        from service.scaleout.launch import serve_on_ray
+
+        return serve_on_ray(settings, scale["replicas"] or 2, scale["cpus_per_replica"] or 1.0)
 
     from huggingface_hub.utils import disable_progress_bars
     from transformers.utils.logging import disable_progress_bar
@@ -127,6 +155,25 @@ def run(args: argparse.Namespace) -> int:
         # Nothing was admitted, so there is nothing left to finish: leave now, status 0.
         _exit_now(0)
     return 0
+
+
+def _check_ray_options(
+    ray: bool | None, replicas: int | None, cpus_per_replica: float | None
+) -> str | None:
+    """Why the scale-out flags cannot be used as given, or None."""
+    if not ray:
+        if replicas is not None or cpus_per_replica is not None:
+            return "--replicas and --cpus-per-replica need --ray"
+        return None
+    if replicas is not None and replicas < 1:
+        return f"--replicas must be at least 1, got {replicas}"
+    if cpus_per_replica is not None and cpus_per_replica <= 0:
+        return f"--cpus-per-replica must be positive, got {cpus_per_replica}"
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:  # not imported: Ray reads its env at import
+        return "--ray needs Ray Serve: pip install 'ctxpeft[ray]'"
+    return None
 
 
 def _stop_during_startup(sig: int, frame: FrameType | None) -> None:

@@ -11,6 +11,7 @@ the worker thread's life. The HTTP layer uses this API and nothing below it.
     engine.registry                  # resolve / list_adapters / describe / add_version / delete
     engine.ready                     # backbone loaded, worker running, not draining
     engine.alive                     # the worker thread has not stopped on its own
+    engine.begin_drain()             # admit nothing new (503 draining); in-flight work goes on
     engine.drain(timeout_s) -> bool  # admit nothing new, wait for in-flight work (blocking)
     engine.close()                   # stop the worker; whatever is left fails with Draining
     engine.stats() -> EngineStats    # counters for tests and benchmarks
@@ -218,10 +219,14 @@ class Engine:
             and not self.scheduler.draining
         )
 
+    def begin_drain(self) -> None:
+        """Stop admitting: new requests get Draining (503); in-flight rows go on."""
+        self.scheduler.drain()
+
     def drain(self, timeout_s: float) -> bool:
         """Stop admitting and wait for in-flight rows; True if all finished in time.
         Blocking: from async code use `await asyncio.to_thread(engine.drain, t)`."""
-        self.scheduler.drain()
+        self.begin_drain()
         return self.scheduler.wait_idle(timeout_s)
 
     def close(self) -> None:

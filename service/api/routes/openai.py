@@ -34,6 +34,7 @@ from service.api.captioning import (
 )
 from service.api.deps import AnyPrincipal, CaptionPrincipal, ReadyEngine, State
 from service.api.engine_errors import to_api_error
+from service.api.engine_port import EnginePort
 from service.api.errors import ApiError, error_responses, request_id_from_scope
 from service.api.openai_schemas import (
     OPENAI_PREFIX,
@@ -49,7 +50,7 @@ from service.api.openai_schemas import (
     Usage,
     openai_error_content,
 )
-from service.engine import CaptionRequest, CaptionResult, Engine
+from service.engine import CaptionRequest, CaptionResult
 from service.exceptions import EngineError
 from service.registry import AdapterInfo
 from service.store import StoreError, check_name
@@ -90,7 +91,7 @@ def _checked_model(model: str) -> str:
 
 
 # --- GET /v1/models ---------------------------------------------------------------------------
-def _model(engine: Engine, info: AdapterInfo) -> Model:
+def _model(engine: EnginePort, info: AdapterInfo) -> Model:
     try:  # the latest version folder's time: when this model became what it is
         created = int(engine.registry.store.path(info.latest).stat().st_mtime)
     except OSError:  # deleted meanwhile
@@ -98,7 +99,7 @@ def _model(engine: Engine, info: AdapterInfo) -> Model:
     return Model(id=info.name, created=created, owned_by=info.tenant)
 
 
-def _visible_models(engine: Engine, tenant: str) -> list[Model]:
+def _visible_models(engine: EnginePort, tenant: str) -> list[Model]:
     """What `model=` can name for this tenant: its own adapters, then the public ones that
     no own adapter shadows (resolution picks the own one)."""
     seen: set[str] = set()

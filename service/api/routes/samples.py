@@ -27,9 +27,9 @@ from pydantic import BaseModel, Field
 from adapters.data.synthetic import COLORS, KINDS, MAX_SHAPES, TASKS, caption, render, sample_scene
 from adapters.demo import DemoPlan
 from service.api.deps import AnyPrincipal, ReadyEngine, State
+from service.api.engine_port import EnginePort
 from service.api.errors import ApiError, error_responses
 from service.api.rate_limit import TokenBuckets
-from service.engine import Engine
 
 router = APIRouter(tags=["samples"])
 
@@ -50,11 +50,11 @@ class SamplesAbout(BaseModel):
     trained_on: str = Field(description="What the demo adapters learned from, in one sentence.")
 
 
-def offers_samples(engine: Engine) -> bool:
+def offers_samples(engine: EnginePort) -> bool:
     return engine.backbone.config.name == DEMO_BACKBONE
 
 
-def samples_about(engine: Engine) -> SamplesAbout | None:
+def samples_about(engine: EnginePort) -> SamplesAbout | None:
     """None unless the engine runs the demo backbone."""
     if not offers_samples(engine):
         return None

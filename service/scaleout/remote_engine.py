@@ -1,0 +1,407 @@
+"""`RemoteEngine`: the engine port (`service.api.engine_port.EnginePort`) of the Ray Serve
+ingress. The FastAPI app is the single-process one, unchanged; only its engine differs: each
+caption row goes to an engine replica, routed by the tenant-qualified adapter id.
+
+    engine = RemoteEngine(replicas, info, EngineConfig.from_settings(settings), store)
+    submission = await engine.submit(CaptionRequest(decoder, ("news", "sports"), "acme"))
+    results = await submission.results()     # one CaptionResult per adapter, in order
+
+A request that names K adapters is K rows, each sent on its own to
+`replicas.options(multiplexed_model_id="<owner>/<name>", stream=True).caption.remote(row)`:
+Ray Serve routes it to a replica that already holds that adapter when one does (model
+multiplexing), and the K answers are put back together in the order of the names. The owner
+(the tenant's own adapter, else the public one) is looked up in the shared store here, so all
+tenants' requests for one public adapter share its replicas. Each replica resolves the
+version again at its own admission, exactly as the single-process engine does: what it serves
+is the newest version on disk at that moment.
+
+Admission keeps the single-process contract: names, max_new_tokens and the tenant's rows in
+flight (`tenant_max_inflight`, 429) are checked here, for the whole service; each replica then
+applies its own queue bound (503 queue_full) and decodes the image after admission. The first
+event of every row is its replica's admission answer, so admission errors (404, 422, 429, 503,
+and the image's 400/413/415) still raise from `submit`, before a stream sends its first byte.
+
+Faults: a replica that dies (its process killed, its node gone) fails the rows it held with
+503 `engine_fault` (Ray restarts it; the rows of other replicas are untouched); every wait is
+bounded by the request's deadline (504), so no request hangs on a lost replica. A request
+whose client leaves cancels its rows' Ray calls, which cancels them in the replicas' engines.
+
+Listing, describe, upload and delete go to one replica (they need the backbone to validate an
+upload); an upload is routed with the adapter's id, so the replica that validated it (and holds
+it on its CPU tier) is the one that serves it first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from adapters.config import BackboneConfig
+from adapters.format import AdapterFormatError
+from service.engine.types import CaptionRequest, CaptionResult
+from service.exceptions import (
+    AdapterNotFound,
+    DeadlineExceeded,
+    Draining,
+    EngineError,
+    EngineFault,
+    InvalidRequest,
+    QueueFull,
+    TenantLimit,
+)
+from service.metrics import ServiceMetrics
+from service.scaleout.messages import (
+    Admitted,
+    RemoteError,
+    ReplicaInfo,
+    RowCall,
+    Token,
+    adapter_id,
+)
+from service.settings import EngineConfig
+from service.store import PUBLIC_TENANT, AdapterRef, AdapterStore, StoreError, check_name
+
+# A row's answer may arrive this long after its deadline (the replica's own 504 travels back).
+DEADLINE_GRACE_S = 5.0
+# Listing, describe, upload and delete: the longest wait for the replica that does it.
+MANAGE_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class BackboneView:
+    """What the routes show about the replicas' backbone (`/info`, build info)."""
+
+    config: BackboneConfig
+    device: str
+
+
+class TokenDecoder:
+    """Token ids to text with the replicas' tokenizer (as `ContextPEFTModel.decode`)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return str(self._tokenizer.decode(list(ids), skip_special_tokens=True))
+
+
+def replica_lost(exc: BaseException) -> EngineError:
+    """The engine error for a Ray failure of one row: its replica died or was unreachable, or
+    Ray refused the call (the router's queue bound)."""
+    name = type(exc).__name__
+    if name == "BackPressureError":
+        return QueueFull("every engine replica is busy (max_queued_requests)", retry_after_s=1.0)
+    return EngineFault(
+        f"the engine replica serving this request stopped ({name}); Ray restarts it, retry",
+        retry_after_s=1.0,
+    )
+
+
+def _raise_remote(value: Any) -> Any:
+    if isinstance(value, RemoteError):
+        if value.kind == "format":
+            raise AdapterFormatError(value.message)
+        raise value.exception()
+    return value
+
+
+class RemoteRegistry:
+    """The registry port over the replicas: the store is read here (the same folder every
+    replica reads), listing and management run in a replica (blocking calls: the routes call
+    them from a thread, never from the event loop)."""
+
+    def __init__(self, replicas: Any, store: AdapterStore) -> None:
+        self._replicas = replicas
+        self.store = store
+
+    def owner(self, tenant: str, name: str) -> str:
+        """Whose adapter `name` is for `tenant`: its own, else the public one (the routing
+        key's tenant). Raises AdapterNotFound."""
+        try:
+            check_name(name)
+            if self.store.versions(tenant, name):
+                return tenant
+            if tenant != PUBLIC_TENANT and self.store.versions(PUBLIC_TENANT, name):
+                return PUBLIC_TENANT
+        except StoreError as exc:
+            raise AdapterNotFound(f"no adapter {name!r}: {exc}") from None
+        raise AdapterNotFound(f"no adapter named {name!r} for tenant {tenant!r} (own or public)")
+
+    def _call(self, method: str, *args: Any, model_id: str | None = None) -> Any:
+        handle = (
+            self._replicas
+            if model_id is None
+            else self._replicas.options(multiplexed_model_id=model_id)
+        )
+        try:
+            value = getattr(handle, method).remote(*args).result(timeout_s=MANAGE_TIMEOUT_S)
+        except Exception as exc:
+            raise replica_lost(exc) from None
+        return _raise_remote(value)
+
+    def list_adapters(self, tenant: str) -> list[Any]:
+        return list(self._call("list_adapters", tenant))
+
+    def describe(self, tenant: str, name: str) -> Any:
+        return self._call("describe", tenant, name)
+
+    def add_version(
+        self, tenant: str, name: str, config_bytes: bytes, weights_bytes: bytes
+    ) -> AdapterRef:
+        ref: AdapterRef = self._call(
+            "add_version",
+            tenant,
+            name,
+            config_bytes,
+            weights_bytes,
+            model_id=adapter_id(tenant, name),
+        )
+        return ref
+
+    def delete(self, tenant: str, name: str) -> int:
+        removed: int = self._call("delete", tenant, name)
+        return removed
+
+
+class _Admission:
+    """Rows in flight at the ingress, per tenant and in all (the drain waits for zero)."""
+
+    def __init__(self, tenant_max_inflight: int, metrics: ServiceMetrics | None) -> None:
+        self.limit = tenant_max_inflight
+        self._metrics = metrics
+        self._inflight: Counter[str] = Counter()
+        self._cond = threading.Condition()
+        self.draining = False
+
+    def admit(self, tenant: str, rows: int) -> None:
+        with self._cond:
+            error: EngineError | None = None
+            if self.draining:
+                error = Draining("the service is draining; retry on another instance")
+            elif self._inflight[tenant] + rows > self.limit:
+                error = TenantLimit(
+                    f"tenant {tenant!r} has {self._inflight[tenant]} rows in flight; the limit "
+                    f"is {self.limit} (tenant_max_inflight)",
+                    retry_after_s=1.0,
+                )
+            if error is not None:
+                if self._metrics is not None and error.reason is not None:
+                    self._metrics.reject(error.reason)
+                raise error
+            self._inflight[tenant] += rows
+
+    def release(self, tenant: str, rows: int) -> None:
+        with self._cond:
+            self._inflight[tenant] -= rows
+            if self._inflight[tenant] <= 0:
+                del self._inflight[tenant]
+            self._cond.notify_all()
+
+    @property
+    def total(self) -> int:
+        with self._cond:
+            return sum(self._inflight.values())
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._inflight, timeout=timeout_s)
+
+
+class RemoteSubmission:
+    """An admitted request: one Ray stream per adapter, each past its replica's admission."""
+
+    def __init__(
+        self,
+        admission: _Admission,
+        request: CaptionRequest,
+        streams: list[Any],
+        deadline: float,
+        timeout_s: float,
+    ) -> None:
+        self._admission = admission
+        self._request = request
+        self._streams = streams
+        self._deadline = deadline
+        self._timeout_s = timeout_s
+        self._released = False
+
+    async def results(self) -> list[CaptionResult]:
+        tasks = [asyncio.ensure_future(self._row(i, s)) for i, s in enumerate(self._streams)]
+        try:
+            left = self._deadline + DEADLINE_GRACE_S - time.monotonic()
+            done, pending = await asyncio.wait(
+                tasks, timeout=max(0.0, left), return_when=asyncio.FIRST_EXCEPTION
+            )
+            for task in tasks:  # the first error in the order of the names
+                error = task.exception() if task in done else None
+                if error is not None:
+                    raise error
+            if pending:
+                raise DeadlineExceeded(
+                    f"no answer within {self._timeout_s:g} s (request_timeout_s)"
+                )
+            return [task.result() for task in tasks]
+        finally:
+            for task in tasks:
+                if not task.done():
+                    task.cancel()  # its siblings stop at once (their Ray calls are cancelled)
+            self.cancel()
+
+    async def _row(self, index: int, stream: Any) -> CaptionResult:
+        on_token = self._request.on_token
+        try:
+            async for event in _events(stream):
+                if isinstance(event, Token):
+                    if on_token is not None:
+                        on_token(index, event.token_id)
+                elif isinstance(event, CaptionResult):
+                    return event
+                else:
+                    _raise_remote(event)
+        except (EngineError, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            raise replica_lost(exc) from None
+        raise EngineFault("the engine replica ended this row without an answer", retry_after_s=1.0)
+
+    def cancel(self) -> None:
+        """Cancel the rows' Ray calls (the replicas cancel them in their engines) and give
+        the tenant's rows back. Idempotent."""
+        if self._released:
+            return
+        self._released = True
+        for stream in self._streams:
+            stream.cancel()
+        self._admission.release(self._request.tenant, len(self._request.adapters))
+
+
+async def _events(stream: Any) -> AsyncIterator[Any]:
+    async for event in stream:
+        yield event
+
+
+class RemoteEngine:
+    """The HTTP app's engine at the Ray Serve ingress (see the module docstring)."""
+
+    def __init__(
+        self,
+        replicas: Any,
+        info: ReplicaInfo,
+        config: EngineConfig,
+        store: AdapterStore,
+        metrics: ServiceMetrics | None = None,
+        affinity: bool = True,
+    ) -> None:
+        self.config = config
+        self.registry = RemoteRegistry(replicas, store)
+        self.backbone = BackboneView(info.config, info.device)
+        self.model = TokenDecoder(info.tokenizer)
+        self.affinity = affinity
+        self._replicas = replicas
+        self._admission = _Admission(config.tenant_max_inflight, metrics)
+        self._closed = False
+        self.stopped: str | None = None
+
+    # --- lifecycle (the port) ---------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return not self._closed and not self._admission.draining
+
+    @property
+    def alive(self) -> bool:
+        return True  # replicas are supervised by Ray (check_health); the ingress has no worker
+
+    @property
+    def inflight(self) -> int:
+        return self._admission.total
+
+    def begin_drain(self) -> None:
+        self._admission.draining = True
+
+    def drain(self, timeout_s: float) -> bool:
+        self.begin_drain()
+        return self._admission.wait_idle(timeout_s)
+
+    def close(self) -> None:
+        self._closed = True
+        self.begin_drain()
+
+    # --- captioning ---------------------------------------------------------------------
+    def _check(self, request: CaptionRequest) -> tuple[int, float]:
+        cfg = self.config
+        names = request.adapters
+        if not names:
+            raise InvalidRequest("name at least one adapter")
+        if len(names) > cfg.max_batch_size:
+            raise InvalidRequest(f"at most {cfg.max_batch_size} adapters per request")
+        max_new = request.max_new_tokens or cfg.default_max_new_tokens
+        if not 1 <= max_new <= cfg.max_new_tokens_limit:
+            raise InvalidRequest(f"max_new_tokens must be in 1..{cfg.max_new_tokens_limit}")
+        timeout = request.timeout_s if request.timeout_s is not None else cfg.request_timeout_s
+        return max_new, timeout
+
+    async def submit(self, request: CaptionRequest) -> RemoteSubmission:
+        """Admit a request: check it, reserve the tenant's rows, send one row per adapter and
+        wait for every replica's admission. Raises the first admission error in the order of
+        the names (the other rows are cancelled)."""
+        max_new, timeout = self._check(request)
+        deadline = time.monotonic() + timeout
+        owners = await asyncio.to_thread(
+            lambda: [self.registry.owner(request.tenant, n) for n in request.adapters]
+        )
+        self._admission.admit(request.tenant, len(request.adapters))
+        streams: list[Any] = []
+        submission = RemoteSubmission(self._admission, request, streams, deadline, timeout)
+        try:
+            for owner, name in zip(owners, request.adapters, strict=True):
+                call = RowCall(
+                    request.tenant,
+                    name,
+                    request.image,
+                    max_new,
+                    timeout,
+                    request.request_id,
+                    stream_tokens=request.on_token is not None,
+                )
+                options: dict[str, Any] = {"stream": True}
+                if self.affinity:
+                    options["multiplexed_model_id"] = adapter_id(owner, name)
+                streams.append(self._replicas.options(**options).caption.remote(call))
+            left = deadline + DEADLINE_GRACE_S - time.monotonic()
+            firsts = await asyncio.wait_for(
+                asyncio.gather(*(_first(s) for s in streams), return_exceptions=True),
+                timeout=max(0.0, left),
+            )
+            for first in firsts:  # in the order of the names
+                if isinstance(first, BaseException):
+                    raise first
+                _raise_remote(first)
+        except TimeoutError:
+            submission.cancel()
+            raise DeadlineExceeded(
+                f"no replica admitted the request within {timeout:g} s"
+            ) from None
+        except BaseException:
+            submission.cancel()
+            raise
+        return submission
+
+
+async def _first(stream: Any) -> Admitted | RemoteError:
+    """The first event of a row: its replica's admission answer."""
+    try:
+        event = await stream.__anext__()
+    except StopAsyncIteration:
+        return RemoteError.of(EngineFault("the engine replica ended the row before admitting it"))
+    except (EngineError, asyncio.CancelledError):
+        raise
+    except Exception as exc:
+        return RemoteError.of(replica_lost(exc))
+    if isinstance(event, Admitted | RemoteError):
+        return event
+    return RemoteError.of(EngineFault(f"unexpected first event {type(event).__name__}"))

@@ -1,0 +1,391 @@
+"""The service scaled out on a real local Ray cluster (loopback): 2 engine replicas of the tiny
+backbone behind the ingress (our FastAPI app), routed by tenant-qualified adapter id.
+
+The tests share one cluster (tests/scaleout/conftest.py) and run in file order: the kill test
+restarts a replica, the last test shuts the service down. Nothing is mocked: HTTP through
+Serve's proxy, Ray's router, replicas in their own processes, a real store on disk.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from adapters.format import CONFIG_FILE, WEIGHTS_FILE, save_adapter
+from service.engine import CaptionRequest, Engine, EngineConfig
+from service.store import AdapterStore
+from tests.e2e.conftest import ACME_ADMIN, BETA_ADMIN, Scrape, assert_error, bearer, noise_png
+from tests.scaleout.conftest import ADAPTERS, REPLICAS, ROOT, RayService, untracked_paths
+from tests.service.adapter_fixtures import random_adapter, tiny_backbone
+
+pytest.importorskip("ray")
+
+IMAGES = [noise_png(seed) for seed in range(3)]
+HTTP_TIMEOUT_S = 120.0  # a safety net only: a request that reaches it counts as hung
+LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
+
+
+def caption(
+    service: RayService, adapter: str, image: bytes = IMAGES[0], key: str = ACME_ADMIN
+) -> httpx.Response:
+    return httpx.post(
+        f"{service.url}/caption",
+        files={"image": ("image.png", image, "image/png")},
+        data={"adapter": adapter},
+        headers=bearer(key),
+        timeout=HTTP_TIMEOUT_S,
+    )
+
+
+def single_process_captions(store_dir: Path, pairs: list[tuple[str, bytes]]) -> list[str]:
+    """What the single-process engine answers for (adapter, image) pairs, tenant acme."""
+    config = EngineConfig(default_max_new_tokens=4, max_new_tokens_limit=16)
+    with Engine(tiny_backbone(), AdapterStore(store_dir), config) as engine:
+        import asyncio
+
+        async def run() -> list[str]:
+            out = []
+            for name, image in pairs:
+                (result,) = await engine.caption(CaptionRequest(image, (name,), "acme"))
+                out.append(result.caption)
+            return out
+
+        return asyncio.run(run())
+
+
+def scrape_replicas(service: RayService) -> list[Scrape]:
+    scrapes = []
+    for group in service.replica_targets():
+        (target,) = group["targets"]
+        response = httpx.get(f"http://{target}/metrics", timeout=10)
+        assert response.status_code == 200
+        scrapes.append(Scrape(response.text))
+    return scrapes
+
+
+def routed(scrapes: list[Scrape], result: str) -> float:
+    return sum(s.value("ctxpeft_routing_requests_total", result=result) for s in scrapes)
+
+
+def every_replica(service: RayService, call: Callable[[Any], Any]) -> dict[str, Any]:
+    """Call a replica method until each replica answered (Ray picks one per call): replica
+    id -> answer. The handle spreads plain calls over replicas at random."""
+    answers: dict[str, Any] = {}
+    for _ in range(60):
+        answer = call(service.replicas).result(timeout_s=30)
+        answers[answer.replica] = answer
+        if len(answers) == REPLICAS:
+            return answers
+    raise AssertionError(f"only replicas {sorted(answers)} answered")
+
+
+# --- the cluster itself ---------------------------------------------------------------------
+def test_cluster_listens_on_loopback_only_and_leaves_no_files_in_the_tree(
+    ray_service: RayService,
+) -> None:
+    listening = []
+    for process in psutil.Process().children(recursive=True):
+        try:
+            connections = process.net_connections(kind="inet")
+        except psutil.NoSuchProcess:
+            continue
+        listening += [
+            (process.name(), c.laddr.ip, c.laddr.port)
+            for c in connections
+            if c.status == psutil.CONN_LISTEN
+        ]
+    names = {name for name, _, _ in listening}
+    assert {"gcs_server", "raylet"} <= names, names  # the cluster's own processes were seen
+    assert len(listening) >= 10, listening
+    assert [s for s in listening if s[1] not in LOOPBACK] == []
+    # Token auth is on, with the token in the environment only: no file in HOME or the tree.
+    assert os.environ["RAY_AUTH_MODE"] == "token" and len(os.environ["RAY_AUTH_TOKEN"]) == 64
+    if not ray_service.token_file_before:
+        assert not (Path.home() / ".ray" / "auth_token").exists()
+    new = untracked_paths() - ray_service.tree_before
+    assert [p for p in new if "ray" in p.lower() or "auth_token" in p or "session_" in p] == []
+    assert ROOT not in ray_service.root.parents  # the store and the targets are temp folders
+
+
+# --- routing by adapter -----------------------------------------------------------------------
+def test_rows_land_on_the_replica_holding_their_adapter_and_captions_match_one_process(
+    ray_service: RayService,
+) -> None:
+    pairs = [(name, image) for name in ADAPTERS for image in IMAGES]
+    for name in ADAPTERS:  # warm-up: each adapter finds a replica, which claims it
+        for _ in range(2):
+            assert caption(ray_service, name).status_code == 200
+    time.sleep(0.5)  # replicas push their multiplexed ids every 0.1 s
+    before = scrape_replicas(ray_service)
+    assert len(before) == REPLICAS
+    with ThreadPoolExecutor(4) as pool:
+        responses = list(pool.map(lambda p: caption(ray_service, p[0], p[1]), pairs * 2))
+    after = scrape_replicas(ray_service)
+    assert [r.status_code for r in responses] == [200] * len(responses)
+    hits = routed(after, "hit") - routed(before, "hit")
+    misses = routed(after, "miss") - routed(before, "miss")
+    assert hits + misses == len(responses)
+    assert hits / len(responses) >= 0.9, (hits, misses)
+    # Each row joined a running batch once, on one replica: the replicas' own families count it.
+    joins = sum(s.value("ctxpeft_queue_wait_seconds_count") for s in after) - sum(
+        s.value("ctxpeft_queue_wait_seconds_count") for s in before
+    )
+    assert joins == len(responses)
+    for scrape in after:
+        assert scrape.value("ctxpeft_engine_up") == 1
+    # The captions are the single-process service's, for every adapter and image.
+    expected = single_process_captions(ray_service.store.root, pairs)
+    got = [r.json()["caption"] for r in responses]
+    assert got == expected * 2
+    # The ingress serves its own /metrics: the HTTP requests it answered.
+    ingress = Scrape(httpx.get(f"{ray_service.url}/metrics", timeout=10).text)
+    assert ingress.value("ctxpeft_requests_total", adapter="p0", status="200") >= 8
+
+
+def test_the_http_contract_is_the_single_process_one(ray_service: RayService) -> None:
+    url = ray_service.url
+    png = IMAGES[1]
+    assert_error(httpx.get(f"{url}/adapters", timeout=10), 401, "unauthorized")
+    listed = httpx.get(f"{url}/adapters", headers=bearer(BETA_ADMIN), timeout=30).json()
+    assert {a["name"] for a in listed["adapters"]} == set(ADAPTERS)
+    assert_error(caption(ray_service, "no-such"), 404, "adapter_not_found")
+    # One X-Request-ID per answer: the client's when well-formed, else a fresh one.
+    for offered, kept in (("trace-42", True), ("bad id\twith tab", False)):
+        answer = httpx.get(f"{url}/adapters/p0", headers={"X-Request-ID": offered}, timeout=30)
+        assert answer.headers.get_list("x-request-id") == [answer.headers["x-request-id"]]
+        assert (answer.headers["x-request-id"] == offered) is kept
+        assert_error(answer, 401, "unauthorized")
+    assert_error(caption(ray_service, "p0", b"not an image"), 415, "unsupported_media_type")
+    many = httpx.post(
+        f"{url}/caption",
+        files={"image": ("i.png", png, "image/png")},
+        data={"adapters": "p1,p4,p2"},
+        headers=bearer(ACME_ADMIN),
+        timeout=HTTP_TIMEOUT_S,
+    )
+    assert many.status_code == 200, many.text
+    singles = [caption(ray_service, n, png).json()["caption"] for n in ("p1", "p4", "p2")]
+    assert [r["caption"] for r in many.json()["results"]] == singles
+    streamed = httpx.post(
+        f"{url}/caption",
+        files={"image": ("i.png", png, "image/png")},
+        data={"adapter": "p3", "stream": "true"},
+        headers=bearer(ACME_ADMIN),
+        timeout=HTTP_TIMEOUT_S,
+    )
+    assert streamed.status_code == 200
+    events = [line for line in streamed.text.splitlines() if line.startswith("event: ")]
+    assert events.count("event: token") >= 1 and events[-1] == "event: result"
+    chat = httpx.post(
+        f"{url}/v1/chat/completions",
+        json={
+            "model": "p3",
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "image_url", "image_url": {"url": _data_url(png)}}],
+                }
+            ],
+        },
+        headers=bearer(ACME_ADMIN),
+        timeout=HTTP_TIMEOUT_S,
+    )
+    assert chat.status_code == 200, chat.text
+    assert (
+        chat.json()["choices"][0]["message"]["content"]
+        == caption(ray_service, "p3", png).json()["caption"]
+    )
+
+
+def _data_url(png: bytes) -> str:
+    import base64
+
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+# --- one shared store -------------------------------------------------------------------------
+def _upload(service: RayService, name: str, seed: int, tmp: Path) -> httpx.Response:
+    folder = tmp / f"{name}-{seed}"
+    save_adapter(random_adapter(tiny_backbone(), seed), folder)
+    return httpx.post(
+        f"{service.url}/adapters/{name}/versions",
+        files={
+            "config": (CONFIG_FILE, (folder / CONFIG_FILE).read_bytes(), "application/json"),
+            "weights": (
+                WEIGHTS_FILE,
+                (folder / WEIGHTS_FILE).read_bytes(),
+                "application/octet-stream",
+            ),
+        },
+        headers=bearer(ACME_ADMIN),
+        timeout=HTTP_TIMEOUT_S,
+    )
+
+
+def test_an_upload_serves_on_every_replica_and_a_delete_is_never_served_again(
+    ray_service: RayService, tmp_path: Path
+) -> None:
+    for version, seed in ((1, 41), (2, 42)):
+        created = _upload(ray_service, "fresh", seed, tmp_path)
+        assert created.status_code == 201, created.text
+        assert created.json() == {"name": "fresh", "version": version}
+        answer = caption(ray_service, "fresh", IMAGES[2])
+        assert answer.status_code == 200 and answer.json()["adapter_version"] == version
+        # Every replica resolves the new version on its next request.
+        seen = every_replica(ray_service, lambda h: h.resolve.remote("acme", "fresh"))
+        assert {r.version for r in seen.values()} == {version}, seen
+    expected = single_process_captions(ray_service.store.root, [("fresh", IMAGES[2])])
+    assert answer.json()["caption"] == expected[0]
+    deleted = httpx.delete(
+        f"{ray_service.url}/adapters/fresh", headers=bearer(ACME_ADMIN), timeout=30
+    )
+    assert deleted.status_code == 200 and deleted.json()["deleted_versions"] == 2
+    for _ in range(4):  # whichever replica a request lands on
+        assert_error(caption(ray_service, "fresh", IMAGES[2]), 404, "adapter_not_found")
+    gone = every_replica(ray_service, lambda h: h.resolve.remote("acme", "fresh"))
+    assert {(r.version, r.error) for r in gone.values()} == {(None, "AdapterNotFound")}
+    # Beta never saw acme's adapter.
+    listed = httpx.get(f"{ray_service.url}/adapters", headers=bearer(BETA_ADMIN), timeout=30)
+    assert "fresh" not in {a["name"] for a in listed.json()["adapters"]}
+
+
+# --- faults -----------------------------------------------------------------------------------
+class Load:
+    """`clients` threads captioning in a loop until `stop()`, with 16-token captions so that
+    rows are always in flight: every answer's status and error type, in arrival order. A
+    request that hangs (past HTTP_TIMEOUT_S) or loses its connection ends its client with the
+    exception, and `stop()` reports it."""
+
+    def __init__(self, service: RayService, clients: int = 6) -> None:
+        self.answers: list[tuple[int, str | None]] = []
+        self.failures: list[BaseException] = []
+        self._cond = threading.Condition()
+        self._stopping = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._client, args=(service, k), daemon=True)
+            for k in range(clients)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def _client(self, service: RayService, first: int) -> None:
+        i = first
+        while not self._stopping.is_set():
+            i += 1  # every client goes through the adapters (and so both replicas)
+            try:
+                response = httpx.post(
+                    f"{service.url}/caption",
+                    files={"image": ("i.png", IMAGES[i % len(IMAGES)], "image/png")},
+                    data={"adapter": ADAPTERS[i % len(ADAPTERS)], "max_new_tokens": "16"},
+                    headers=bearer(ACME_ADMIN),
+                    timeout=HTTP_TIMEOUT_S,
+                )
+                kind = None if response.status_code == 200 else response.json()["error"]["type"]
+            except Exception as exc:
+                with self._cond:
+                    self.failures.append(exc)
+                    self._cond.notify_all()
+                return
+            with self._cond:
+                self.answers.append((response.status_code, kind))
+                self._cond.notify_all()
+
+    def wait_for(self, count: int) -> int:
+        """Block until `count` answers came (a safety-net timeout only); returns how many."""
+        with self._cond:
+            assert self._cond.wait_for(
+                lambda: len(self.answers) >= count or self.failures, timeout=HTTP_TIMEOUT_S
+            ), f"only {len(self.answers)} answers"
+            return len(self.answers)
+
+    def stop(self) -> list[tuple[int, str | None]]:
+        self._stopping.set()
+        for thread in self._threads:
+            thread.join(timeout=2 * HTTP_TIMEOUT_S)
+            assert not thread.is_alive(), "a request hung"
+        assert self.failures == [], self.failures
+        return self.answers
+
+
+def test_killing_a_replica_under_load_answers_200_or_503_and_serves_after_restart(
+    ray_service: RayService,
+) -> None:
+    from ray import serve
+
+    from service.scaleout.application import APP_NAME
+
+    assert len(ray_service.replica_pids()) == REPLICAS
+    (group, *_) = ray_service.replica_targets()
+    victim = int(group["labels"]["pid"])
+    load = Load(ray_service)
+    load.wait_for(12)
+    # Kill it while its engine runs rows (their answers are then 503), read from its metrics.
+    metrics_url = f"http://{group['targets'][0]}/metrics"
+    for _ in range(1000):
+        if Scrape(httpx.get(metrics_url, timeout=10).text).value("ctxpeft_running_rows") >= 1:
+            break
+    else:
+        raise AssertionError("the replica never ran a row")
+    os.kill(victim, signal.SIGKILL)
+    killed = time.monotonic()
+    at_kill = load.wait_for(0)
+    load.wait_for(at_kill + 30)  # the service keeps answering
+    answers = load.stop()
+    statuses = Counter(status for status, _ in answers)
+    assert set(statuses) <= {200, 503}, statuses
+    assert {kind for _, kind in answers if kind} <= {"engine_fault"}, answers
+    assert statuses[503] >= 1, statuses  # the rows the killed replica was running
+    assert sum(1 for status, _ in answers[at_kill:] if status == 200) >= 20, answers
+    # Ray starts a new replica; the service then serves every adapter again.
+    deadline = killed + 150
+    while time.monotonic() < deadline:
+        status = serve.status().applications[APP_NAME].deployments["EngineReplica"]
+        if status.replica_states.get("RUNNING", 0) == REPLICAS:
+            break
+        time.sleep(1)
+    else:
+        raise AssertionError(f"no replacement replica: {status}")
+    print(f"replacement running {time.monotonic() - killed:.1f} s after the kill; {statuses}")
+    new_pids = ray_service.replica_pids()
+    assert victim not in new_pids and len(new_pids) == REPLICAS
+    for name in ADAPTERS:
+        assert caption(ray_service, name).status_code == 200
+
+
+def test_shutdown_under_load_answers_every_request(ray_service: RayService) -> None:
+    """The drain `ctxpeft serve --ray` runs on SIGTERM, under load: requests in flight finish
+    (200), later ones get 503 draining; none is lost or hangs. Then Serve stops."""
+    from ray import serve
+
+    load = Load(ray_service)
+    load.wait_for(12)
+    finished = ray_service.ingress.drain.remote(30.0).result(timeout_s=60)
+    after_drain = load.wait_for(0)
+    load.wait_for(after_drain + 12)  # requests keep coming: refused
+    answers = load.stop()
+    statuses = Counter(status for status, _ in answers)
+    assert finished is True
+    assert set(statuses) <= {200, 503}, statuses
+    # As in one process: refused at the door (unavailable: draining) or by the engine.
+    assert {kind for _, kind in answers if kind} <= {"unavailable", "draining"}, statuses
+    # 12 answers came before the drain; of the 12 after it, at most one per client (6) can
+    # be a 200 still on its way when the drain returned.
+    assert statuses[200] >= 12 and statuses[503] >= 6, statuses
+    print(f"drain under load: {statuses}")
+    assert_error(httpx.get(f"{ray_service.url}/readyz", timeout=10), 503, "unavailable")
+    assert ray_service.ingress.inflight.remote().result(timeout_s=30) == 0
+    serve.shutdown()  # replicas stop gracefully: their metrics targets are removed
+    left = ray_service.replica_targets()  # only the killed replica's (Prometheus: up 0)
+    assert len(left) <= 1
+    assert all(not psutil.pid_exists(int(g["labels"]["pid"])) for g in left), left
