@@ -21,7 +21,7 @@ from typing import Protocol
 from adapters.config import BackboneConfig
 from service.engine.types import CaptionRequest, CaptionResult
 from service.registry import AdapterInfo
-from service.store import AdapterRef, AdapterStore
+from service.store import AdapterRef, AdapterStore, StoreQuota
 
 
 class RegistryPort(Protocol):
@@ -35,7 +35,12 @@ class RegistryPort(Protocol):
     def describe(self, tenant: str, name: str) -> AdapterInfo: ...
 
     def add_version(
-        self, tenant: str, name: str, config_bytes: bytes, weights_bytes: bytes
+        self,
+        tenant: str,
+        name: str,
+        config_bytes: bytes,
+        weights_bytes: bytes,
+        quota: StoreQuota | None = None,
     ) -> AdapterRef: ...
 
     def delete(self, tenant: str, name: str) -> int: ...

@@ -64,7 +64,15 @@ from service.scaleout.messages import (
     adapter_id,
 )
 from service.settings import EngineConfig
-from service.store import PUBLIC_TENANT, AdapterRef, AdapterStore, StoreError, check_name
+from service.store import (
+    PUBLIC_TENANT,
+    AdapterRef,
+    AdapterStore,
+    QuotaExceeded,
+    StoreError,
+    StoreQuota,
+    check_name,
+)
 
 # A row's answer may arrive this long after its deadline (the replica's own 504 travels back).
 DEADLINE_GRACE_S = 5.0
@@ -106,6 +114,8 @@ def _raise_remote(value: Any) -> Any:
     if isinstance(value, RemoteError):
         if value.kind == "format":
             raise AdapterFormatError(value.message)
+        if value.kind == "quota":
+            raise QuotaExceeded(value.message)
         raise value.exception()
     return value
 
@@ -151,7 +161,12 @@ class RemoteRegistry:
         return self._call("describe", tenant, name)
 
     def add_version(
-        self, tenant: str, name: str, config_bytes: bytes, weights_bytes: bytes
+        self,
+        tenant: str,
+        name: str,
+        config_bytes: bytes,
+        weights_bytes: bytes,
+        quota: StoreQuota | None = None,
     ) -> AdapterRef:
         ref: AdapterRef = self._call(
             "add_version",
@@ -159,6 +174,7 @@ class RemoteRegistry:
             name,
             config_bytes,
             weights_bytes,
+            quota,
             model_id=adapter_id(tenant, name),
         )
         return ref

@@ -56,6 +56,7 @@ from service.scaleout.messages import (
     Token,
 )
 from service.settings import Settings
+from service.store import QuotaExceeded, StoreQuota
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -168,6 +169,8 @@ class EngineReplica:
             return await asyncio.to_thread(fn, *args)
         except AdapterFormatError as exc:
             return RemoteError("format", "AdapterFormatError", str(exc))
+        except QuotaExceeded as exc:
+            return RemoteError("quota", "QuotaExceeded", str(exc))
         except (EngineError, ApiError) as exc:
             return RemoteError.of(exc)
 
@@ -178,10 +181,15 @@ class EngineReplica:
         return await self._manage(self.engine.registry.describe, tenant, name)
 
     async def add_version(
-        self, tenant: str, name: str, config_bytes: bytes, weights_bytes: bytes
+        self,
+        tenant: str,
+        name: str,
+        config_bytes: bytes,
+        weights_bytes: bytes,
+        quota: StoreQuota | None = None,
     ) -> Any:
         ref = await self._manage(
-            self.engine.registry.add_version, tenant, name, config_bytes, weights_bytes
+            self.engine.registry.add_version, tenant, name, config_bytes, weights_bytes, quota
         )
         model_id = serve.get_multiplexed_model_id()
         if model_id and not isinstance(ref, RemoteError):
