@@ -71,6 +71,25 @@ class BuildReport:
     seconds: float
 
 
+def save_built(backbone: Backbone, folder: Path, stamp_file: str, stamp: dict[str, Any]) -> None:
+    """Save a built backbone with its stamp into `folder`, atomically: into a temporary
+    sibling, then renamed over any earlier build (a reader sees the old build or the new one,
+    never half of one)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".tmp-{folder.name}-{uuid.uuid4().hex}"
+    try:
+        backbone.save(tmp)
+        (tmp / stamp_file).write_text(json.dumps(stamp, indent=2) + "\n")
+        if folder.exists():
+            # os.rename cannot replace a non-empty folder: move the old build aside first.
+            old = folder.parent / f".tmp-old-{folder.name}-{uuid.uuid4().hex}"
+            os.rename(folder, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.rename(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def build_backbone(
     config: BackboneConfig,
     runtime_dir: Path,
@@ -90,18 +109,6 @@ def build_backbone(
         torch.manual_seed(seed)
         backbone = Backbone.build(config)
     fingerprint = backbone.fingerprint()
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".tmp-{folder.name}-{uuid.uuid4().hex}"
-    try:
-        backbone.save(tmp)
-        stamp = {"key": key, "fingerprint": fingerprint, "built_from": config.to_dict()}
-        (tmp / STAMP_FILE).write_text(json.dumps(stamp, indent=2) + "\n")
-        if folder.exists():
-            # os.rename cannot replace a non-empty folder: move the old build aside first.
-            old = folder.parent / f".tmp-old-{folder.name}-{uuid.uuid4().hex}"
-            os.rename(folder, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.rename(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    stamp = {"key": key, "fingerprint": fingerprint, "built_from": config.to_dict()}
+    save_built(backbone, folder, STAMP_FILE, stamp)
     return BuildReport(folder, True, fingerprint, time.perf_counter() - started)

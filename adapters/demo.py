@@ -22,10 +22,7 @@ import dataclasses
 import hashlib
 import json
 import multiprocessing
-import os
-import shutil
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -37,7 +34,7 @@ from tqdm.auto import tqdm
 
 from adapters.adapter_set import AdapterSet
 from adapters.backbone import BACKBONE_FILE, Backbone
-from adapters.backbone_build import backbone_dir
+from adapters.backbone_build import backbone_dir, save_built
 from adapters.config import BackboneConfig
 from adapters.data.synthetic import TASKS, SyntheticCaptions
 from adapters.model import ContextPEFTModel
@@ -129,20 +126,8 @@ def build_backbone(
     log(f"pre-training the LM on caption text ({plan.lm.epochs} epochs)")
     loss = pretrain_lm(backbone, plan.tasks, plan.lm, plan.seed, progress, log)
     log(f"  LM: validation loss {loss:.3f}")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".tmp-{folder.name}-{uuid.uuid4().hex}"
-    try:
-        backbone.save(tmp)
-        stamp = {"key": plan.backbone_key(), "encoder_accuracy": accuracy, "lm_val_loss": loss}
-        (tmp / PLAN_FILE).write_text(json.dumps(stamp, indent=2) + "\n")
-        if folder.exists():
-            # Move the old build aside first: os.rename cannot replace a non-empty folder.
-            old = folder.parent / f".tmp-old-{folder.name}-{uuid.uuid4().hex}"
-            os.rename(folder, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.rename(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    stamp = {"key": plan.backbone_key(), "encoder_accuracy": accuracy, "lm_val_loss": loss}
+    save_built(backbone, folder, PLAN_FILE, stamp)
 
 
 def backbone_is_current(plan: DemoPlan, folder: Path) -> bool:

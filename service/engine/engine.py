@@ -81,6 +81,20 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 _JOIN_S = 30.0  # how long close() waits for the worker to finish its step
 
 
+def check_request(request: CaptionRequest, config: EngineConfig) -> tuple[int, float]:
+    """The request's (max_new_tokens, timeout_s) with the defaults filled in; InvalidRequest
+    (422) when it names no adapter, too many, or a length out of bounds."""
+    if not request.adapters:
+        raise InvalidRequest("name at least one adapter")
+    if len(request.adapters) > config.max_batch_size:
+        raise InvalidRequest(f"at most {config.max_batch_size} adapters per request")
+    max_new = request.max_new_tokens or config.default_max_new_tokens
+    if not 1 <= max_new <= config.max_new_tokens_limit:
+        raise InvalidRequest(f"max_new_tokens must be in 1..{config.max_new_tokens_limit}")
+    timeout = request.timeout_s if request.timeout_s is not None else config.request_timeout_s
+    return max_new, timeout
+
+
 class Submission:
     """An admitted request whose rows are queued or running. `await results()` waits for
     them (until the request's deadline); cancelling that wait, or `cancel()`, cancels exactly
@@ -267,18 +281,10 @@ class Engine:
         and preprocess its image, queue its rows. Raises the request's admission errors
         (404, 422, 429, 503, and whatever the image decoder raises); the returned
         `Submission` then delivers the results (or the error of a row)."""
-        cfg = self.config
         names = request.adapters
-        if not names:
-            raise InvalidRequest("name at least one adapter")
-        if len(names) > cfg.max_batch_size:
-            raise InvalidRequest(f"at most {cfg.max_batch_size} adapters per request")
-        max_new = request.max_new_tokens or cfg.default_max_new_tokens
-        if not 1 <= max_new <= cfg.max_new_tokens_limit:
-            raise InvalidRequest(f"max_new_tokens must be in 1..{cfg.max_new_tokens_limit}")
+        max_new, timeout = check_request(request, self.config)
         if not self.alive:
             raise EngineStopped(f"the engine stopped ({self.stopped}); retry later")
-        timeout = request.timeout_s if request.timeout_s is not None else cfg.request_timeout_s
         loop = asyncio.get_running_loop()
         arrival = time.monotonic()
         versions = [self.registry.resolve(request.tenant, name) for name in names]

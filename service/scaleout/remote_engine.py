@@ -43,6 +43,7 @@ from typing import Any
 
 from adapters.config import BackboneConfig
 from adapters.format import AdapterFormatError
+from service.engine.engine import check_request
 from service.engine.types import CaptionRequest, CaptionResult
 from service.exceptions import (
     AdapterNotFound,
@@ -50,7 +51,6 @@ from service.exceptions import (
     Draining,
     EngineError,
     EngineFault,
-    InvalidRequest,
     QueueFull,
     TenantLimit,
 )
@@ -348,24 +348,11 @@ class RemoteEngine:
         self.begin_drain()
 
     # --- captioning ---------------------------------------------------------------------
-    def _check(self, request: CaptionRequest) -> tuple[int, float]:
-        cfg = self.config
-        names = request.adapters
-        if not names:
-            raise InvalidRequest("name at least one adapter")
-        if len(names) > cfg.max_batch_size:
-            raise InvalidRequest(f"at most {cfg.max_batch_size} adapters per request")
-        max_new = request.max_new_tokens or cfg.default_max_new_tokens
-        if not 1 <= max_new <= cfg.max_new_tokens_limit:
-            raise InvalidRequest(f"max_new_tokens must be in 1..{cfg.max_new_tokens_limit}")
-        timeout = request.timeout_s if request.timeout_s is not None else cfg.request_timeout_s
-        return max_new, timeout
-
     async def submit(self, request: CaptionRequest) -> RemoteSubmission:
         """Admit a request: check it, reserve the tenant's rows, send one row per adapter and
         wait for every replica's admission. Raises the first admission error in the order of
         the names (the other rows are cancelled)."""
-        max_new, timeout = self._check(request)
+        max_new, timeout = check_request(request, self.config)
         deadline = time.monotonic() + timeout
         owners = await asyncio.to_thread(
             lambda: [self.registry.owner(request.tenant, n) for n in request.adapters]
