@@ -17,6 +17,7 @@ runs through exactly the layers that serve.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -145,10 +146,10 @@ class AdapterSet(nn.Module):
             ia3=full(self._param(f"{prefix}.ia3")), ia3_on_input=module in IA3_INPUT_SIDE
         )
 
-    def lora_rank(self, slots: torch.Tensor) -> int:
+    def lora_rank(self, slots: torch.Tensor | Sequence[int]) -> int:
         return self.config.rank if self.config.method == "lora" else 0
 
-    def context_specific(self, slots: torch.Tensor) -> bool:
+    def context_specific(self, slots: torch.Tensor | Sequence[int]) -> bool:
         return not self.config.agnostic
 
     def connect(self, features: torch.Tensor, slots: torch.Tensor | None = None) -> torch.Tensor:

@@ -14,6 +14,7 @@ engine's worker thread) writes slots between forward passes.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -162,11 +163,11 @@ class AdapterBank:
             )
         return store.view
 
-    def lora_rank(self, slots: torch.Tensor) -> int:
-        return max((self.ranks[s] for s in set(slots.tolist())), default=0)
+    def lora_rank(self, slots: torch.Tensor | Sequence[int]) -> int:
+        return max((self.ranks[s] for s in _host_slots(slots)), default=0)
 
-    def context_specific(self, slots: torch.Tensor) -> bool:
-        return any(self.specific[s] for s in set(slots.tolist()))
+    def context_specific(self, slots: torch.Tensor | Sequence[int]) -> bool:
+        return any(self.specific[s] for s in _host_slots(slots))
 
     def connect(self, features: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """Each row's features through its own slot's connector: [B, n, d_vis] -> [B, n, d_model]."""
@@ -196,6 +197,11 @@ class AdapterBank:
         ]
         tensors += list(self._connector.values())
         return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _host_slots(slots: torch.Tensor | Sequence[int]) -> set[int]:
+    """Distinct slot ids; a tensor costs a device-to-host read, a host list nothing."""
+    return set(slots.tolist() if isinstance(slots, torch.Tensor) else slots)
 
 
 def _connector_shapes(spec: ConnectorSpec) -> dict[str, tuple[int, ...]]:

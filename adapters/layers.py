@@ -194,7 +194,7 @@ def _write_lora(
         routing.keep_shrink(module.layer, module.name, x, shrunk)
     rank, member = group.rank, group.members.index(module.name)
     lora_b = group.lora_B[module.name]  # [U, C, r, d_out]
-    batch, tokens, d_out = out.shape
+    batch, _, d_out = out.shape
     if plan.grid:
         grid = routing.grid()
         h = shrunk.products[0][..., member * rank : (member + 1) * rank]
@@ -211,13 +211,23 @@ def _write_lora(
         key = (module.name, context)
         if key not in shrunk.rows_B:
             units = lora_b.shape[0]
-            per_unit = lora_b.reshape(units, width, d_out) if context == MIXED else lora_b[:, context]
+            per_unit = (
+                lora_b.reshape(units, width, d_out) if context == MIXED else lora_b[:, context]
+            )
             shrunk.rows_B[key] = _rows(per_unit, routing)
         target = out if len(plan.segments) == 1 else out[:, start:end]
         torch.bmm(h, shrunk.rows_B[key], out=target)
 
 
-def _vectors(values: torch.Tensor, start: int, end: int, context: int, routing: Routing, tokens: int, dtype: torch.dtype) -> torch.Tensor:
+def _vectors(
+    values: torch.Tensor,
+    start: int,
+    end: int,
+    context: int,
+    routing: Routing,
+    tokens: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
     """Per-row vectors [B, C, d] -> the vectors of columns start..end: [B, 1, d] for one
     context, [B, end - start, d] for a mixed range."""
     if context != MIXED:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -114,11 +115,12 @@ class WeightSource(Protocol):
 
     def stacked(self, layer: int, module: str) -> StackedWeights | None: ...
 
-    def lora_rank(self, slots: torch.Tensor) -> int:
-        """The largest LoRA rank among `slots` (0 if none uses LoRA)."""
+    def lora_rank(self, slots: torch.Tensor | Sequence[int]) -> int:
+        """The largest LoRA rank among `slots` (0 if none uses LoRA). `slots` may be a host
+        list (the routing passes one: no device read)."""
         ...
 
-    def context_specific(self, slots: torch.Tensor) -> bool:
+    def context_specific(self, slots: torch.Tensor | Sequence[int]) -> bool:
         """Whether any of `slots` holds context-specific weights (an agnostic set holds the
         same weights under every context)."""
         ...
@@ -152,7 +154,7 @@ def column_segments(spans: Sequence[tuple[int, int]], tokens: int) -> tuple[Segm
     between the leading and trailing uniform range becomes one MIXED range."""
     cuts = sorted({0, tokens, *(min(max(p, 0), tokens) for span in spans for p in span)})
     merged: list[list[int]] = []
-    for start, end in zip(cuts, cuts[1:], strict=False):
+    for start, end in itertools.pairwise(cuts):
         kinds = {IMAGE if s <= start and end <= e else TEXT for s, e in spans}
         kind = kinds.pop() if len(kinds) == 1 else MIXED
         if merged and merged[-1][2] == kind:
@@ -182,7 +184,9 @@ def _spans_of(contexts: torch.Tensor) -> tuple[int | None, tuple[tuple[int, int]
         return TEXT, tuple((0, 0) for _ in range(batch))
     if all(c == tokens for c in counts):
         return IMAGE, tuple((0, tokens) for _ in range(batch))
-    if any(c and last - first + 1 != c for c, first, last in zip(counts, firsts, lasts, strict=True)):
+    if any(
+        c and last - first + 1 != c for c, first, last in zip(counts, firsts, lasts, strict=True)
+    ):
         return None, None
     spans = tuple(
         (first, last + 1) if c else (0, 0)
@@ -248,12 +252,12 @@ class _Batch:
 
     def rank(self) -> int:
         if self._rank is None:
-            self._rank = self.source.lora_rank(torch.tensor(self.host_slots))
+            self._rank = self.source.lora_rank(self.host_slots)
         return self._rank
 
     def specific(self) -> bool:
         if self._specific is None:
-            self._specific = self.source.context_specific(torch.tensor(self.host_slots))
+            self._specific = self.source.context_specific(self.host_slots)
         return self._specific
 
     @property
@@ -391,8 +395,10 @@ class Routing:
             tensor = slots
         else:
             host = [int(s) for s in slots]
-            where = device if device is not None else (
-                contexts.device if contexts is not None else "cpu"
+            where = (
+                device
+                if device is not None
+                else (contexts.device if contexts is not None else "cpu")
             )
             tensor = torch.tensor(host, dtype=torch.long).to(where, non_blocking=True)
         self.source = source
