@@ -141,17 +141,6 @@ def _fast_forward(module: ContextLinear, x: torch.Tensor, routing: Routing) -> t
     return out
 
 
-def _rows(t: torch.Tensor, routing: Routing) -> torch.Tensor:
-    """Per-unit tensor [U, ...] -> per-row [B, ...]: a view when every row is its own unit or
-    all rows share one (stride 0), else a gather for this call only."""
-    grid = routing.grid()
-    if grid.rows_are_units:
-        return t
-    if grid.units == 1:
-        return t.expand(len(grid.unit_of_row), *t.shape[1:])
-    return t.index_select(0, grid.unit_of_row)
-
-
 def _shrink(x: torch.Tensor, group: GroupWeights, plan: CallPlan, routing: Routing) -> _Shrunk:
     """x A for every member of the group at once."""
     batch, tokens, d_in = x.shape
@@ -168,9 +157,8 @@ def _shrink(x: torch.Tensor, group: GroupWeights, plan: CallPlan, routing: Routi
     rows_A: dict[int, torch.Tensor] = {}
     for start, end, context in plan.segments:
         if context not in rows_A:
-            rows_A[context] = _rows(
-                group.mixed_A() if context == MIXED else group.lora_A[:, context], routing
-            )
+            per_unit = group.mixed_A() if context == MIXED else group.lora_A[:, context]
+            rows_A[context] = routing.rows_view(per_unit)
         product = torch.bmm(x[:, start:end], rows_A[context])
         if context == MIXED:
             members = len(group.members)
@@ -214,7 +202,7 @@ def _write_lora(
             per_unit = (
                 lora_b.reshape(units, width, d_out) if context == MIXED else lora_b[:, context]
             )
-            shrunk.rows_B[key] = _rows(per_unit, routing)
+            shrunk.rows_B[key] = routing.rows_view(per_unit)
         target = out if len(plan.segments) == 1 else out[:, start:end]
         torch.bmm(h, shrunk.rows_B[key], out=target)
 

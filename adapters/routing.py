@@ -202,6 +202,7 @@ class GroupWeights:
     members' A side by side (member i owns columns i*r..(i+1)*r), `lora_B[name]`
     [U, C, r, d_out]."""
 
+    layer: int
     members: tuple[str, ...]
     rank: int
     lora_A: torch.Tensor
@@ -644,10 +645,20 @@ class Routing:
         if not members:
             return None
         lora_a = a_parts[0] if len(a_parts) == 1 else torch.cat(a_parts, dim=-1)
-        return GroupWeights(tuple(members), rank, lora_a, b_parts)
+        return GroupWeights(layer, tuple(members), rank, lora_a, b_parts)
 
     def grid(self) -> _Grid:
         return self._batch.grid()
+
+    def rows_view(self, per_unit: torch.Tensor) -> torch.Tensor:
+        """Per-unit tensor [U, ...] -> per-row [B, ...] for this call: a view when every row
+        is its own unit or all rows share one (stride 0), else a gather."""
+        grid = self._batch.grid()
+        if grid.rows_are_units:
+            return per_unit
+        if grid.units == 1:
+            return per_unit.expand(len(grid.unit_of_row), *per_unit.shape[1:])
+        return per_unit.index_select(0, grid.unit_of_row)
 
     def shared_shrink(self, layer: int, module: str, x: torch.Tensor) -> object | None:
         """The shrink result that the first member of `module`'s group computed from this

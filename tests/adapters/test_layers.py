@@ -520,8 +520,20 @@ def test_shared_input_projections_share_one_shrink_product(
         assert _max_diff(ours, token) <= 1e-5
 
 
+@pytest.mark.parametrize(
+    "slots",
+    [
+        [0, 3, 3, 5, 1, 0, 2, 3],  # rows scattered over units: gathers into the grid
+        [2, 2, 4, 4, 1, 1, 0, 0],  # each unit's rows adjacent, equal counts: no gather
+        [3] * 8,  # one unit: every weight a stride-0 view
+        [5, 4, 3, 2, 1, 0, 0, 1],  # mixed
+    ],
+)
 def test_decode_steps_need_no_host_sync_and_follow_leaving_rows(
-    model: ContextPEFTModel, mixed_bank: AdapterBank, monkeypatch: pytest.MonkeyPatch
+    model: ContextPEFTModel,
+    mixed_bank: AdapterBank,
+    monkeypatch: pytest.MonkeyPatch,
+    slots: list[int],
 ) -> None:
     """A prefill and decode steps built from host facts (`Routing.prefill`, `step()`) run the
     adapter layers without one device-to-host read; rows leave (units left without any row
@@ -532,7 +544,6 @@ def test_decode_steps_need_no_host_sync_and_follow_leaving_rows(
 
     gen = torch.Generator().manual_seed(21)
     width, batch = model.backbone.dims.hidden_size, 8
-    slots = [0, 3, 3, 5, 1, 0, 2, 3]
     spans = [(1, 5)] * batch
     prefill = torch.randn(batch, 7, width, generator=gen)
     steps = [torch.randn(batch, 1, width, generator=gen) for _ in range(4)]
