@@ -168,31 +168,25 @@ def column_segments(spans: Sequence[tuple[int, int]], tokens: int) -> tuple[Segm
 
 
 def _spans_of(contexts: torch.Tensor) -> tuple[int | None, tuple[tuple[int, int], ...] | None]:
-    """(uniform context, per-row image spans) of a contexts tensor: one host sync. Spans are
-    None when some row's image tokens are not one contiguous range."""
-    batch, tokens = contexts.shape
-    image = contexts == IMAGE
-    positions = torch.arange(tokens, device=contexts.device)
-    count = image.sum(1)
-    first = torch.where(image, positions, tokens).amin(1)
-    last = torch.where(image, positions, -1).amax(1)
-    others = ((contexts != IMAGE) & (contexts != TEXT)).any(1)
-    counts, firsts, lasts, odd = torch.stack([count, first, last, others.long()]).tolist()
-    if any(odd):
-        return None, None
-    if all(c == 0 for c in counts):
-        return TEXT, tuple((0, 0) for _ in range(batch))
-    if all(c == tokens for c in counts):
-        return IMAGE, tuple((0, tokens) for _ in range(batch))
-    if any(
-        c and last - first + 1 != c for c, first, last in zip(counts, firsts, lasts, strict=True)
-    ):
-        return None, None
-    spans = tuple(
-        (first, last + 1) if c else (0, 0)
-        for c, first, last in zip(counts, firsts, lasts, strict=True)
-    )
-    return None, spans
+    """(uniform context, per-row image spans) of a contexts tensor, with one host read.
+    Spans are None when some row's image tokens are not one contiguous range."""
+    rows = contexts.tolist()
+    tokens = contexts.shape[1]
+    spans = []
+    for row in rows:
+        count = row.count(IMAGE)
+        if count == 0:
+            spans.append((0, 0))
+            continue
+        first = row.index(IMAGE)
+        if count + row.count(TEXT) != tokens or row[first : first + count].count(IMAGE) != count:
+            return None, None
+        spans.append((first, first + count))
+    if all(e == s for s, e in spans):
+        return TEXT, tuple(spans)
+    if all(e - s == tokens for s, e in spans):
+        return IMAGE, tuple(spans)
+    return None, tuple(spans)
 
 
 @dataclass
