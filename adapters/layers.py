@@ -152,13 +152,12 @@ def _shrink(x: torch.Tensor, group: GroupWeights, plan: CallPlan, routing: Routi
         else:
             cells = x.reshape(batch, -1).index_select(0, grid.row_of_cell)
             cells = cells.view(grid.units, -1, d_in)
-        return _Shrunk([torch.bmm(cells, group.lora_A[:, context])])
+        return _Shrunk([torch.bmm(cells, group.a(context))])
     products = []
     rows_A: dict[int, torch.Tensor] = {}
     for start, end, context in plan.segments:
         if context not in rows_A:
-            per_unit = group.mixed_A() if context == MIXED else group.lora_A[:, context]
-            rows_A[context] = routing.rows_view(per_unit)
+            rows_A[context] = routing.rows_view(group.a(context))
         product = torch.bmm(x[:, start:end], rows_A[context])
         if context == MIXED:
             members = len(group.members)
@@ -181,12 +180,11 @@ def _write_lora(
         shrunk = _shrink(x, group, plan, routing)
         routing.keep_shrink(module.layer, module.name, x, shrunk)
     rank, member = group.rank, group.members.index(module.name)
-    lora_b = group.lora_B[module.name]  # [U, C, r, d_out]
     batch, _, d_out = out.shape
     if plan.grid:
         grid = routing.grid()
         h = shrunk.products[0][..., member * rank : (member + 1) * rank]
-        b = lora_b[:, plan.segments[0][2]]
+        b = group.b(module.name, plan.segments[0][2])
         if grid.identity:
             torch.bmm(h, b, out=out.view(grid.units, -1, d_out))
         else:
@@ -198,11 +196,7 @@ def _write_lora(
         h = product[..., member * width : (member + 1) * width]
         key = (module.name, context)
         if key not in shrunk.rows_B:
-            units = lora_b.shape[0]
-            per_unit = (
-                lora_b.reshape(units, width, d_out) if context == MIXED else lora_b[:, context]
-            )
-            shrunk.rows_B[key] = routing.rows_view(per_unit)
+            shrunk.rows_B[key] = routing.rows_view(group.b(module.name, context))
         target = out if len(plan.segments) == 1 else out[:, start:end]
         torch.bmm(h, shrunk.rows_B[key], out=target)
 

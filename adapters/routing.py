@@ -189,29 +189,72 @@ def _spans_of(contexts: torch.Tensor) -> tuple[int | None, tuple[tuple[int, int]
     return None, tuple(spans)
 
 
-@dataclass
 class GroupWeights:
-    """The LoRA weights of one shared-input group for one batch, gathered once per unit
-    (distinct slot), trimmed to the batch's rank: `lora_A` [U, C, d_in, G*r] holds the G
-    members' A side by side (member i owns columns i*r..(i+1)*r), `lora_B[name]`
-    [U, C, r, d_out]."""
+    """The LoRA weights of one shared-input group for one batch, per unit (distinct slot),
+    trimmed to the batch's rank, gathered per context on first use (a batch that only
+    decodes never copies image weights). `a(c)` [U, d_in, G*r] holds the G members' A side
+    by side (member i owns columns i*r..(i+1)*r); `b(name, c)` [U, r, d_out]."""
 
-    layer: int
-    members: tuple[str, ...]
-    rank: int
-    lora_A: torch.Tensor
-    lora_B: dict[str, torch.Tensor]
-    _mixed_A: torch.Tensor | None = field(default=None, repr=False)
+    def __init__(
+        self,
+        layer: int,
+        rank: int,
+        weights: dict[str, StackedWeights],
+        units: list[int],
+        device: torch.device,
+    ) -> None:
+        self.layer = layer
+        self.rank = rank
+        self.members = tuple(weights)
+        self._weights = weights  # the source's [S, C, ...] tensors (views), trimmed
+        self._units = units
+        self._index = torch.tensor(units, dtype=torch.long).to(device, non_blocking=True)
+        self._a: dict[int, torch.Tensor] = {}
+        self._b: dict[tuple[str, int], torch.Tensor] = {}
 
-    def mixed_A(self) -> torch.Tensor:
-        """[U, d_in, G*C*r]: for each member, both contexts' columns side by side (member i
-        owns columns i*C*r..(i+1)*C*r, context c within it c*r..(c+1)*r). For column ranges
-        whose tokens mix contexts (then masked per token)."""
-        if self._mixed_A is None:
-            units, contexts, d_in, _ = self.lora_A.shape
-            a = self.lora_A.view(units, contexts, d_in, len(self.members), self.rank)
-            self._mixed_A = a.permute(0, 2, 3, 1, 4).reshape(units, d_in, -1)
-        return self._mixed_A
+    def _pick(self, t: torch.Tensor) -> torch.Tensor:
+        """Per-slot [S, ...] -> per-unit [U, ...]: a view when the units are all slots in
+        order, else a copy."""
+        if self._units == list(range(t.shape[0])):
+            return t
+        return t.index_select(0, self._index)
+
+    def a(self, context: int) -> torch.Tensor:
+        found = self._a.get(context)
+        if found is None:
+            if context == MIXED:
+                # For column ranges whose tokens mix contexts (then masked per token): per
+                # member both contexts' columns, [U, d_in, G*C*r]: member i owns columns
+                # i*C*r..(i+1)*C*r, context c within it c*r..(c+1)*r.
+                per_context = [self.a(c) for c in range(NUM_CONTEXTS)]
+                units, d_in, _ = per_context[0].shape
+                split = [t.view(units, d_in, len(self.members), self.rank) for t in per_context]
+                found = torch.stack(split, dim=3).reshape(units, d_in, -1)
+            else:
+                parts = [self._pick(_lora_a(w)[:, context]) for w in self._weights.values()]
+                found = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+            self._a[context] = found
+        return found
+
+    def b(self, name: str, context: int) -> torch.Tensor:
+        """[U, r, d_out]; for MIXED [U, C*r, d_out] (both contexts' rows, context-major)."""
+        key = (name, context)
+        found = self._b.get(key)
+        if found is None:
+            if context == MIXED:
+                per_context = [self.b(name, c) for c in range(NUM_CONTEXTS)]
+                found = torch.cat(per_context, dim=1)
+            else:
+                lora_b = self._weights[name].lora_B
+                assert lora_b is not None
+                found = self._pick(lora_b[:, context])
+            self._b[key] = found
+        return found
+
+
+def _lora_a(w: StackedWeights) -> torch.Tensor:
+    assert w.lora_A is not None
+    return w.lora_A
 
 
 class _Batch:
@@ -623,23 +666,14 @@ class Routing:
         rank = self.lora_rank()
         if rank == 0:
             return None
-        members, a_parts, b_parts = [], [], {}
-        units = torch.tensor(self._batch.units, dtype=torch.long).to(
-            self.slots.device, non_blocking=True
-        )
+        weights = {}
         for name in group:
             w = self.source.stacked(layer, name)
-            if w is None or w.lora_A is None or w.lora_B is None:
-                continue
-            w = w.trim_rank(rank)
-            assert w.lora_A is not None and w.lora_B is not None
-            members.append(name)
-            a_parts.append(w.lora_A.index_select(0, units))
-            b_parts[name] = w.lora_B.index_select(0, units)
-        if not members:
+            if w is not None and w.lora_A is not None and w.lora_B is not None:
+                weights[name] = w.trim_rank(rank)
+        if not weights:
             return None
-        lora_a = a_parts[0] if len(a_parts) == 1 else torch.cat(a_parts, dim=-1)
-        return GroupWeights(layer, tuple(members), rank, lora_a, b_parts)
+        return GroupWeights(layer, rank, weights, self._batch.units, self.slots.device)
 
     def grid(self) -> _Grid:
         return self._batch.grid()
