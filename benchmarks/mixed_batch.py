@@ -290,10 +290,16 @@ def measure(
     device: torch.device,
     warmup: int,
     repeats: int,
-) -> dict[tuple[str, str], list[float]]:
-    """Seconds per call. Every round runs every case once, in a new random order, so load
-    from other processes on a shared machine falls on all variants alike."""
-    times: dict[tuple[str, str], list[float]] = {key: [] for key in cases}
+    inner: dict[str, int] | None = None,
+) -> tuple[dict[tuple[str, str], list[float]], dict[tuple[str, str], list[float]]]:
+    """Seconds per call, wall clock and this thread's CPU time. Every round runs every case
+    once, in a new random order, so load from other processes on a shared machine falls on
+    all variants alike; a case of phase p runs inner[p] times per round (averaged). With one
+    torch thread all compute runs on this thread, so its CPU time leaves out the time other
+    processes hold the core (not their cache and memory traffic)."""
+    inner = inner or {}
+    wall: dict[tuple[str, str], list[float]] = {key: [] for key in cases}
+    cpu: dict[tuple[str, str], list[float]] = {key: [] for key in cases}
     order = list(cases)
     shuffle = random.Random(0).shuffle
     # One untimed call of each first: lazily gathered weights, allocator warm-up.
@@ -307,16 +313,21 @@ def measure(
             shuffle(order)
             for key in order:
                 run, reset = cases[key]
-                _sync(device)
-                start = time.perf_counter()
-                run()
-                _sync(device)
-                elapsed = time.perf_counter() - start
-                if reset is not None:
-                    reset()
+                calls = inner.get(key[0], 1)
+                spent_wall = spent_cpu = 0.0
+                for _ in range(calls):
+                    _sync(device)
+                    start, start_cpu = time.perf_counter(), time.thread_time()
+                    run()
+                    _sync(device)
+                    spent_wall += time.perf_counter() - start
+                    spent_cpu += time.thread_time() - start_cpu
+                    if reset is not None:
+                        reset()
                 if round_ >= warmup:
-                    times[key].append(elapsed)
-    return times
+                    wall[key].append(spent_wall / calls)
+                    cpu[key].append(spent_cpu / calls)
+    return wall, cpu
 
 
 # --- report --------------------------------------------------------------------------------
@@ -429,6 +440,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument(
+        "--decode-calls", type=int, default=4, help="decode steps timed per case and round"
+    )
     parser.add_argument("--max-rank", type=int, default=RANK)
     parser.add_argument("--preset", default="small", help="backbone preset (small, paper)")
     parser.add_argument(
@@ -451,18 +465,25 @@ def main(argv: list[str] | None = None) -> int:
     setup = build(device, args.max_rank, args.preset)
     before = machine(device)
     cases = _cases(setup, tuple(args.only.split(",")) if args.only else None)
-    times = measure(cases, device, args.warmup, args.repeats)
+    times, cpu_times = measure(
+        cases, device, args.warmup, args.repeats, {"decode": args.decode_calls}
+    )
     ms = summarise(times, statistics.median)
     fastest = summarise(times, min)
     ratios = round_ratios(times)
+    cpu_ratios = round_ratios(cpu_times)
     report = table(ms)
     print(report)
     print("\nmin over repeats (less sensitive to other load on the machine):")
     print(table(fastest))
-    print("\nper-round ratio to the base model (median [min-max]):")
+    print("\nper-round ratio to the base model, median [min-max], wall clock | thread CPU time:")
     for phase, variants in ratios.items():
         for variant, r in sorted(variants.items()):
-            print(f"  {phase:7} {variant:22} {r['median']:.3f}x [{r['min']:.3f}-{r['max']:.3f}]")
+            c = cpu_ratios[phase][variant]
+            print(
+                f"  {phase:7} {variant:22} {r['median']:.3f}x [{r['min']:.3f}-{r['max']:.3f}]"
+                f" | {c['median']:.3f}x [{c['min']:.3f}-{c['max']:.3f}]"
+            )
     profiles = {}
     if args.profile:
         profiles = profile_decode(setup, ("mixed/row", "base"))
@@ -483,10 +504,13 @@ def main(argv: list[str] | None = None) -> int:
             "decode_cache_positions": int(setup.prefill.shape[1]),
             "warmup": args.warmup,
             "repeats": args.repeats,
+            "decode_calls_per_round": args.decode_calls,
         },
         "median_ms": ms,
         "min_ms": fastest,
         "ratio_to_base_per_round": ratios,
+        "cpu_ratio_to_base_per_round": cpu_ratios,
+        "cpu_median_ms": summarise(cpu_times, statistics.median),
         "decode_profile": profiles,
         "samples_ms": {
             f"{phase}:{variant}": [round(1000 * v, 3) for v in values]

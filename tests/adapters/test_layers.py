@@ -640,3 +640,28 @@ def test_autograd_row_path_equals_the_fast_path(
         with torch.no_grad():
             fast = model.lm_forward(x, Routing(adapter, slots, contexts))
         assert _max_diff(trained.detach(), fast) <= 1e-5, method
+
+
+def test_decode_batches_gather_text_weights_once_per_unit(
+    model: ContextPEFTModel, mixed_bank: AdapterBank
+) -> None:
+    """A batch that only decodes copies its units' text-context weights, once per unit (not
+    per row, not the image context); when its units are the bank's slots in order, it copies
+    nothing and reads the bank's tensors in place."""
+    x = _embeds(8, 1, model.backbone.dims.hidden_size, seed=30)
+    for slots, copies in (([4, 1, 1, 4, 2, 4, 1, 2], True), ([0, 1, 2, 3, 4, 5, 0, 1], False)):
+        routing = Routing.decode(mixed_bank, slots)
+        with torch.no_grad():
+            ours = model.lm_forward(x, routing)
+            token = model.lm_forward(
+                x, Routing(mixed_bank, torch.tensor(slots), _text(8, 1), "token")
+            )
+        assert _max_diff(ours, token) <= 1e-5
+        group = routing.group_weights(0, "o_proj")
+        assert group is not None and set(group._a) == {TEXT} and set(group._b) == {("o_proj", TEXT)}
+        units = len(set(slots))
+        assert group.a(TEXT).shape[0] == units
+        bank_b = mixed_bank.stacked(0, "o_proj")
+        assert bank_b is not None and bank_b.lora_B is not None
+        shares = group.b("o_proj", TEXT).data_ptr() == bank_b.lora_B[:, TEXT].data_ptr()
+        assert shares is not copies
