@@ -142,28 +142,35 @@ def _fast_forward(module: ContextLinear, x: torch.Tensor, routing: Routing) -> t
 
 
 def _shrink(x: torch.Tensor, group: GroupWeights, plan: CallPlan, routing: Routing) -> _Shrunk:
-    """x A for every member of the group at once."""
-    batch, tokens, d_in = x.shape
-    if plan.grid:
-        context = plan.segments[0][2]
-        grid = routing.grid()
-        if grid.identity:
-            cells = x.reshape(grid.units, -1, d_in)
-        else:
-            cells = x.reshape(batch, -1).index_select(0, grid.row_of_cell)
-            cells = cells.view(grid.units, -1, d_in)
-        return _Shrunk([torch.bmm(cells, group.a(context))])
+    """x A for every member of the group at once, per column segment: grid segments as
+    [U, m * width, G*r] (rows grouped by unit), the others as [B, width, G*r (or G*C*r)]."""
+    tokens = x.shape[1]
     products = []
     rows_A: dict[int, torch.Tensor] = {}
-    for start, end, context in plan.segments:
+    for (start, end, context), grid in zip(plan.segments, plan.grid, strict=True):
+        columns = x if len(plan.segments) == 1 else x[:, start:end]
+        if grid:
+            products.append(torch.bmm(_to_grid(columns, routing), group.a(context)))
+            continue
         if context not in rows_A:
             rows_A[context] = routing.rows_view(group.a(context))
-        product = torch.bmm(x[:, start:end], rows_A[context])
+        product = torch.bmm(columns, rows_A[context])
         if context == MIXED:
             members = len(group.members)
             product.mul_(routing.segment_mask(start, end, tokens, members, group.rank, x.dtype))
         products.append(product)
     return _Shrunk(products)
+
+
+def _to_grid(columns: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """[B, n, d] -> [U, m * n, d]: each unit's rows side by side (padding cells repeat a row;
+    their results are never read)."""
+    batch, _, d_in = columns.shape
+    grid = routing.grid()
+    if grid.identity:
+        return columns.reshape(grid.units, -1, d_in)
+    cells = columns.reshape(batch, -1).index_select(0, grid.row_of_cell)
+    return cells.view(grid.units, -1, d_in)
 
 
 def _write_lora(
@@ -180,25 +187,47 @@ def _write_lora(
         shrunk = _shrink(x, group, plan, routing)
         routing.keep_shrink(module.layer, module.name, x, shrunk)
     rank, member = group.rank, group.members.index(module.name)
-    batch, _, d_out = out.shape
-    if plan.grid:
-        grid = routing.grid()
-        h = shrunk.products[0][..., member * rank : (member + 1) * rank]
-        b = group.b(module.name, plan.segments[0][2])
-        if grid.identity:
-            torch.bmm(h, b, out=out.view(grid.units, -1, d_out))
-        else:
-            delta = torch.bmm(h, b).view(grid.units * grid.per_unit, -1)
-            torch.index_select(delta, 0, grid.cell_of_row, out=out.view(batch, -1))
-        return
-    for (start, end, context), product in zip(plan.segments, shrunk.products, strict=True):
+    whole = len(plan.segments) == 1
+    segments = zip(plan.segments, plan.grid, shrunk.products, strict=True)
+    for (start, end, context), grid, product in segments:
+        target = out if whole else out[:, start:end]
         width = rank if context != MIXED else NUM_CONTEXTS * rank
         h = product[..., member * width : (member + 1) * width]
+        if grid:
+            _expand_grid(h, group.b(module.name, context), routing, out, start, end, whole)
+            continue
         key = (module.name, context)
         if key not in shrunk.rows_B:
             shrunk.rows_B[key] = routing.rows_view(group.b(module.name, context))
-        target = out if len(plan.segments) == 1 else out[:, start:end]
         torch.bmm(h, shrunk.rows_B[key], out=target)
+
+
+def _expand_grid(
+    h: torch.Tensor,
+    b: torch.Tensor,
+    routing: Routing,
+    out: torch.Tensor,
+    start: int,
+    end: int,
+    whole: bool,
+) -> None:
+    """h [U, m * n, r] (rows grouped by unit) times b [U, r, d_out] into columns start..end
+    of `out` [B, T, d_out], back in row order."""
+    grid = routing.grid()
+    batch, _, d_out = out.shape
+    if grid.identity and whole:
+        torch.bmm(h, b, out=out.view(grid.units, -1, d_out))
+        return
+    delta = torch.bmm(h, b)
+    if grid.identity:
+        rows = delta.view(batch, end - start, d_out)
+    else:
+        flat = delta.view(grid.units * grid.per_unit, -1)
+        if whole:
+            torch.index_select(flat, 0, grid.cell_of_row, out=out.view(batch, -1))
+            return
+        rows = flat.index_select(0, grid.cell_of_row).view(batch, end - start, d_out)
+    out[:, start:end].copy_(rows)
 
 
 def _vectors(

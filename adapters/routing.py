@@ -53,8 +53,10 @@ GROUP_OF: dict[str, tuple[str, ...]] = {m: g for g in SHARED_INPUT_GROUPS for m 
 # A layout split into more column ranges than this is multiplied as leading text, one masked
 # range, trailing text: past that, kernel launches cost more than the halved product saves.
 MAX_SEGMENTS = 5
-# Uniform-context calls of at most this many tokens per row (decode steps) group rows by unit
-# and read each unit's weights once; longer calls gather per-row weights.
+# Column ranges of one context and at most this many tokens (decode steps, a prefill's [BOS]
+# and short text) group rows by unit and read each unit's weights once; longer ranges gather
+# per-row views of the weights for the call, which costs less than gathering their
+# activations once a range is longer than about the LoRA rank.
 GRID_MAX_TOKENS = 8
 
 Segment = tuple[int, int, int]  # (start, end, context id or MIXED) of a column range
@@ -390,11 +392,13 @@ class _Call:
 
 @dataclass(frozen=True)
 class CallPlan:
-    """How the fast path lays out one call: `segments` partition the columns; `grid` groups
-    rows by unit (uniform-context calls of few tokens), else per-row weights are used."""
+    """How the fast path lays out one call: `segments` partition the columns; `grid[i]`:
+    segment i groups rows by unit (one context, at most GRID_MAX_TOKENS columns: a decode
+    step, a prefill's [BOS] or short caption text), else it multiplies per-row views of the
+    weights (long ranges: a prefill's image prefix; mixed ranges)."""
 
     segments: tuple[Segment, ...]
-    grid: bool
+    grid: tuple[bool, ...]
 
     @property
     def uniform(self) -> int | None:
@@ -567,7 +571,7 @@ class Routing:
                 segments = (
                     ((0, tokens, MIXED),) if spans is None else column_segments(spans, tokens)
                 )
-            grid = len(segments) == 1 and segments[0][2] != MIXED and tokens <= GRID_MAX_TOKENS
+            grid = tuple(k != MIXED and e - s <= GRID_MAX_TOKENS for s, e, k in segments)
             plan = CallPlan(segments, grid)
             self._call.plans[tokens] = plan
         return plan

@@ -417,6 +417,13 @@ def test_routing_derives_the_layout_from_a_contexts_tensor(mixed_bank: AdapterBa
     prefill = Routing.prefill(mixed_bank, slots.tolist(), spans, WIDTH)
     assert torch.equal(prefill.contexts, contexts)
     assert prefill.plan(WIDTH) == routing.plan(WIDTH)
+    # Short one-context ranges group rows by unit; mixed ranges multiply per row.
+    plan = Routing.prefill(mixed_bank, [0, 1], [(1, 13), (1, 13)], 16).plan(16)
+    assert plan.segments == ((0, 1, TEXT), (1, 13, IMAGE), (13, 16, TEXT))
+    assert plan.grid == (True, False, True)
+    assert routing.plan(WIDTH).grid == tuple(
+        kind != -1 and end - start <= 8 for start, end, kind in routing.plan(WIDTH).segments
+    )
     # Interleaved contexts are not ranges: the whole call is one masked range.
     interleaved = Routing(mixed_bank, torch.tensor([0, 1, 2]), MIXED_CONTEXTS)
     assert interleaved.plan(9).segments == ((0, 9, -1),)
@@ -465,9 +472,13 @@ def test_unequal_image_prefixes_equal_float64_token_reference(
     assert -1 in {kind for _, _, kind in routings["row (contexts)"].plan(WIDTH).segments}
 
 
+@pytest.mark.parametrize("grid_max", [0, 8, 64])
 def test_unequal_image_prefixes_in_a_mixed_batch_with_left_padding(
-    model: ContextPEFTModel, mixed_bank: AdapterBank
+    model: ContextPEFTModel, mixed_bank: AdapterBank, monkeypatch: pytest.MonkeyPatch, grid_max: int
 ) -> None:
+    """Also with every one-context range multiplied per row (grid_max 0) and every one
+    grouped by unit (64)."""
+    monkeypatch.setattr("adapters.routing.GRID_MAX_TOKENS", grid_max)
     contexts, spans = _ragged()
     x = _embeds(len(RAGGED), WIDTH, model.backbone.dims.hidden_size, seed=12)
     slots = torch.tensor([5, 0, 4, 2, 1, 3])
@@ -520,6 +531,7 @@ def test_shared_input_projections_share_one_shrink_product(
         assert _max_diff(ours, token) <= 1e-5
 
 
+@pytest.mark.parametrize("grid_max", [0, 8])
 @pytest.mark.parametrize(
     "slots",
     [
@@ -534,10 +546,13 @@ def test_decode_steps_need_no_host_sync_and_follow_leaving_rows(
     mixed_bank: AdapterBank,
     monkeypatch: pytest.MonkeyPatch,
     slots: list[int],
+    grid_max: int,
 ) -> None:
     """A prefill and decode steps built from host facts (`Routing.prefill`, `step()`) run the
     adapter layers without one device-to-host read; rows leave (units left without any row
-    included) and the grid of the remaining rows still gives the reference's logits."""
+    included) and the grid of the remaining rows still gives the reference's logits (also
+    with per-row weights everywhere: grid_max 0)."""
+    monkeypatch.setattr("adapters.routing.GRID_MAX_TOKENS", grid_max)
     import sys
 
     from transformers import DynamicCache
