@@ -17,6 +17,7 @@ runs through exactly the layers that serve.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -80,7 +81,12 @@ class AdapterSet(nn.Module):
     """The weights of one adapter set, trainable, usable as a one-slot `WeightSource`."""
 
     def __init__(
-        self, config: AdapterConfig, dims: LMDims, tensors: dict[str, torch.Tensor] | None = None
+        self,
+        config: AdapterConfig,
+        dims: LMDims,
+        tensors: dict[str, torch.Tensor] | None = None,
+        *,
+        copy: bool = True,
     ) -> None:
         super().__init__()
         self.config = config
@@ -89,9 +95,18 @@ class AdapterSet(nn.Module):
         self.params = nn.ParameterDict()
         for name, shape in shapes.items():
             value = tensors[name] if tensors is not None else _initial(name, shape, config)
-            self.params[_key(name)] = nn.Parameter(value.detach().clone())
+            value = value.detach()
+            self.params[_key(name)] = nn.Parameter(value.clone() if copy else value)
         self.dropout = nn.Dropout(config.connector_dropout)
         self._by_module = self._index_modules()
+
+    @classmethod
+    def adopt(
+        cls, config: AdapterConfig, dims: LMDims, tensors: dict[str, torch.Tensor]
+    ) -> AdapterSet:
+        """A set that owns `tensors` without copying them: for tensors nothing else holds
+        (freshly read from a file). Shapes are the caller's to check (`check_tensors`)."""
+        return cls(config, dims, tensors, copy=False)
 
     @classmethod
     def initialise(cls, config: AdapterConfig, dims: LMDims, seed: int = 0) -> AdapterSet:
@@ -122,6 +137,16 @@ class AdapterSet(nn.Module):
 
     # --- WeightSource -------------------------------------------------------------------
     def stacked(self, layer: int, module: str) -> StackedWeights | None:
+        return self.module_weights(layer, module, scaled=True)
+
+    def module_source(self, layer: int, module: str) -> tuple[str, slice | None] | None:
+        """Where `module`'s weights live in `tensors()`: the target's name prefix and, for
+        the fused gate/up target, this module's columns of lora_B; None if not targeted."""
+        return self._by_module.get((layer, module))
+
+    def module_weights(self, layer: int, module: str, scaled: bool) -> StackedWeights | None:
+        """One module's weights as [1, NUM_CONTEXTS, ...]; LoRA B times the LoRA scaling if
+        `scaled`, else as stored (the bank folds the scaling into its copy instead)."""
         entry = self._by_module.get((layer, module))
         if entry is None:
             return None
@@ -136,19 +161,19 @@ class AdapterSet(nn.Module):
             b: torch.Tensor = self._param(f"{prefix}.lora_B")
             if cols is not None:
                 b = b[..., cols]
-            return StackedWeights(
-                lora_A=full(self._param(f"{prefix}.lora_A")), lora_B=full(b * self.config.scaling)
-            )
+            if scaled:
+                b = b * self.config.scaling
+            return StackedWeights(lora_A=full(self._param(f"{prefix}.lora_A")), lora_B=full(b))
         if method == "bitfit":
             return StackedWeights(bias=full(self._param(f"{prefix}.bias")))
         return StackedWeights(
             ia3=full(self._param(f"{prefix}.ia3")), ia3_on_input=module in IA3_INPUT_SIDE
         )
 
-    def lora_rank(self, slots: torch.Tensor) -> int:
+    def lora_rank(self, slots: torch.Tensor | Sequence[int]) -> int:
         return self.config.rank if self.config.method == "lora" else 0
 
-    def context_specific(self, slots: torch.Tensor) -> bool:
+    def context_specific(self, slots: torch.Tensor | Sequence[int]) -> bool:
         return not self.config.agnostic
 
     def connect(self, features: torch.Tensor, slots: torch.Tensor | None = None) -> torch.Tensor:

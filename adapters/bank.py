@@ -14,6 +14,7 @@ engine's worker thread) writes slots between forward passes.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -34,11 +35,18 @@ class _ModuleStore:
     d_in: int
     d_out: int
     ia3_on_input: bool
+    num_slots: int
     lora_A: torch.Tensor | None = None
     lora_B: torch.Tensor | None = None
     bias: torch.Tensor | None = None
     ia3: torch.Tensor | None = None
     view: StackedWeights | None = field(default=None, repr=False)
+    # What each slot holds beyond neutral values: (LoRA rank written, bias, IA3), so that a
+    # load or clear resets only what the slot's previous set wrote.
+    held: list[tuple[int, bool, bool]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.held = [(0, False, False)] * self.num_slots
 
 
 class AdapterBank:
@@ -63,7 +71,7 @@ class AdapterBank:
         self.dtype = dtype
         self._stores: dict[tuple[int, str], _ModuleStore] = {
             (layer, name): _ModuleStore(
-                dims.in_features[name], dims.out_features[name], name in IA3_INPUT_SIDE
+                dims.in_features[name], dims.out_features[name], name in IA3_INPUT_SIDE, num_slots
             )
             for layer in range(dims.num_layers)
             for name in LM_MODULES
@@ -78,7 +86,11 @@ class AdapterBank:
 
     # --- writing ---------------------------------------------------------------------
     def load(self, slot: int, adapter: AdapterSet) -> None:
-        """Copy `adapter` into `slot` (whatever was there is cleared first)."""
+        """Copy `adapter` into `slot`, replacing whatever was there.
+
+        One pass: each tensor is copied straight into the slot (LoRA B multiplied by the
+        set's scaling on the way), and only what the previous set wrote beyond that is reset
+        to neutral values."""
         config = adapter.config
         if config.method == "lora" and config.rank > self.max_rank:
             raise BankError(
@@ -93,58 +105,93 @@ class AdapterBank:
             raise BankError(
                 f"adapter has {config.num_layers} layers, the backbone {self.dims.num_layers}"
             )
-        self.clear(slot)
-        tensors = adapter.tensors()
-        for name, store in self._connector.items():
-            store[slot].copy_(tensors[name])
-        for layer in range(config.num_layers):
-            for name in LM_MODULES:
-                weights = adapter.stacked(layer, name)
-                if weights is not None:
-                    self._write(slot, self._stores[(layer, name)], weights)
+        self._check_slot(slot)
+        method, scaling = config.method, config.scaling
+        with torch.no_grad():
+            tensors = adapter.tensors()
+            for name, store in self._connector.items():
+                store[slot].copy_(tensors[name])
+            for (layer, name), module in self._stores.items():
+                source = adapter.module_source(layer, name)
+                if source is None:
+                    self._write(slot, module)
+                    continue
+                prefix, cols = source
+                if method == "lora":
+                    b = tensors[f"{prefix}.lora_B"]
+                    lora = (tensors[f"{prefix}.lora_A"], b if cols is None else b[..., cols])
+                    self._write(slot, module, lora=lora, scaling=scaling)
+                elif method == "bitfit":
+                    self._write(slot, module, bias=tensors[f"{prefix}.bias"])
+                else:
+                    self._write(slot, module, ia3=tensors[f"{prefix}.ia3"])
         self.occupied[slot] = True
         self.ranks[slot] = config.rank if config.method == "lora" else 0
         self.specific[slot] = not config.agnostic
 
     def clear(self, slot: int) -> None:
         """Reset `slot` to neutral values."""
-        if not 0 <= slot < self.num_slots:
-            raise BankError(f"slot {slot} out of range 0..{self.num_slots - 1}")
-        for store in self._stores.values():
-            for t in (store.lora_A, store.lora_B, store.bias):
-                if t is not None:
-                    t[slot].zero_()
-            if store.ia3 is not None:
-                store.ia3[slot].fill_(1.0)
-        for t in self._connector.values():
-            t[slot].zero_()
+        self._check_slot(slot)
+        with torch.no_grad():
+            for store in self._stores.values():
+                self._write(slot, store)
+            for t in self._connector.values():
+                t[slot].zero_()
         self.occupied[slot] = False
         self.ranks[slot] = 0
         self.specific[slot] = False
 
-    def _write(self, slot: int, store: _ModuleStore, w: StackedWeights) -> None:
-        with torch.no_grad():
-            if w.lora_A is not None and w.lora_B is not None:
-                if store.lora_A is None:
-                    store.lora_A = self._zeros(store.d_in, self.max_rank)
-                    store.lora_B = self._zeros(self.max_rank, store.d_out)
-                    store.view = None
-                assert store.lora_B is not None
-                rank = w.lora_A.shape[-1]
-                store.lora_A[slot, :, :, :rank].copy_(w.lora_A[0])
-                store.lora_B[slot, :, :rank, :].copy_(w.lora_B[0])
-            if w.bias is not None:
-                if store.bias is None:
-                    store.bias = self._zeros(store.d_out)
-                    store.view = None
-                store.bias[slot].copy_(w.bias[0])
-            if w.ia3 is not None:
-                if store.ia3 is None:
-                    store.ia3 = self._zeros(
-                        store.d_in if store.ia3_on_input else store.d_out
-                    ).fill_(1.0)
-                    store.view = None
-                store.ia3[slot].copy_(w.ia3[0])
+    def _check_slot(self, slot: int) -> None:
+        if not 0 <= slot < self.num_slots:
+            raise BankError(f"slot {slot} out of range 0..{self.num_slots - 1}")
+
+    def _write(
+        self,
+        slot: int,
+        store: _ModuleStore,
+        lora: tuple[torch.Tensor, torch.Tensor] | None = None,
+        bias: torch.Tensor | None = None,
+        ia3: torch.Tensor | None = None,
+        scaling: float = 1.0,
+    ) -> None:
+        """Write one module's tensors ([C, ...] as stored in the set; an agnostic set's one
+        context is broadcast to both) into `slot`, LoRA B times `scaling`, and neutral values
+        where the previous set wrote something this one does not."""
+        old_rank, old_bias, old_ia3 = store.held[slot]
+        rank = 0
+        if lora is not None:
+            if store.lora_A is None:
+                store.lora_A = self._zeros(store.d_in, self.max_rank)
+                store.lora_B = self._zeros(self.max_rank, store.d_out)
+                store.view = None
+            assert store.lora_B is not None
+            lora_a, lora_b = lora
+            rank = lora_a.shape[-1]
+            store.lora_A[slot, :, :, :rank].copy_(lora_a)
+            dst = store.lora_B[slot, :, :rank, :]
+            torch.mul(lora_b.expand_as(dst), scaling, out=dst)
+        if old_rank > rank:
+            assert store.lora_A is not None and store.lora_B is not None
+            store.lora_A[slot, :, :, rank:old_rank].zero_()
+            store.lora_B[slot, :, rank:old_rank, :].zero_()
+        if bias is not None:
+            if store.bias is None:
+                store.bias = self._zeros(store.d_out)
+                store.view = None
+            store.bias[slot].copy_(bias)
+        elif old_bias:
+            assert store.bias is not None
+            store.bias[slot].zero_()
+        if ia3 is not None:
+            if store.ia3 is None:
+                width = store.d_in if store.ia3_on_input else store.d_out
+                store.ia3 = self._zeros(width).fill_(1.0)
+                store.view = None
+            store.ia3[slot].copy_(ia3)
+        elif old_ia3:
+            assert store.ia3 is not None
+            store.ia3[slot].fill_(1.0)
+        store.held[slot] = (rank, bias is not None, ia3 is not None)
 
     def _zeros(self, *shape: int) -> torch.Tensor:
         return torch.zeros(
@@ -162,11 +209,11 @@ class AdapterBank:
             )
         return store.view
 
-    def lora_rank(self, slots: torch.Tensor) -> int:
-        return max((self.ranks[s] for s in set(slots.tolist())), default=0)
+    def lora_rank(self, slots: torch.Tensor | Sequence[int]) -> int:
+        return max((self.ranks[s] for s in _host_slots(slots)), default=0)
 
-    def context_specific(self, slots: torch.Tensor) -> bool:
-        return any(self.specific[s] for s in set(slots.tolist()))
+    def context_specific(self, slots: torch.Tensor | Sequence[int]) -> bool:
+        return any(self.specific[s] for s in _host_slots(slots))
 
     def connect(self, features: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """Each row's features through its own slot's connector: [B, n, d_vis] -> [B, n, d_model]."""
@@ -196,6 +243,11 @@ class AdapterBank:
         ]
         tensors += list(self._connector.values())
         return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _host_slots(slots: torch.Tensor | Sequence[int]) -> set[int]:
+    """Distinct slot ids; a tensor costs a device-to-host read, a host list nothing."""
+    return set(slots.tolist() if isinstance(slots, torch.Tensor) else slots)
 
 
 def _connector_shapes(spec: ConnectorSpec) -> dict[str, tuple[int, ...]]:

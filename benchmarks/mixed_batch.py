@@ -1,9 +1,11 @@
-"""Mixed-batch forward benchmark (issue 2): what serving 16 adapter sets in one batch costs.
+"""Mixed-batch forward benchmark (issues 2, 11): what serving 16 adapter sets in one batch costs.
 
-    python -m benchmarks.mixed_batch                 # table on stdout, JSON in benchmarks/results/
+    python -m benchmarks.mixed_batch --threads 1     # table on stdout, JSON in benchmarks/results/
+    python -m benchmarks.mixed_batch --threads 1 --preset paper --only mixed/row,single/row,base,peft
+    python -m benchmarks.mixed_batch --threads 1 --profile   # + torch.profiler of one decode step
     python -m benchmarks.mixed_batch --repeats 40 --device cuda
 
-On the `small` preset LM (random init), one LM forward of a batch of 32 rows that mixes 16
+On a preset's LM (`small` by default, random init), one LM forward of a batch of 32 rows that mixes 16
 adapter sets (2 rows each; LoRA rank 8; context-specific: image and text weights), timed in two
 phases as `ContextPEFTModel.generate` runs them:
   prefill  [BOS] + 64 image embeddings + 8 text tokens = 73 positions, into a fresh KV cache;
@@ -20,9 +22,11 @@ folders (`ours-agnostic`): the same adapters, the same weights. The bank pads Lo
 `max_rank`; `--max-rank` sets it (default 8 = the sets' rank; the service's default is 64,
 reported as its own row).
 
-Every variant runs once per round, rounds are repeated, and the median is reported: the
-variants see the same machine load (the CPU here is shared). Timing excludes the vision encoder
-and the connector (identical for every variant).
+Every variant runs once per round, in a new random order, rounds are repeated, and the median
+is reported, with each variant's ratio to the base model computed round by round (median and
+range): the variants see the same machine load (the CPU here is shared). Timing excludes the
+vision encoder and the connector (identical for every variant). `--profile` adds a
+`torch.profiler` table of one decode step (mixed/row and base): which operators dominate.
 """
 
 from __future__ import annotations
@@ -63,7 +67,7 @@ from adapters.routing import Routing
 
 ROWS, SETS, RANK, TEXT_TOKENS = 32, 16, 8, 8
 PATHS: tuple[RoutePath, ...] = ("row", "segment", "token")
-RESULTS = Path(__file__).parent / "results" / "mixed_batch.json"
+RESULTS = Path(__file__).parent / "results"
 
 
 @dataclass
@@ -110,9 +114,9 @@ def _peft_with_adapters(base_lm: torch.nn.Module, folder: Path) -> tuple[Any, li
     return model.eval(), names
 
 
-def build(device: torch.device, max_rank: int) -> Setup:
+def build(device: torch.device, max_rank: int, preset: str = "small") -> Setup:
     torch.manual_seed(0)
-    backbone = Backbone.build("small", device=str(device))
+    backbone = Backbone.build(preset, device=str(device))
     base_lm = copy.deepcopy(backbone.lm)
     dims, vision_dim = backbone.dims, backbone.vision_dim
     spec = ConnectorSpec("linear", vision_dim, dims.hidden_size)
@@ -176,8 +180,11 @@ def build(device: torch.device, max_rank: int) -> Setup:
 Call = Callable[[], None]
 
 
-def _cases(s: Setup) -> dict[tuple[str, str], tuple[Call, Call | None]]:
-    """(phase, variant) -> (timed call, untimed reset after it)."""
+def _cases(
+    s: Setup, wanted: tuple[str, ...] | None = None
+) -> dict[tuple[str, str], tuple[Call, Call | None]]:
+    """(phase, variant) -> (timed call, untimed reset after it), for the variants whose
+    names start with one of `wanted` (all if None)."""
     config = s.model.backbone.lm.config
     prefix_len = s.prefill.shape[1]
     cases: dict[tuple[str, str], tuple[Call, Call | None]] = {}
@@ -231,32 +238,35 @@ def _cases(s: Setup) -> dict[tuple[str, str], tuple[Call, Call | None]]:
 
         return run, _rewind(cache, prefix_len)
 
+    def add(phase: str, variant: str, build: Callable[[], tuple[Call, Call | None]]) -> None:
+        # Decode cases run their (untimed) prefill when built: build only what is timed.
+        if wanted is None or variant.startswith(wanted):
+            cases[(phase, variant)] = build()
+
     for path in PATHS:
         for variant, bank, slots in (
             ("mixed", "specific", s.mixed),
             ("single", "specific", s.single),
             ("agnostic-mixed", "agnostic", s.mixed),
         ):
-            cases[("prefill", f"{variant}/{path}")] = (
-                prefill_ours(s.banks[bank], slots, path),
-                None,
+            name = f"{variant}/{path}"
+            add(
+                "prefill",
+                name,
+                lambda b=bank, sl=slots, p=path: (prefill_ours(s.banks[b], sl, p), None),
             )
-            cases[("decode", f"{variant}/{path}")] = decode_ours(s.banks[bank], slots, path)
-    cases[("prefill", "mixed-r64/row")] = (
-        prefill_ours(s.banks["specific-r64"], s.mixed, "row"),
-        None,
-    )
-    cases[("decode", "mixed-r64/row")] = decode_ours(s.banks["specific-r64"], s.mixed, "row")
-    cases[("prefill", "base")] = (prefill_hf(s.base_lm), None)
-    cases[("decode", "base")] = decode_hf(s.base_lm)
-    cases[("prefill", "peft-mixed")] = (
-        prefill_hf(s.peft_model, adapter_names=s.adapter_names),
-        None,
-    )
-    cases[("decode", "peft-mixed")] = decode_hf(s.peft_model, adapter_names=s.adapter_names)
+            add("decode", name, lambda b=bank, sl=slots, p=path: decode_ours(s.banks[b], sl, p))
+    r64 = s.banks["specific-r64"]
+    add("prefill", "mixed-r64/row", lambda: (prefill_ours(r64, s.mixed, "row"), None))
+    add("decode", "mixed-r64/row", lambda: decode_ours(r64, s.mixed, "row"))
+    add("prefill", "base", lambda: (prefill_hf(s.base_lm), None))
+    add("decode", "base", lambda: decode_hf(s.base_lm))
+    names = s.adapter_names
+    add("prefill", "peft-mixed", lambda: (prefill_hf(s.peft_model, adapter_names=names), None))
+    add("decode", "peft-mixed", lambda: decode_hf(s.peft_model, adapter_names=names))
     one = [s.adapter_names[0]] * ROWS
-    cases[("prefill", "peft-single")] = (prefill_hf(s.peft_model, adapter_names=one), None)
-    cases[("decode", "peft-single")] = decode_hf(s.peft_model, adapter_names=one)
+    add("prefill", "peft-single", lambda: (prefill_hf(s.peft_model, adapter_names=one), None))
+    add("decode", "peft-single", lambda: decode_hf(s.peft_model, adapter_names=one))
     return cases
 
 
@@ -280,27 +290,44 @@ def measure(
     device: torch.device,
     warmup: int,
     repeats: int,
-) -> dict[tuple[str, str], list[float]]:
-    """Seconds per call. Every round runs every case once, in a new random order, so load
-    from other processes on a shared machine falls on all variants alike."""
-    times: dict[tuple[str, str], list[float]] = {key: [] for key in cases}
+    inner: dict[str, int] | None = None,
+) -> tuple[dict[tuple[str, str], list[float]], dict[tuple[str, str], list[float]]]:
+    """Seconds per call, wall clock and this thread's CPU time. Every round runs every case
+    once, in a new random order, so load from other processes on a shared machine falls on
+    all variants alike; a case of phase p runs inner[p] times per round (averaged). With one
+    torch thread all compute runs on this thread, so its CPU time leaves out the time other
+    processes hold the core (not their cache and memory traffic)."""
+    inner = inner or {}
+    wall: dict[tuple[str, str], list[float]] = {key: [] for key in cases}
+    cpu: dict[tuple[str, str], list[float]] = {key: [] for key in cases}
     order = list(cases)
     shuffle = random.Random(0).shuffle
+    # One untimed call of each first: lazily gathered weights, allocator warm-up.
+    with torch.no_grad():
+        for run, reset in cases.values():
+            run()
+            if reset is not None:
+                reset()
     with torch.no_grad():
         for round_ in range(warmup + repeats):
             shuffle(order)
             for key in order:
                 run, reset = cases[key]
-                _sync(device)
-                start = time.perf_counter()
-                run()
-                _sync(device)
-                elapsed = time.perf_counter() - start
-                if reset is not None:
-                    reset()
+                calls = inner.get(key[0], 1)
+                spent_wall = spent_cpu = 0.0
+                for _ in range(calls):
+                    _sync(device)
+                    start, start_cpu = time.perf_counter(), time.thread_time()
+                    run()
+                    _sync(device)
+                    spent_wall += time.perf_counter() - start
+                    spent_cpu += time.thread_time() - start_cpu
+                    if reset is not None:
+                        reset()
                 if round_ >= warmup:
-                    times[key].append(elapsed)
-    return times
+                    wall[key].append(spent_wall / calls)
+                    cpu[key].append(spent_cpu / calls)
+    return wall, cpu
 
 
 # --- report --------------------------------------------------------------------------------
@@ -312,6 +339,45 @@ def summarise(
     for (phase, variant), values in times.items():
         out.setdefault(phase, {})[variant] = 1000 * stat(values)
     return out
+
+
+def round_ratios(
+    times: dict[tuple[str, str], list[float]],
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Each variant over the base model, round by round (both ran in the same round):
+    median, min and max of the per-round ratios."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for (phase, variant), values in times.items():
+        base = times.get((phase, "base"))
+        if base is None or variant == "base":
+            continue
+        ratios = [a / b for a, b in zip(values, base, strict=True)]
+        out.setdefault(phase, {})[variant] = {
+            "median": round(statistics.median(ratios), 3),
+            "min": round(min(ratios), 3),
+            "max": round(max(ratios), 3),
+        }
+    return out
+
+
+def profile_decode(s: Setup, variants: tuple[str, ...], steps: int = 5) -> dict[str, str]:
+    """torch.profiler tables (self CPU time, top operators) of `steps` decode steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cases = _cases(s, variants)
+    tables = {}
+    with torch.no_grad():
+        for variant in variants:
+            run, reset = cases[("decode", variant)]
+            run()
+            assert reset is not None
+            reset()
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(steps):
+                    run()
+                    reset()
+            tables[variant] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+    return tables
 
 
 def _cell(value: float | None, unit: str = " ms") -> str:
@@ -374,8 +440,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument(
+        "--decode-calls", type=int, default=4, help="decode steps timed per case and round"
+    )
     parser.add_argument("--max-rank", type=int, default=RANK)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--preset", default="small", help="backbone preset (small, paper)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="results JSON (default results/mixed_batch_<preset>.json)",
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="also profile decode steps (mixed/row and base)"
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument(
         "--only", default="", help="comma-separated variant prefixes to time (default: all)"
@@ -384,25 +462,40 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    setup = build(device, args.max_rank)
+    setup = build(device, args.max_rank, args.preset)
     before = machine(device)
-    cases = _cases(setup)
-    if args.only:
-        wanted = tuple(args.only.split(","))
-        cases = {k: v for k, v in cases.items() if k[1].startswith(wanted)}
-    times = measure(cases, device, args.warmup, args.repeats)
+    cases = _cases(setup, tuple(args.only.split(",")) if args.only else None)
+    times, cpu_times = measure(
+        cases, device, args.warmup, args.repeats, {"decode": args.decode_calls}
+    )
     ms = summarise(times, statistics.median)
     fastest = summarise(times, min)
+    ratios = round_ratios(times)
+    cpu_ratios = round_ratios(cpu_times)
     report = table(ms)
     print(report)
     print("\nmin over repeats (less sensitive to other load on the machine):")
     print(table(fastest))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    print("\nper-round ratio to the base model, median [min-max], wall clock | thread CPU time:")
+    for phase, variants in ratios.items():
+        for variant, r in sorted(variants.items()):
+            c = cpu_ratios[phase][variant]
+            print(
+                f"  {phase:7} {variant:22} {r['median']:.3f}x [{r['min']:.3f}-{r['max']:.3f}]"
+                f" | {c['median']:.3f}x [{c['min']:.3f}-{c['max']:.3f}]"
+            )
+    profiles = {}
+    if args.profile:
+        profiles = profile_decode(setup, ("mixed/row", "base"))
+        for variant, text in profiles.items():
+            print(f"\ndecode step profile, {variant}:\n{text}")
+    out = args.out or RESULTS / f"mixed_batch_{args.preset}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "benchmark": "mixed_batch",
         "machine": before | {"load_average_after": os.getloadavg()},
         "settings": {
-            "preset": "small",
+            "preset": args.preset,
             "rows": ROWS,
             "adapter_sets": SETS,
             "rank": RANK,
@@ -411,17 +504,22 @@ def main(argv: list[str] | None = None) -> int:
             "decode_cache_positions": int(setup.prefill.shape[1]),
             "warmup": args.warmup,
             "repeats": args.repeats,
+            "decode_calls_per_round": args.decode_calls,
         },
         "median_ms": ms,
         "min_ms": fastest,
+        "ratio_to_base_per_round": ratios,
+        "cpu_ratio_to_base_per_round": cpu_ratios,
+        "cpu_median_ms": summarise(cpu_times, statistics.median),
+        "decode_profile": profiles,
         "samples_ms": {
             f"{phase}:{variant}": [round(1000 * v, 3) for v in values]
             for (phase, variant), values in times.items()
         },
         "table": report,
     }
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {out}")
     return 0
 
 

@@ -40,18 +40,17 @@ from typing import Any
 import torch
 from PIL import Image
 
-from adapters.adapter_set import AdapterSet, tensor_shapes
 from adapters.backbone import Backbone
 from adapters.bank import AdapterBank
-from adapters.config import AdapterConfig, resolve_targets
 from adapters.format import load_adapter, save_adapter
 from adapters.model import ContextPEFTModel
 from adapters.presets import get_preset
 from benchmarks.baselines import BatchServer, PeftLoras, base_step, greedy
+from benchmarks.cold_load import make_adapter, registry_trials
 from benchmarks.serving_args import ROOT, add_arguments
 from benchmarks.workload import Picker, RunResult, closed_loop, open_loop
 from service.engine import CaptionRequest, Engine, EngineConfig
-from service.registry import AdapterRegistry, connector_spec
+from service.registry import connector_spec
 from service.store import AdapterStore
 
 TENANT = "bench"
@@ -67,24 +66,6 @@ def build_backbone(preset: str, seed: int) -> Backbone:
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return Backbone.build(preset)
-
-
-def make_adapter(backbone: Backbone, rank: int, seed: int) -> AdapterSet:
-    """A rank-r context-specific LoRA set on every target, with non-zero random weights."""
-    config = AdapterConfig(
-        method="lora",
-        connector=connector_spec(backbone),
-        base_fingerprint=backbone.fingerprint(),
-        rank=rank,
-        targets=resolve_targets("lora", "all"),
-        num_layers=backbone.dims.num_layers,
-    )
-    generator = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for name, shape in tensor_shapes(config, backbone.dims).items():
-        scale = 0.02 if name.endswith("lora_B") else 0.05
-        tensors[name] = torch.randn(shape, generator=generator) * scale
-    return AdapterSet(config, backbone.dims, tensors)
 
 
 def images(count: int, size: int, seed: int) -> list[Image.Image]:
@@ -273,35 +254,16 @@ def _line(row: dict[str, Any]) -> str:
 # --- cold load ------------------------------------------------------------------------------
 def cold_load(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Disk to servable (validated, on the CPU tier, copied into a bank slot) for a rank-8
-    adapter of the `paper` preset, through the registry's own loader thread."""
+    adapter of the `paper` preset, through the registry's own loader thread
+    (`benchmarks.cold_load` has the step-by-step breakdown)."""
     started = time.perf_counter()
     backbone = build_backbone(args.cold_preset, args.seed)
     build_s = time.perf_counter() - started
-    store = AdapterStore(work / "cold")
-    bank = AdapterBank(backbone.dims, connector_spec(backbone), 2, max_rank=args.rank)
-    registry = AdapterRegistry(store, backbone, bank, cpu_budget_bytes=1 << 30)
     adapter = make_adapter(backbone, args.rank, seed=1)
-    totals, disk, slot = [], [], []
-    try:
-        for _ in range(args.cold_loads):
-            store.write_version(TENANT, "cold", lambda folder: save_adapter(adapter, folder))
-            version = registry.resolve(TENANT, "cold")
-            t0 = time.perf_counter()
-            registry.cache.want(version)
-            while not registry.cache.is_ready(version):
-                time.sleep(0.0001)
-            t1 = time.perf_counter()
-            slots, _, _ = registry.cache.bind([version])
-            t2 = time.perf_counter()
-            registry.cache.release(slots, [version])
-            registry.cache.unwant(version)
-            totals.append(t2 - t0)
-            disk.append(t1 - t0)
-            slot.append(t2 - t1)
-        weights = store.path(version.ref) / "adapter.safetensors"
-        size = weights.stat().st_size
-    finally:
-        registry.close()
+    times = registry_trials(backbone, adapter, work / "cold", args.cold_loads, args.rank)
+    save_adapter(adapter, work / "cold-size")
+    size = (work / "cold-size" / "adapter.safetensors").stat().st_size
+    totals = times["total"]
     return {
         "preset": args.cold_preset,
         "rank": args.rank,
@@ -309,18 +271,20 @@ def cold_load(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "trials": args.cold_loads,
         "p50_ms": round(statistics.median(totals) * 1000, 2),
         "max_ms": round(max(totals) * 1000, 2),
-        "disk_to_cpu_p50_ms": round(statistics.median(disk) * 1000, 2),
-        "cpu_to_slot_p50_ms": round(statistics.median(slot) * 1000, 2),
+        "disk_to_cpu_p50_ms": round(statistics.median(times["disk_to_cpu"]) * 1000, 2),
+        "cpu_to_slot_p50_ms": round(statistics.median(times["cpu_to_slot"]) * 1000, 2),
         "backbone_build_s": round(build_s, 1),
         "note": "files just written: read from the OS page cache, not the physical disk",
     }
 
 
 # --- where the time goes ------------------------------------------------------------------------
-def compute_breakdown(bench: Bench, repeats: int = 7) -> dict[str, float]:
+def compute_breakdown(bench: Bench, repeats: int = 7) -> dict[str, Any]:
     """One batch of `max_batch` rows x `max_new_tokens` on the LM side only (image features
     precomputed), per way of applying adapters: separates the method's arithmetic from the
-    serving machinery. Median seconds over interleaved repeats."""
+    serving machinery. Every case runs once per round in a new random order (after one
+    untimed round); median seconds, and each case's ratio to the base model round by round
+    (median, min, max): the ratios are what a shared machine's load cannot move much."""
     args = bench.args
     rows = args.max_batch
     features = bench.backbone.encode_images(bench.pixels[:rows])
@@ -355,12 +319,40 @@ def compute_breakdown(bench: Bench, repeats: int = 7) -> dict[str, float]:
             mixed.tolist(), features, args.max_new_tokens
         )
     times: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(repeats):
-        for name, case in cases.items():
-            started = time.perf_counter()
-            case()
-            times[name].append(time.perf_counter() - started)
-    return {name: round(statistics.median(t), 4) for name, t in times.items()}
+    cpu: dict[str, list[float]] = {name: [] for name in cases}
+    order = list(cases)
+    shuffle = random.Random(args.seed).shuffle
+    for round_ in range(repeats + 1):
+        shuffle(order)
+        for name in order:
+            started, started_cpu = time.perf_counter(), time.thread_time()
+            cases[name]()
+            if round_:
+                times[name].append(time.perf_counter() - started)
+                cpu[name].append(time.thread_time() - started_cpu)
+
+    def ratios(samples: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+        base = samples["base (no adapters)"]
+        out = {}
+        for name, values in samples.items():
+            per_round = [a / b for a, b in zip(values, base, strict=True)]
+            out[name] = {
+                "median": round(statistics.median(per_round), 3),
+                "min": round(min(per_round), 3),
+                "max": round(max(per_round), 3),
+            }
+        return out
+
+    return {
+        "median_seconds": {name: round(statistics.median(t), 4) for name, t in times.items()},
+        "min_seconds": {name: round(min(t), 4) for name, t in times.items()},
+        "ratio_to_base_per_round": ratios(times),
+        # With one torch thread all compute runs on this thread: its CPU time leaves out
+        # the time other processes hold the core.
+        "cpu_median_seconds": {name: round(statistics.median(t), 4) for name, t in cpu.items()},
+        "cpu_ratio_to_base_per_round": ratios(cpu),
+        "rounds": repeats,
+    }
 
 
 # --- report --------------------------------------------------------------------------------
@@ -494,9 +486,20 @@ def run(args: argparse.Namespace) -> int:
         # collector's full passes, which would otherwise land inside measured windows.
         gc.collect()
         gc.freeze()
-        compute = compute_breakdown(bench)
+        compute = compute_breakdown(bench, args.compute_repeats)
+        compute["machine"] = {
+            "preset": args.preset,
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "loadavg_before": [round(x, 2) for x in load_before],
+            "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+        }
         print(json.dumps({"batch_seconds": compute}, indent=2), flush=True)
         if args.compute_only:
+            out = ROOT / "benchmarks" / "results" / f"compute_only_{args.preset}.json"
+            out.write_text(json.dumps(compute, indent=2) + "\n")
+            print(f"wrote {out}")
             return 0
         rows = run_all(bench)
         cold = cold_load(args, work) if args.cold_loads else {}

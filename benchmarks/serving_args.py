@@ -35,5 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--compute-only", action="store_true", help="only the per-batch compute breakdown"
     )
+    parser.add_argument(
+        "--compute-repeats", type=int, default=7, help="rounds of the compute breakdown"
+    )
     parser.add_argument("--out", type=Path, default=None, help="results JSON path")
     parser.add_argument("--plot", type=Path, default=None, help="plot PNG path")

@@ -233,3 +233,58 @@ def test_batches_of_agnostic_sets_skip_per_token_contexts(
         assert float((row - token).abs().max()) <= 1e-5
     bank.clear(2)
     assert not bank.context_specific(torch.tensor([0, 1, 2]))
+
+
+def _state(bank: AdapterBank) -> dict[str, torch.Tensor]:
+    """Every tensor of the bank, by name (components not allocated are absent)."""
+    state = {f"connector.{k}": t for k, t in bank._connector.items()}
+    for (layer, name), store in bank._stores.items():
+        for part in ("lora_A", "lora_B", "bias", "ia3"):
+            t = getattr(store, part)
+            if t is not None:
+                state[f"{layer}.{name}.{part}"] = t
+    return state
+
+
+def test_any_sequence_of_loads_leaves_what_one_load_into_a_fresh_bank_leaves(
+    model: ContextPEFTModel, adapter_factory: Callable[..., AdapterSet]
+) -> None:
+    """A load resets only what the slot's previous set wrote: after any sequence of loads
+    and clears, the bank holds exactly what loading the last sets into a fresh bank gives
+    (bit for bit), and LoRA B is stored times the set's scaling."""
+    sets = [
+        adapter_factory("lora", rank=8, seed=1),
+        adapter_factory("bitfit", seed=2),
+        adapter_factory("lora", rank=3, alpha=12.0, agnostic=True, fuse_gate_up=False, seed=3),
+        adapter_factory("ia3", seed=4),
+        adapter_factory("lora", rank=2, targets="attn", seed=5),
+    ]
+    bank = _bank(model, slots=2, max_rank=8)
+    history = [(0, 0), (1, 1), (0, 2), (0, 3), (1, 4), (1, None), (0, 4), (1, 0), (1, 2)]
+    for step, (slot, index) in enumerate(history):
+        if index is None:
+            bank.clear(slot)
+        else:
+            bank.load(slot, sets[index])
+        so_far = history[: step + 1]
+        fresh = _bank(model, slots=2, max_rank=8)
+        # Allocate the components the bank under test has allocated, then leave neutral.
+        for i in sorted({i for _, i in so_far if i is not None}):
+            fresh.load(0, sets[i])
+        fresh.clear(0)
+        for s, i in dict(so_far).items():
+            if i is not None:
+                fresh.load(s, sets[i])
+        ours, theirs = _state(bank), _state(fresh)
+        assert ours.keys() == theirs.keys()
+        for name, tensor in ours.items():
+            assert torch.equal(tensor, theirs[name]), (step, name)
+        assert bank.ranks == fresh.ranks and bank.specific == fresh.specific
+    # The last load into slot 1 is the agnostic rank-3 set, alpha 12: B is stored x 4,
+    # in both context rows.
+    stored = bank.stacked(1, "q_proj")
+    assert stored is not None and stored.lora_B is not None
+    b = sets[2].tensors()["lm.layers.1.q_proj.lora_B"][0]
+    for context in (0, 1):
+        assert torch.equal(stored.lora_B[1, context, :3], b * 4.0)
+        assert float(stored.lora_B[1, context, 3:].abs().max()) == 0.0

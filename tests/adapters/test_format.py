@@ -222,6 +222,63 @@ def test_non_finite_values(
         _load(folder, backbone)
 
 
+def test_finite_check_names_the_first_bad_tensor_and_accepts_sums_that_overflow(
+    saved: tuple[Path, AdapterSet], backbone: Backbone
+) -> None:
+    """The one-pass check sums each tensor: a NaN or an infinity always makes the sum
+    non-finite; finite values near the float32 limit overflow the sum too, and are then
+    confirmed finite element by element and accepted."""
+    from adapters.format import non_finite
+
+    big = torch.tensor([3.0e38, 3.0e38, -1.0])
+    assert not bool(torch.isfinite(big.sum())) and bool(torch.isfinite(big).all())
+    named = [("a", torch.ones(3)), ("big", big), ("nan", torch.tensor([1.0, float("nan")]))]
+    named += [("inf", torch.tensor([float("inf"), float("-inf")])), ("half", big.half())]
+    assert non_finite(named) == ["nan", "inf", "half"]  # 3e38 is infinite in float16
+    assert non_finite([]) == []
+
+    folder, _ = saved
+
+    def overflow_and_poison(tensors: dict[str, torch.Tensor]) -> None:
+        tensors["lm.layers.0.q_proj.lora_A"][0, :2, 0] = 3.0e38
+        tensors["lm.layers.1.k_proj.lora_B"][0, 0, 0] = float("nan")
+        tensors["lm.layers.1.down_proj.lora_A"][1, 0, 0] = float("inf")
+
+    _rewrite_tensors(folder, overflow_and_poison)
+    with pytest.raises(
+        AdapterFormatError,
+        match=re.escape("non-finite values (NaN or Inf) in lm.layers.1.k_proj.lora_B"),
+    ):
+        _load(folder, backbone)
+
+    def heal(tensors: dict[str, torch.Tensor]) -> None:
+        tensors["lm.layers.1.k_proj.lora_B"][0, 0, 0] = 0.5
+        tensors["lm.layers.1.down_proj.lora_A"][1, 0, 0] = 0.5
+
+    _rewrite_tensors(folder, heal)
+    loaded = _load(folder, backbone)
+    assert float(loaded.tensors()["lm.layers.0.q_proj.lora_A"][0, 1, 0]) == pytest.approx(3.0e38)
+
+
+def test_loading_adopts_the_read_tensors(
+    saved: tuple[Path, AdapterSet], backbone: Backbone
+) -> None:
+    """A freshly read set owns the tensors it was read into (no copy); a set built from
+    someone else's tensors copies them."""
+    from adapters.format import read_tensors
+
+    folder, adapter = saved
+    tensors = read_tensors(folder / WEIGHTS_FILE)
+    adopted = AdapterSet.adopt(adapter.config, backbone.dims, tensors)
+    copied = AdapterSet(adapter.config, backbone.dims, tensors)
+    for name, tensor in tensors.items():
+        assert adopted.tensors()[name].data_ptr() == tensor.data_ptr()
+        assert copied.tensors()[name].data_ptr() != tensor.data_ptr()
+        assert torch.equal(copied.tensors()[name], tensor)
+    loaded = _load(folder, backbone)
+    assert all(torch.equal(loaded.tensors()[n], t) for n, t in adapter.tensors().items())
+
+
 @pytest.mark.parametrize("name", ["adapter_model.bin", "weights.pt", "extra.PTH"])
 def test_any_pickle_file_is_refused(
     saved: tuple[Path, AdapterSet], backbone: Backbone, name: str

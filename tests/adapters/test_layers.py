@@ -359,3 +359,324 @@ def test_segments_group_tokens_by_slot_and_context(mixed_bank: AdapterBank) -> N
     assert segments.bounds == [(2, 0, 1), (3, 1, 4), (6, 4, 6), (7, 6, 8)]
     assert keys[segments.order].tolist() == [2, 3, 3, 3, 6, 6, 7, 7]
     assert routing.segments(4) is segments  # once per call, shared by every layer
+
+
+# --- the fast path: column ranges, fused shrink, grid decode, host facts ---------------------
+# Rows whose image prefixes differ from each other and from the preset's count (a future
+# encoder), some of them left-padded: (left padding, image tokens) per row. A row is
+# padding (text), [BOS] (text), its image tokens, then text up to the common width.
+RAGGED = [(0, 4), (2, 4), (0, 2), (1, 5), (0, 0), (3, 1)]
+WIDTH = 10
+
+
+def _ragged() -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    spans = [(pad + 1, pad + 1 + n) if n else (0, 0) for pad, n in RAGGED]
+    contexts = torch.full((len(RAGGED), WIDTH), TEXT)
+    for row, (start, end) in enumerate(spans):
+        contexts[row, start:end] = IMAGE
+    return contexts, spans
+
+
+def test_column_segments_split_ranges_and_mark_where_rows_disagree() -> None:
+    from adapters.routing import MIXED, column_segments
+
+    # Every row [BOS] + 4 image + text: three ranges of one context each.
+    assert column_segments([(1, 5)] * 3, 9) == ((0, 1, TEXT), (1, 5, IMAGE), (5, 9, TEXT))
+    # Left padding by 2 in one row: the columns where rows disagree are mixed.
+    assert column_segments([(1, 5), (3, 7)], 9) == (
+        (0, 1, TEXT),
+        (1, 3, MIXED),
+        (3, 5, IMAGE),
+        (5, 7, MIXED),
+        (7, 9, TEXT),
+    )
+    # A row without image tokens makes the image columns mixed; all-text rows are one range.
+    assert column_segments([(1, 5), (0, 0)], 6) == ((0, 1, TEXT), (1, 5, MIXED), (5, 6, TEXT))
+    assert column_segments([(0, 0), (0, 0)], 4) == ((0, 4, TEXT),)
+    assert column_segments([(0, 4)], 4) == ((0, 4, IMAGE),)
+    # Image ranges that do not overlap alternate mixed and text columns; past five ranges
+    # the call is leading text, one masked range, trailing text.
+    assert column_segments([(1, 2), (3, 4)], 6) == (
+        (0, 1, TEXT),
+        (1, 2, MIXED),
+        (2, 3, TEXT),
+        (3, 4, MIXED),
+        (4, 6, TEXT),
+    )
+    spans = [(1, 2), (3, 4), (5, 6)]
+    assert column_segments(spans, 8) == ((0, 1, TEXT), (1, 6, MIXED), (6, 8, TEXT))
+
+
+def test_routing_derives_the_layout_from_a_contexts_tensor(mixed_bank: AdapterBank) -> None:
+    contexts, spans = _ragged()
+    slots = torch.arange(len(RAGGED)) % 6
+    assert Routing(mixed_bank, slots, contexts).layout is None
+    routing = Routing(mixed_bank, slots, contexts)
+    assert routing.uniform_context() is None
+    assert routing.layout is not None and routing.layout.image_spans == tuple(spans)
+    prefill = Routing.prefill(mixed_bank, slots.tolist(), spans, WIDTH)
+    assert torch.equal(prefill.contexts, contexts)
+    assert prefill.plan(WIDTH) == routing.plan(WIDTH)
+    # Short one-context ranges group rows by unit; mixed ranges multiply per row.
+    plan = Routing.prefill(mixed_bank, [0, 1], [(1, 13), (1, 13)], 16).plan(16)
+    assert plan.segments == ((0, 1, TEXT), (1, 13, IMAGE), (13, 16, TEXT))
+    assert plan.grid == (True, False, True)
+    assert routing.plan(WIDTH).grid == tuple(
+        kind != -1 and end - start <= 8 for start, end, kind in routing.plan(WIDTH).segments
+    )
+    # Interleaved contexts are not ranges: the whole call is one masked range.
+    interleaved = Routing(mixed_bank, torch.tensor([0, 1, 2]), MIXED_CONTEXTS)
+    assert interleaved.plan(9).segments == ((0, 9, -1),)
+    decode = Routing.decode(mixed_bank, [3, 1])
+    assert decode.uniform_context() == TEXT and decode.contexts.tolist() == [[TEXT], [TEXT]]
+    with pytest.raises(ValueError, match=r"image span \(2, 12\) outside 0\.\.10"):
+        Routing.prefill(mixed_bank, [0], [(2, 12)], WIDTH)
+    with pytest.raises(ValueError, match="2 image spans for 1 rows"):
+        Routing.prefill(mixed_bank, [0], [(1, 2), (1, 2)], WIDTH)
+
+
+@pytest.mark.parametrize(
+    ("method", "kwargs"),
+    [
+        ("lora", {"rank": 4, "alpha": 6.0}),
+        ("lora", {"rank": 3, "fuse_gate_up": False}),
+        ("ia3", {}),
+        ("bitfit", {}),
+    ],
+)
+def test_unequal_image_prefixes_equal_float64_token_reference(
+    tiny_backbone: Backbone,
+    model: ContextPEFTModel,
+    adapter_factory: Callable[..., AdapterSet],
+    method: str,
+    kwargs: dict[str, object],
+) -> None:
+    """Image prefixes of 0..5 tokens at different offsets in one batch: the range split must
+    follow each row's own layout (mixed columns fall back to the masked product)."""
+    adapter = adapter_factory(method, seed=4, **kwargs)
+    contexts, spans = _ragged()
+    x = _embeds(len(RAGGED), WIDTH, tiny_backbone.dims.hidden_size, seed=8)
+    expected = _reference_logits(tiny_backbone.lm, adapter, x, contexts)
+    slots = torch.zeros(len(RAGGED), dtype=torch.long)
+    routings = {
+        "row (contexts)": Routing(adapter, slots, contexts),
+        "row (prefill layout)": Routing.prefill(adapter, [0] * len(RAGGED), spans, WIDTH),
+        "segment": Routing(adapter, slots, contexts, "segment"),
+        "token": Routing(adapter, slots, contexts, "token"),
+    }
+    for name, routing in routings.items():
+        with torch.no_grad():
+            ours = model.lm_forward(x, routing)
+        assert _max_diff(ours, expected) <= 1e-5, name
+    # The layout really is ragged: some columns mix contexts.
+    assert -1 in {kind for _, _, kind in routings["row (contexts)"].plan(WIDTH).segments}
+
+
+@pytest.mark.parametrize("grid_max", [0, 8, 64])
+def test_unequal_image_prefixes_in_a_mixed_batch_with_left_padding(
+    model: ContextPEFTModel, mixed_bank: AdapterBank, monkeypatch: pytest.MonkeyPatch, grid_max: int
+) -> None:
+    """Also with every one-context range multiplied per row (grid_max 0) and every one
+    grouped by unit (64)."""
+    monkeypatch.setattr("adapters.routing.GRID_MAX_TOKENS", grid_max)
+    contexts, spans = _ragged()
+    x = _embeds(len(RAGGED), WIDTH, model.backbone.dims.hidden_size, seed=12)
+    slots = torch.tensor([5, 0, 4, 2, 1, 3])
+    attention = torch.ones(len(RAGGED), WIDTH, dtype=torch.long)
+    for row, (pad, _) in enumerate(RAGGED):
+        attention[row, :pad] = 0
+    with torch.no_grad():
+        token = model.lm_forward(x, Routing(mixed_bank, slots, contexts, "token"), attention)
+        for routing in (
+            Routing(mixed_bank, slots, contexts),
+            Routing.prefill(mixed_bank, slots.tolist(), spans, WIDTH),
+            Routing(mixed_bank, slots, contexts, "segment"),
+        ):
+            ours = model.lm_forward(x, routing, attention_mask=attention)
+            assert bool(torch.isfinite(ours).all())
+            assert _max_diff(ours, token) <= 1e-5, routing.path
+    assert _max_diff(token, model.lm_forward(x, None, attention)) > 1e-2
+
+
+def test_shared_input_projections_share_one_shrink_product(
+    model: ContextPEFTModel,
+    adapter_factory: Callable[..., AdapterSet],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """q, k, v (k and v narrower than q: grouped-query attention) read one input, as gate
+    and up do: one shrink product per group and layer, for fused and separate gate/up."""
+    import adapters.layers as layers
+
+    dims = model.backbone.dims
+    assert dims.out_features["k_proj"] < dims.out_features["q_proj"]  # GQA
+    calls: list[int] = []
+    original = layers._shrink
+
+    def counting(x: torch.Tensor, *args: Any) -> Any:
+        calls.append(x.shape[-1])
+        return original(x, *args)
+
+    monkeypatch.setattr(layers, "_shrink", counting)
+    x = _embeds(3, 9, dims.hidden_size, seed=2)
+    contexts = torch.tensor([[TEXT] + [IMAGE] * 4 + [TEXT] * 4] * 3)
+    for fuse in (True, False):
+        adapter = adapter_factory("lora", rank=4, fuse_gate_up=fuse, seed=7)
+        slots = torch.zeros(3, dtype=torch.long)
+        calls.clear()
+        with torch.no_grad():
+            ours = model.lm_forward(x, Routing(adapter, slots, contexts))
+            token = model.lm_forward(x, Routing(adapter, slots, contexts, "token"))
+        # Per layer: q/k/v, o, gate/up, down.
+        assert len(calls) == 4 * dims.num_layers, fuse
+        assert _max_diff(ours, token) <= 1e-5
+
+
+@pytest.mark.parametrize("grid_max", [0, 8])
+@pytest.mark.parametrize(
+    "slots",
+    [
+        [0, 3, 3, 5, 1, 0, 2, 3],  # rows scattered over units: gathers into the grid
+        [2, 2, 4, 4, 1, 1, 0, 0],  # each unit's rows adjacent, equal counts: no gather
+        [3] * 8,  # one unit: every weight a stride-0 view
+        [5, 4, 3, 2, 1, 0, 0, 1],  # mixed
+    ],
+)
+def test_decode_steps_need_no_host_sync_and_follow_leaving_rows(
+    model: ContextPEFTModel,
+    mixed_bank: AdapterBank,
+    monkeypatch: pytest.MonkeyPatch,
+    slots: list[int],
+    grid_max: int,
+) -> None:
+    """A prefill and decode steps built from host facts (`Routing.prefill`, `step()`) run the
+    adapter layers without one device-to-host read; rows leave (units left without any row
+    included) and the grid of the remaining rows still gives the reference's logits (also
+    with per-row weights everywhere: grid_max 0)."""
+    monkeypatch.setattr("adapters.routing.GRID_MAX_TOKENS", grid_max)
+    import sys
+
+    from transformers import DynamicCache
+
+    gen = torch.Generator().manual_seed(21)
+    width, batch = model.backbone.dims.hidden_size, 8
+    spans = [(1, 5)] * batch
+    prefill = torch.randn(batch, 7, width, generator=gen)
+    steps = [torch.randn(batch, 1, width, generator=gen) for _ in range(4)]
+    leave: list[list[int]] = [[], [0, 1, 2, 4, 5, 6, 7], [], [1, 2, 3, 4, 5]]
+
+    syncs: list[str] = []
+
+    def guard(name: str) -> Any:
+        original = getattr(torch.Tensor, name)
+
+        def checked(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            caller = sys._getframe(1).f_globals.get("__name__", "")
+            if caller.startswith("adapters."):
+                syncs.append(f"{caller}: Tensor.{name}")
+            return original(self, *args, **kwargs)
+
+        return checked
+
+    logits = {}
+    for path in ("row", "token"):
+        cache = DynamicCache(config=model.backbone.lm.config)
+        routing: Routing = Routing.prefill(mixed_bank, slots, spans, 7, path)
+        out = []
+        with monkeypatch.context() as patch:
+            if path == "row":
+                for name in ("tolist", "item", "__bool__", "__int__"):
+                    patch.setattr(torch.Tensor, name, guard(name))
+            with torch.no_grad():
+                out.append(model.lm_forward(prefill, routing, past_key_values=cache)[:, -1])
+                step = routing.step()
+                rows = list(range(batch))
+                for x, keep in zip(steps, leave, strict=True):
+                    if keep:
+                        cache.batch_select_indices(torch.tensor(keep))
+                        step = step.select_rows(keep)
+                        rows = [rows[k] for k in keep]
+                    x = x[rows]
+                    logits_step = model.lm_forward(x, step, past_key_values=cache)[:, -1]
+                    full = torch.zeros(batch, logits_step.shape[-1])
+                    full[rows] = logits_step
+                    out.append(full)
+        logits[path] = torch.stack(out)
+    assert syncs == []
+    assert _max_diff(logits["row"], logits["token"]) <= 1e-5
+
+
+def test_ranks_1_to_64_in_one_batch(
+    tiny_backbone: Backbone, model: ContextPEFTModel, adapter_factory: Callable[..., AdapterSet]
+) -> None:
+    backbone = model.backbone
+    bank = AdapterBank(
+        backbone.dims,
+        ConnectorSpec("linear", backbone.vision_dim, backbone.dims.hidden_size),
+        5,
+        max_rank=64,
+    )
+    sets = [
+        adapter_factory("lora", rank=1, seed=31),
+        adapter_factory("lora", rank=64, seed=32),
+        adapter_factory("lora", rank=17, agnostic=True, fuse_gate_up=False, seed=33),
+        adapter_factory("ia3", seed=34),
+        adapter_factory("lora", rank=5, targets="ffn", seed=35),
+    ]
+    for slot, adapter in enumerate(sets):
+        bank.load(slot, adapter)
+    contexts, _ = _ragged()
+    contexts = torch.cat([contexts, torch.tensor([[TEXT] + [IMAGE] * 4 + [TEXT] * 5] * 4)])
+    slots = torch.tensor([1, 0, 2, 3, 4, 1, 4, 0, 3, 2])
+    x = _embeds(len(slots), WIDTH, backbone.dims.hidden_size, seed=14)
+    with torch.no_grad():
+        outs = {p: model.lm_forward(x, Routing(bank, slots, contexts, p)) for p in PATHS}
+    # Rows of the rank-64 and the rank-1 set against the float64 reference of their own set.
+    for row in (0, 1):
+        adapter = sets[int(slots[row])]
+        one = slice(row, row + 1)
+        reference = _reference_logits(tiny_backbone.lm, adapter, x[one], contexts[one])
+        assert _max_diff(outs["row"][one], reference) <= 1e-5, adapter.config.rank
+    assert _max_diff(outs["row"], outs["token"]) <= 1e-5
+    assert _max_diff(outs["segment"], outs["token"]) <= 1e-5
+
+
+def test_autograd_row_path_equals_the_fast_path(
+    model: ContextPEFTModel, adapter_factory: Callable[..., AdapterSet]
+) -> None:
+    """Training runs the masked, differentiable row path; inference the fast one."""
+    contexts, _ = _ragged()
+    x = _embeds(len(RAGGED), WIDTH, model.backbone.dims.hidden_size, seed=3)
+    slots = torch.zeros(len(RAGGED), dtype=torch.long)
+    for method in ("lora", "ia3", "bitfit"):
+        adapter = adapter_factory(method, seed=9)
+        with torch.enable_grad():
+            trained = model.lm_forward(x, Routing(adapter, slots, contexts))
+        assert trained.requires_grad
+        with torch.no_grad():
+            fast = model.lm_forward(x, Routing(adapter, slots, contexts))
+        assert _max_diff(trained.detach(), fast) <= 1e-5, method
+
+
+def test_decode_batches_gather_text_weights_once_per_unit(
+    model: ContextPEFTModel, mixed_bank: AdapterBank
+) -> None:
+    """A batch that only decodes copies its units' text-context weights, once per unit (not
+    per row, not the image context); when its units are the bank's slots in order, it copies
+    nothing and reads the bank's tensors in place."""
+    x = _embeds(8, 1, model.backbone.dims.hidden_size, seed=30)
+    for slots, copies in (([4, 1, 1, 4, 2, 4, 1, 2], True), ([0, 1, 2, 3, 4, 5, 0, 1], False)):
+        routing = Routing.decode(mixed_bank, slots)
+        with torch.no_grad():
+            ours = model.lm_forward(x, routing)
+            token = model.lm_forward(
+                x, Routing(mixed_bank, torch.tensor(slots), _text(8, 1), "token")
+            )
+        assert _max_diff(ours, token) <= 1e-5
+        group = routing.group_weights(0, "o_proj")
+        assert group is not None and set(group._a) == {TEXT} and set(group._b) == {("o_proj", TEXT)}
+        units = len(set(slots))
+        assert group.a(TEXT).shape[0] == units
+        bank_b = mixed_bank.stacked(0, "o_proj")
+        assert bank_b is not None and bank_b.lora_B is not None
+        shares = group.b("o_proj", TEXT).data_ptr() == bank_b.lora_B[:, TEXT].data_ptr()
+        assert shares is not copies

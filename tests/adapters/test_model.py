@@ -82,17 +82,25 @@ def test_prefix_layout(model: ContextPEFTModel) -> None:
 
 
 @pytest.mark.parametrize("kind", ["lora", "ia3", "bitfit", "mixed"])
-@pytest.mark.parametrize("path", ["row", "segment", "token"])
+@pytest.mark.parametrize("path", ["row", "row/per-row", "segment", "token"])
 def test_mixed_batch_row_equals_row_alone(
-    model: ContextPEFTModel, adapter_factory: Callable[..., AdapterSet], kind: str, path: RoutePath
+    model: ContextPEFTModel,
+    adapter_factory: Callable[..., AdapterSet],
+    monkeypatch: pytest.MonkeyPatch,
+    kind: str,
+    path: str,
 ) -> None:
+    """Every path; "row/per-row" is the fast path with no column range grouped by unit."""
+    if path == "row/per-row":
+        monkeypatch.setattr("adapters.routing.GRID_MAX_TOKENS", 0)
+    route: RoutePath = "row" if path.startswith("row") else path  # type: ignore[assignment]
     sets = _sets(adapter_factory, kind)
     bank = _bank(model, sets)
     slots = torch.tensor([(5 * r + 3) % SETS for r in range(ROWS)])
     features = _features(model, ROWS, seed=1)
     embeds, contexts = _inputs(model, bank, slots, features, seed=1)
     with torch.no_grad():
-        mixed = model.lm_forward(embeds, Routing(bank, slots, contexts, path))
+        mixed = model.lm_forward(embeds, Routing(bank, slots, contexts, route))
         base = model.lm_forward(embeds, None)
     one = torch.zeros(1, dtype=torch.long)
     worst, changed = 0.0, 0.0
@@ -103,7 +111,7 @@ def test_mixed_batch_row_equals_row_alone(
         with torch.no_grad():
             own_embeds[:, 1:5] = adapter.connect(features[row : row + 1], one)
             alone = model.lm_forward(
-                own_embeds, Routing(adapter, one, contexts[row : row + 1], path)
+                own_embeds, Routing(adapter, one, contexts[row : row + 1], route)
             )
         worst = max(worst, float((alone - mixed[row : row + 1]).abs().max()))
         changed = min(changed or 1e9, float((base[row] - mixed[row]).abs().max()))
