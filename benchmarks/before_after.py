@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib
+import inspect
 import json
 import os
 import random
@@ -112,19 +113,26 @@ def build(preset: str, old: dict[str, ModuleType]) -> dict[str, Any]:
     }
 
 
+def _cache_kw(model: Any, cache: Any) -> dict[str, Any]:
+    """The KV-cache keyword of a checkout's `lm_forward`: `cache` now, `past_key_values` in
+    checkouts from before transformers 5.24's rename."""
+    names = inspect.signature(model.lm_forward).parameters
+    return {"cache": cache} if "cache" in names else {"past_key_values": cache}
+
+
 def cases(s: dict[str, Any]) -> dict[tuple[str, str], tuple[Call, Call | None]]:
     config, prefill, step = s["config"], s["prefill"], s["step"]
     out: dict[tuple[str, str], tuple[Call, Call | None]] = {}
 
     def base_prefill() -> None:
         cache = DynamicCache(config=config)
-        s["base"](inputs_embeds=prefill, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        s["base"](inputs_embeds=prefill, cache=cache, use_cache=True, logits_to_keep=1)
 
     base_cache = DynamicCache(config=config)
-    s["base"](inputs_embeds=prefill, past_key_values=base_cache, use_cache=True)
+    s["base"](inputs_embeds=prefill, cache=base_cache, use_cache=True)
 
     def base_decode() -> None:
-        s["base"](inputs_embeds=step, past_key_values=base_cache, use_cache=True)
+        s["base"](inputs_embeds=step, cache=base_cache, use_cache=True)
 
     out[("prefill", "base")] = (base_prefill, None)
     out[("decode", "base")] = (base_decode, lambda: base_cache.crop(-1))
@@ -134,15 +142,15 @@ def cases(s: dict[str, Any]) -> dict[tuple[str, str], tuple[Call, Call | None]]:
         def run_prefill(m: Any = model, r: Any = routing_cls, b: Any = bank) -> None:
             cache = DynamicCache(config=config)
             routing = r(b, s["slots"], s["contexts"])
-            m.lm_forward(prefill, routing, past_key_values=cache, logits_to_keep=1)
+            m.lm_forward(prefill, routing, **_cache_kw(m, cache), logits_to_keep=1)
 
         cache = DynamicCache(config=config)
         routing = routing_cls(bank, s["slots"], s["contexts"])
-        model.lm_forward(prefill, routing, past_key_values=cache, logits_to_keep=1)
+        model.lm_forward(prefill, routing, **_cache_kw(model, cache), logits_to_keep=1)
         decode_routing = routing.step(torch.full((ROWS, 1), TEXT))
 
         def run_decode(m: Any = model, r: Any = decode_routing, c: Any = cache) -> None:
-            m.lm_forward(step, r, past_key_values=c)
+            m.lm_forward(step, r, **_cache_kw(m, c))
 
         out[("prefill", version)] = (run_prefill, None)
         out[("decode", version)] = (run_decode, lambda c=cache: c.crop(-1))

@@ -587,7 +587,7 @@ def test_decode_steps_need_no_host_sync_and_follow_leaving_rows(
                 for name in ("tolist", "item", "__bool__", "__int__"):
                     patch.setattr(torch.Tensor, name, guard(name))
             with torch.no_grad():
-                out.append(model.lm_forward(prefill, routing, past_key_values=cache)[:, -1])
+                out.append(model.lm_forward(prefill, routing, cache=cache)[:, -1])
                 step = routing.step()
                 rows = list(range(batch))
                 for x, keep in zip(steps, leave, strict=True):
@@ -596,7 +596,7 @@ def test_decode_steps_need_no_host_sync_and_follow_leaving_rows(
                         step = step.select_rows(keep)
                         rows = [rows[k] for k in keep]
                     x = x[rows]
-                    logits_step = model.lm_forward(x, step, past_key_values=cache)[:, -1]
+                    logits_step = model.lm_forward(x, step, cache=cache)[:, -1]
                     full = torch.zeros(batch, logits_step.shape[-1])
                     full[rows] = logits_step
                     out.append(full)
