@@ -38,7 +38,6 @@ import torch
 from transformers import DynamicCache, PretrainedConfig
 from transformers.cache_utils import DynamicLayer
 
-from adapters.config import TEXT
 from adapters.kv_cache import RowCache
 from adapters.routing import Path, Routing, WeightSource
 
@@ -53,7 +52,7 @@ class DecodeState:
         self,
         model: ContextPEFTModel,
         source: WeightSource,
-        slots: torch.Tensor,
+        slots: list[int],
         cache: RowCache,
         lengths: list[int],
         next_ids: torch.Tensor,
@@ -61,10 +60,11 @@ class DecodeState:
     ) -> None:
         self.model = model
         self.source = source
-        self.slots = slots  # [B] long, on the model's device
+        self.slots = slots  # each row's adapter slot (host: the routing reads no device value)
+        self.device = next_ids.device
         self.cache = cache
         self.lengths = lengths  # real tokens per row (host)
-        self._lengths = torch.tensor(lengths, dtype=torch.long, device=slots.device)
+        self._lengths = torch.tensor(lengths, dtype=torch.long, device=self.device)
         self.next_ids = next_ids  # [B]: the token each row feeds at the next step
         self.path = path
         self._routing: Routing | None = None  # decode routing, built at the first step
@@ -76,23 +76,26 @@ class DecodeState:
         model: ContextPEFTModel,
         source: WeightSource,
         features: torch.Tensor,
-        slots: torch.Tensor,
+        slots: torch.Tensor | Sequence[int],
         path: Path = "row",
         decode_path: Path | None = None,
     ) -> tuple[DecodeState, torch.Tensor]:
         """Run the prefix ([BOS] + connector(features)) of new rows through the LM; returns
-        their state and their first generated token ids [B] (on the device)."""
+        their state and their first generated token ids [B] (on the device). Pass `slots` as
+        a host list (the engine does): a tensor is read back once."""
         device = model.backbone.device
-        slots = slots.to(device)
-        image_embeds = source.connect(features.to(device), slots)
-        embeds, contexts = model.prefix(image_embeds)
-        batch, width = contexts.shape
+        host = slots.tolist() if isinstance(slots, torch.Tensor) else [int(s) for s in slots]
+        index = torch.tensor(host, dtype=torch.long).to(device, non_blocking=True)
+        image_embeds = source.connect(features.to(device), index)
+        embeds, _ = model.prefix(image_embeds)
+        batch, width = embeds.shape[:2]
+        n_img = image_embeds.shape[1]
         prefill = _new_cache(model.backbone.lm.config)
         positions = torch.arange(width, device=device).expand(batch, width)
         mask = causal_mask(width, embeds.dtype, device)
         logits = model.lm_forward(
             embeds,
-            Routing(source, slots, contexts, path),
+            Routing.prefill(source, host, [(1, 1 + n_img)] * batch, width, path, device),
             attention_mask=mask,
             position_ids=positions,
             cache=prefill,
@@ -100,7 +103,7 @@ class DecodeState:
         )
         first = logits[:, -1].argmax(dim=-1)
         cache = RowCache.adopt(prefill)
-        state = cls(model, source, slots, cache, [width] * batch, first, decode_path or path)
+        state = cls(model, source, host, cache, [width] * batch, first, decode_path or path)
         return state, first
 
     # --- the step ----------------------------------------------------------------------------
@@ -117,9 +120,8 @@ class DecodeState:
         """Feed every row its next token; returns the token ids generated [B] (device)."""
         width = self.width
         embeds = self.model.embed_tokens(self.next_ids.unsqueeze(1))
-        if self._routing is None:
-            text = torch.full((self.rows, 1), TEXT, dtype=torch.long, device=self.slots.device)
-            self._routing = Routing(self.source, self.slots, text, self.path)
+        if self._routing is None:  # every token of a decode step is text: no host read
+            self._routing = Routing.decode(self.source, self.slots, self.path, self.device)
         # If the forward raises, the layers before the failing one wrote a column that `end`
         # does not cover yet: the state is as before the call, and the step can be retried.
         self.cache.reserve_column()
@@ -144,13 +146,13 @@ class DecodeState:
         if not gone:
             return list(range(self.rows))
         order = self.cache.remove(gone)
-        index = torch.tensor(order, dtype=torch.long, device=self.slots.device)
-        self.slots = self.slots.index_select(0, index)
+        index = torch.tensor(order, dtype=torch.long).to(self.device, non_blocking=True)
+        self.slots = [self.slots[i] for i in order]
         self.next_ids = self.next_ids.index_select(0, index)
         self._lengths = self._lengths.index_select(0, index)
         self.lengths = [self.lengths[i] for i in order]
         if self._routing is not None:
-            self._routing = self._routing.select_rows(index) if order else None
+            self._routing = self._routing.select_rows(order) if order else None
         if self.lengths:
             self.cache.trim(max(self.lengths))
         return order
@@ -158,7 +160,7 @@ class DecodeState:
     def subset(self, rows: Sequence[int]) -> DecodeState:
         """A copy holding only `rows`, in that order (this state is left as it is), e.g. to
         try a step on some rows alone when a step of the whole batch failed."""
-        index = torch.tensor(list(rows), dtype=torch.long, device=self.slots.device)
+        index = torch.tensor(list(rows), dtype=torch.long).to(self.device, non_blocking=True)
         cache = RowCache(len(self.cache.row_layers))
         views = [layer.view() for layer in self.cache.row_layers]
         cache.append_tensors(
@@ -167,7 +169,7 @@ class DecodeState:
         copy = DecodeState(
             self.model,
             self.source,
-            self.slots.index_select(0, index),
+            [self.slots[i] for i in rows],
             cache,
             [self.lengths[i] for i in rows],
             self.next_ids.index_select(0, index),
@@ -181,7 +183,7 @@ class DecodeState:
         if other.source is not self.source:
             raise ValueError("rows of different weight sources cannot share a batch")
         self.cache.append(other.cache)
-        self.slots = torch.cat([self.slots, other.slots])
+        self.slots = self.slots + other.slots
         self.next_ids = torch.cat([self.next_ids, other.next_ids])
         self._lengths = torch.cat([self._lengths, other._lengths])
         self.lengths = self.lengths + other.lengths

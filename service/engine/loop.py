@@ -286,9 +286,8 @@ class StepLoop:
         return done
 
     def _prefill_rows(self, rows: list[Row]) -> tuple[DecodeState, torch.Tensor]:
-        device = self.model.backbone.device
         features = torch.stack([r.image.features for r in rows if r.image.features is not None])
-        slots = torch.tensor([r.slot for r in rows], dtype=torch.long, device=device)
+        slots = [r.slot for r in rows if r.slot is not None]
         return DecodeState.prefill(self.model, self.bank, features, slots)
 
     # --- 4. the decode step -------------------------------------------------------------------
