@@ -235,6 +235,12 @@ class Scheduler(Generic[T]):
                 self._cond.wait(max(0.0, wake - now))
         return []
 
+    def ready_rows(self, is_ready: Callable[[Any], bool]) -> int:
+        """Queued rows whose adapter is ready (the step loop's cue to prefill a group)."""
+        with self._cond:
+            self._sweep(time.monotonic())
+            return sum(len(q) for k, q in self._queues.items() if is_ready(k))
+
     def next_batch(
         self, is_ready: Callable[[Any], bool], slots: int, timeout: float
     ) -> list[tuple[int, T]]:

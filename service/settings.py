@@ -49,6 +49,17 @@ class EngineConfig(BaseModel):
         description="Most rows that join the running batch in one step (continuous), so a "
         "burst of arrivals cannot stall the decoding of running rows.",
     )
+    prefill_min_rows: PositiveInt = Field(
+        default=4,
+        description="Continuous: while rows run, waiting rows join once this many are ready "
+        "(or see prefill_max_wait_steps): fewer, larger prefills cost less per row.",
+    )
+    prefill_max_wait_steps: int = Field(
+        default=4,
+        ge=0,
+        description="Continuous: ...or once they have waited this many decode steps (bounds "
+        "the time to first token; 0: join at every step).",
+    )
     max_wait_ms: float = Field(
         default=5.0,
         ge=0,

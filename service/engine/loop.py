@@ -72,6 +72,8 @@ class StepLoop:
         self.rows: list[Row] = []  # the running rows, in the order of `state`'s rows
         self.state: DecodeState | None = None
         self.stopping = False
+        self.steps = 0  # iterations run (the loop's clock for prefill_max_wait_steps)
+        self._held_since: int | None = None  # step since which ready rows wait to join
 
     # --- the thread ------------------------------------------------------------------------
     def run(self, on_stop: Callable[[BaseException | None], None]) -> None:
@@ -98,6 +100,7 @@ class StepLoop:
 
     def iterate(self) -> None:
         """One step: leave, join, prefill, decode, answer."""
+        self.steps += 1
         try:
             self._sweep_failed_loads()
         except Exception:  # e.g. a delete racing a directory scan; retried next step
@@ -188,6 +191,8 @@ class StepLoop:
         if not static:
             room = min(room, cfg.max_prefill_rows)
         cache = self.registry.cache
+        if self.rows and not static and not self._prefill_due(room):
+            return []
         pinned, free = cache.placement()
         budget = SlotBudget(free, cfg.max_adapters_per_batch, pinned)
         timeout = 0.0 if self.rows else _IDLE_WAIT_S
@@ -196,6 +201,24 @@ class StepLoop:
         for _, row in chosen:
             row.joined = now
         return chosen
+
+    def _prefill_due(self, room: int) -> bool:
+        """While rows run, ready rows join in groups: once `prefill_min_rows` of them (or as
+        many as there is room for) are ready, or the first of them has waited
+        `prefill_max_wait_steps` steps. A prefill costs a fixed part per call: fewer, larger
+        ones keep the decode steps of the running rows cheaper."""
+        cfg = self.config
+        ready = self.scheduler.ready_rows(self.registry.cache.is_ready) if room > 0 else 0
+        if ready == 0:
+            self._held_since = None
+            return False
+        if self._held_since is None:
+            self._held_since = self.steps
+        waited = self.steps - self._held_since
+        if ready >= min(cfg.prefill_min_rows, room) or waited >= cfg.prefill_max_wait_steps:
+            self._held_since = None
+            return True
+        return False
 
     def _bind(self, chosen: list[tuple[int, Row]]) -> list[Row]:
         """Pin a bank slot for each row's adapter version. Rows answered meanwhile end here;

@@ -73,6 +73,14 @@ async def until_ready(engine: Engine, adapters: int) -> None:
         await asyncio.sleep(0.01)
 
 
+async def queued(engine: Engine, rows: int) -> None:
+    """Wait until `rows` rows are in the queue (their images are prepared in a thread pool)."""
+    deadline = time.monotonic() + 30
+    while engine.scheduler.queued < rows:
+        assert time.monotonic() < deadline, "rows never reached the queue"
+        await asyncio.sleep(0.005)
+
+
 def ask(image: int, *names: str, **kwargs: Any) -> CaptionRequest:
     return CaptionRequest(noise_image(image), names, "acme", **kwargs)
 
@@ -234,3 +242,34 @@ def test_static_scheduling_runs_a_batch_to_its_end_before_the_next(
     results = asyncio.run(run())
     assert [r.token_ids for r in results] == [expected(0, 1), expected(1, 1), expected(2, 2)]
     assert e.stats().batches == 2
+
+
+def test_waiting_rows_join_in_groups_or_after_the_wait_bound(
+    engine: Callable[..., Engine],
+) -> None:
+    """While rows run, ready rows join once prefill_min_rows of them wait, or when the first
+    has waited prefill_max_wait_steps steps; with nothing running they join at once."""
+    e = engine(prefill_min_rows=3, prefill_max_wait_steps=2, max_prefill_rows=8)
+
+    async def run() -> None:
+        first = asyncio.create_task(e.caption(ask(30, "a0")))
+        await settle()
+        await until_ready(e, 1)
+        await step(e)
+        assert e.stats().batches == 1  # nothing was running: it joined at once
+        pair = asyncio.create_task(e.caption(ask(31, "a0", "a0")))  # two rows: fewer than 3
+        await queued(e, 2)
+        await step(e)  # the first step with them waiting starts their wait
+        await step(e)
+        assert e.stats().batches == 1 and e.scheduler.queued == 2
+        await step(e)  # waited 2 steps: they join
+        assert e.stats().batches == 2 and e.scheduler.queued == 0
+        group = [asyncio.create_task(e.caption(ask(40 + i, "a0"))) for i in range(3)]
+        await queued(e, 3)
+        await step(e)  # three ready rows: they join at the first step
+        assert e.stats().batches == 3
+        while not all(t.done() for t in [first, pair, *group]):
+            await step(e)
+
+    asyncio.run(run())
+    assert e.stats().completed == 6
