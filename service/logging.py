@@ -69,7 +69,9 @@ class JsonFormatter(logging.Formatter):
             "request_id": getattr(record, "request_id", None) or request_id_var.get(),
         }
         for key, value in vars(record).items():
-            if key not in _RECORD_ATTRS and key not in entry:
+            # A leading underscore is another library's private mark on every record (Ray's
+            # record factory adds _ray_timestamp_ns), not an `extra` of ours.
+            if key not in _RECORD_ATTRS and key not in entry and not key.startswith("_"):
                 entry[key] = value
         if record.exc_info and record.exc_info[0] is not None:
             entry["exc"] = "".join(traceback.format_exception(*record.exc_info)).rstrip()

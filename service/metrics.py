@@ -58,6 +58,8 @@ LOAD_TIERS = ("cpu", "device")  # where an adapter load lands
 # backoff); other = an unexpected exception (a bug; not retried, reported for a cool-down).
 LOAD_FAILURE_REASONS = ("invalid", "gone", "io", "resource", "other")
 RESIDENCY_TIERS = ("device", "cpu", "disk")
+ROUTING_RESULTS = ("hit", "miss")  # a replica held the row's adapter on arrival, or not
+SCALEOUT_FAMILIES = ("ctxpeft_routing_requests",)  # exported by Ray Serve replicas only
 
 # Buckets in seconds, from a cached tiny-model caption (ms) to a cold CPU batch (tens of s).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -115,7 +117,10 @@ class ServiceMetrics:
         registry: CollectorRegistry | None = None,
         backbone: str = "unknown",
         device: str = "unknown",
+        scaleout: bool = False,
     ) -> None:
+        """`scaleout=True` (a Ray Serve replica) adds the families only a replica exports
+        (SCALEOUT_FAMILIES)."""
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self.adapter_label = AdapterLabeler(adapter_labels, adapter_allow_list)
         r = self.registry
@@ -273,6 +278,19 @@ class ServiceMetrics:
             self.adapters_resident.labels(tier=tier).set(0)
         self.set_build_info(__version__, backbone, device)
 
+        # --- scale-out (a Ray Serve replica only) -------------------------------------------
+        self.routing: Counter | None = None
+        if scaleout:
+            self.routing = Counter(
+                "ctxpeft_routing_requests",
+                "Caption rows by whether this replica already held their adapter's weights "
+                "(device slot or CPU tier) when they arrived (hit) or not (miss).",
+                ["result"],
+                registry=r,
+            )
+            for result in ROUTING_RESULTS:
+                self.routing.labels(result=result)
+
     # --- recording helpers (the families above may also be used directly) ------------------
     def observe_request(self, adapter: str | None, status: int, seconds: float) -> None:
         """One finished caption request: count it by status and time it."""
@@ -305,6 +323,14 @@ class ServiceMetrics:
         if tier not in RESIDENCY_TIERS:
             raise ValueError(f"unknown residency tier {tier!r}; expected one of {RESIDENCY_TIERS}")
         self.adapters_resident.labels(tier=tier).set(count)
+
+    def count_routing(self, result: str) -> None:
+        if self.routing is None or result not in ROUTING_RESULTS:
+            raise ValueError(
+                f"routing result {result!r}: needs ServiceMetrics(scaleout=True) and one of "
+                f"{ROUTING_RESULTS}"
+            )
+        self.routing.labels(result=result).inc()
 
     def reject(self, reason: str) -> None:
         if reason not in REJECTION_REASONS:

@@ -38,14 +38,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from prometheus_client import Counter, start_http_server
+from prometheus_client import start_http_server
 from ray import serve
 
 from adapters.format import AdapterFormatError
 from service.api.errors import ApiError
 from service.engine import CaptionRequest, CaptionResult, Engine
 from service.exceptions import EngineError
-from service.metrics import ServiceMetrics
+from service.metrics import ROUTING_RESULTS, ServiceMetrics
 from service.scaleout.loopback import bind_replica_grpc_to_node_ip
 from service.scaleout.messages import (
     Admitted,
@@ -82,20 +82,13 @@ class EngineReplica:
         settings = Settings(**settings_values)
         self.settings = settings
         self.metrics = ServiceMetrics(
-            adapter_labels=settings.metrics_adapter_labels, backbone=settings.backbone
+            adapter_labels=settings.metrics_adapter_labels,
+            backbone=settings.backbone,
+            scaleout=True,
         )
         self.engine = Engine.from_settings(settings, metrics=self.metrics)
         self.metrics.set_build_info("scaleout", settings.backbone, str(self.engine.backbone.device))
-        self.routing = Counter(
-            "ctxpeft_routing_requests",
-            "Caption rows by whether this replica already held their adapter's weights "
-            "(device slot or CPU tier) when they arrived (hit) or not (miss).",
-            ["result"],
-            registry=self.metrics.registry,
-        )
-        self._routed = {"hit": 0, "miss": 0}
-        for result in self._routed:
-            self.routing.labels(result)
+        self._routed = dict.fromkeys(ROUTING_RESULTS, 0)
         self.replica = serve.get_replica_context().replica_id.unique_id
 
         async def hold(model_id: str) -> str:
@@ -125,7 +118,7 @@ class EngineReplica:
             await self.hold(model_id)
         result = "hit" if hit else "miss"
         self._routed[result] += 1
-        self.routing.labels(result).inc()
+        self.metrics.count_routing(result)
         tokens: asyncio.Queue[int] = asyncio.Queue()
         request = CaptionRequest(
             call.image,

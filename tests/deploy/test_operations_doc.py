@@ -21,6 +21,7 @@ from annotated_types import Ge, Gt, Le, Lt
 from pydantic.fields import FieldInfo
 
 from service.cli import build_parser
+from service.metrics import SCALEOUT_FAMILIES, ServiceMetrics
 from service.settings import Settings
 from tests.deploy.conftest import DOCKER, ROOT, LiveService
 
@@ -124,7 +125,14 @@ def test_every_ctxpeft_variable_mentioned_is_a_setting() -> None:
 
 
 def test_every_metric_the_doc_names_is_exported(traffic: LiveService) -> None:
+    """By the running service, or (SCALEOUT_FAMILIES) by a Ray Serve replica's metrics."""
     exported = traffic.exported_names()
+    replica_text = ServiceMetrics(scaleout=True).render()[0].decode()
+    replica_only = set(re.findall(r"^(ctxpeft_[a-z_]+)", replica_text, re.MULTILINE)) - exported
+    assert {re.sub(r"_(total|created)$", "", name) for name in replica_only} == set(
+        SCALEOUT_FAMILIES
+    )
+    exported |= replica_only
     families = {re.sub(r"_(total|bucket|sum|count)$", "", name) for name in exported}
     mentioned = set(re.findall(r"\bctxpeft_[a-z_]+\b", DOC.read_text()))
     assert mentioned

@@ -101,8 +101,11 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(served: ServedPr
         httpx.Client(base_url=url, timeout=DRAIN_TIMEOUT_S + 10) as client,
         ThreadPoolExecutor(IN_FLIGHT) as pool,
     ):
-        # Short captions: on a busy CI machine the drain must still end well within its time.
-        futures = _launch(pool, client, IN_FLIGHT, tokens=8)
+        # Enough decode steps that the load outlasts its own admission check (8 rows of up to
+        # 48 tokens, two rows a step: ~190 steps), and few enough that the drain ends well
+        # within its time on a busy CI machine. (8 tokens each, ~30 steps, was over before the
+        # engine had reported every row admitted once decoding went per step.)
+        futures = _launch(pool, client, IN_FLIGHT, tokens=48)
         in_flight = [f for f in futures if not f.done()]
         assert len(in_flight) >= 2, "the load finished before the signal"
 

@@ -116,3 +116,23 @@ def test_plain_text_mode_also_routes_warnings() -> None:
     )
     (line,) = done.stderr.splitlines()
     assert line.endswith("WARNING py.warnings [None] plain one"), line
+
+
+def test_extras_are_kept_and_other_libraries_private_record_marks_are_not() -> None:
+    # Ray installs a record factory that adds `_ray_timestamp_ns` to every record in the
+    # process; such private marks stay out of our lines, `extra=` fields stay in.
+    lines, _ = run_configured(
+        """
+        import logging
+        factory = logging.getLogRecordFactory()
+        def marked(*args, **kwargs):
+            record = factory(*args, **kwargs)
+            record._ray_timestamp_ns = 1
+            return record
+        logging.setLogRecordFactory(marked)
+        logging.getLogger("service.x").info("batch done", extra={"rows": 4})
+        """
+    )
+    (line,) = lines
+    assert line["msg"] == "batch done" and line["rows"] == 4
+    assert not [key for key in line if key.startswith("_")], line
