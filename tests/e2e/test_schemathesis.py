@@ -1,5 +1,7 @@
-"""Property-based requests generated from the live server's /openapi.json (schemathesis):
-no generated request, valid or not, gets a 5xx, and every 4xx is in the one error shape."""
+"""Property-based requests generated from the live server's /openapi.json (schemathesis): no
+generated request, valid or not, gets a 5xx, and every 4xx is in its API's error shape: the
+native one ({"error": {type, message}, "request_id"}) or, under /v1/, OpenAI's
+({"error": {message, type, param, code}})."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from schemathesis.checks import positive_data_acceptance
 
 from tests.e2e.conftest import ACME_ADMIN, Service, bearer, fresh_store, running_service
 
-OPERATIONS = [
+NATIVE = [
     ("POST", "/caption"),
     ("GET", "/adapters"),
     ("GET", "/adapters/{name}"),
@@ -28,6 +30,12 @@ OPERATIONS = [
     ("GET", "/info"),
     ("GET", "/samples/random"),
 ]
+OPENAI = [
+    ("POST", "/v1/chat/completions"),
+    ("GET", "/v1/models"),
+    ("GET", "/v1/models/{model}"),
+]
+EXAMPLES = {"native": 25, "openai": 40}  # per operation
 
 
 @pytest.fixture(scope="module")
@@ -43,36 +51,52 @@ def api_schema(service: Service) -> Any:
 
 
 def test_schema_lists_every_operation(api_schema: Any) -> None:
-    # The OpenAI-compatible /v1 routes have their own error shape: test_openai_schemathesis.py.
     found = {(op.ok().method.upper(), op.ok().path) for op in api_schema.get_all_operations()}
-    assert {(method, path) for method, path in found if not path.startswith("/v1/")} == set(
-        OPERATIONS
-    )
+    assert found == set(NATIVE) | set(OPENAI)
 
 
-@pytest.mark.parametrize(("method", "path"), OPERATIONS)
-def test_generated_requests_get_no_server_error(api_schema: Any, method: str, path: str) -> None:
+def assert_native_error(body: dict[str, Any], request_id: str) -> None:
+    assert set(body) == {"error", "request_id"}, body
+    assert set(body["error"]) == {"type", "message"}, body
+    assert body["request_id"] == request_id
+
+
+def assert_openai_error(body: dict[str, Any], request_id: str) -> None:
+    assert set(body) == {"error"}, body
+    assert set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert request_id
+
+
+@pytest.mark.parametrize(
+    ("api", "method", "path"),
+    [("native", *op) for op in NATIVE] + [("openai", *op) for op in OPENAI],
+)
+def test_generated_requests_get_no_server_error(
+    api_schema: Any, api: str, method: str, path: str
+) -> None:
     operation = api_schema[path][method]
     cases = st.one_of(
         operation.as_strategy(GenerationMode.POSITIVE),
         operation.as_strategy(GenerationMode.NEGATIVE),
     )
+    assert_error = assert_openai_error if api == "openai" else assert_native_error
 
     @given(case=cases)
     @settings(
-        max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), database=None
+        max_examples=EXAMPLES[api],
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        database=None,
     )
     def check(case: Any) -> None:
-        # Every check but "schema-valid data is accepted": the schema cannot say that an
-        # image must decode or that an adapter must exist, so those 4xx answers are right.
+        # Every check but "schema-valid data is accepted": the schema cannot say that an image
+        # must decode, that a URL must be a data: URL of an image, or that an adapter (model)
+        # must exist, so those 4xx answers are right.
         response = case.call_and_validate(
             headers=bearer(ACME_ADMIN), excluded_checks=[positive_data_acceptance]
         )
         assert response.status_code < 500
         if response.status_code >= 400:
-            body = response.json()
-            assert set(body) == {"error", "request_id"}, body
-            assert set(body["error"]) == {"type", "message"}, body
-            assert body["request_id"] == response.headers["x-request-id"][0]
+            assert_error(response.json(), response.headers["x-request-id"][0])
 
     check()
