@@ -90,6 +90,46 @@ def test_hot_adapter_cannot_starve_a_cold_one() -> None:
     assert sum(len(b) for b in order[cold_batch + 1 :]) == 200 - 13 * 8
 
 
+@pytest.mark.parametrize(("adapters", "slots"), [(1, 2), (None, 1)])  # capped, or slot-bound
+def test_hot_adapter_cannot_starve_a_cold_one_in_the_step_loop(
+    adapters: int | None, slots: int
+) -> None:
+    """The same bound, re-proved for per-step joins (`next_rows` as the step loop calls it:
+    room = free running places, the running rows' adapters present in the slot budget), with
+    rows of different lengths leaving at different steps. Counted in steps."""
+    max_batch = 8
+    s = make(max_batch=max_batch, adapters=adapters)
+    submit(s, [Row("hot") for _ in range(40)])
+    submit(s, [Row("cold")])
+    submit(s, [Row("hot") for _ in range(40)])
+    cold_seq = 41  # sequence numbers start at 1
+    lengths = [3, 7, 4, 9, 5, 2, 8, 6]  # steps a row runs, by its sequence number
+    running: list[tuple[str, int]] = []  # (adapter, steps left)
+    joined: list[tuple[int, int, int]] = []  # (step, take, seq)
+    last_older_joined = cold_joined = None
+    for step in range(10_000):
+        running = [(key, left - 1) for key, left in running if left > 1]
+        present = {key for key, _ in running}
+        budget = SlotBudget(slots - len(present), adapters, present)
+        taken = s.next_rows(always, budget, max_batch - len(running), timeout=0)
+        for seq, row in taken:
+            joined.append((step, len(joined), seq))
+            running.append((row.key, lengths[seq % len(lengths)]))
+            if seq == cold_seq:
+                cold_joined = step
+        if any(seq < cold_seq for seq, _ in taken) and not any(seq == cold_seq for seq, _ in taken):
+            last_older_joined = step
+        if not s.waiting and not running:
+            break
+    assert cold_joined is not None and last_older_joined is not None
+    # No younger hot row joins at a later step than the last older one while the cold row
+    # waits (the take that seats the last older rows may top up with younger ones: grouping).
+    assert all(seq < cold_seq for step, _, seq in joined if last_older_joined < step < cold_joined)
+    # ...so the cold row joins at the latest once the rows running then have ended.
+    assert cold_joined <= last_older_joined + max(lengths)
+    assert sorted(seq for _, _, seq in joined) == list(range(1, 82))  # every row ran once
+
+
 def test_rows_of_adapters_not_ready_wait_and_trigger_nothing_else() -> None:
     s = make(max_batch=8)
     submit(s, [Row("cold"), Row("warm"), Row("warm")])

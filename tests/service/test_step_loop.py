@@ -219,6 +219,47 @@ def test_a_burst_never_stalls_running_rows_beyond_the_prefill_budget(
     assert e.stats().completed == 28
 
 
+def test_no_slot_is_evicted_while_a_running_row_uses_it(engine: Callable[..., Engine]) -> None:
+    """One device slot, four adapters: a0's row runs, rows of a1..a3 wait. At every step a0
+    keeps its slot, pinned; the others take the slot one after another only once the row
+    that used it has left; every row gets its adapter's tokens alone."""
+    e = engine(device_slots=1)
+
+    async def run() -> list[CaptionResult]:
+        first = asyncio.create_task(e.caption(ask(30, "a0")))
+        await settle()
+        await until_ready(e, 1)
+        await step(e)
+        assert e.stats().running == 1
+        key = e.loop.rows[0].key
+        slot = e.registry.cache.slot_of(key)
+        assert slot is not None
+        others = [asyncio.create_task(e.caption(ask(30 + i, f"a{i}"))) for i in (1, 2, 3)]
+        await settle()
+        await until_ready(e, 4)
+        tasks = [first, *others]
+        holders: list[str] = []
+        while not all(t.done() for t in tasks):
+            names = {row.name for row in e.loop.rows}
+            assert len(names) <= 1, names  # one slot: never two adapters running together
+            if names:
+                (name,) = names
+                holder = e.loop.rows[0].key
+                assert e.registry.cache.slot_of(holder) == slot
+                assert e.registry.cache.pins(slot) == len(e.loop.rows)
+                if not holders or holders[-1] != name:
+                    holders.append(name)
+            await step(e)
+        # a0 first; then each other adapter once, in the order its row reached the queue
+        # (images are prepared in a thread pool, so that order is not a1, a2, a3 by design).
+        assert holders[0] == "a0" and sorted(holders[1:]) == ["a1", "a2", "a3"]
+        return [(await t)[0] for t in tasks]
+
+    results = asyncio.run(run())
+    assert [r.token_ids for r in results] == [expected(i, 30 + i) for i in range(4)]
+    assert e.registry.cache.pins(0) == 0 and e.scheduler.inflight == 0
+
+
 def test_static_scheduling_runs_a_batch_to_its_end_before_the_next(
     engine: Callable[..., Engine],
 ) -> None:
