@@ -159,7 +159,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
             for r in rows
             if r["mode"] == "static" and r["adapters"] == args.adapters
         )
-        fractions = [float(f) for f in args.open_loop.split(",")]
+        fractions = [float(f) for f in args.open_loop.split(",") if f.strip()]
         open_runs: dict[tuple[str, float], list[dict[str, Any]]] = {}
         for round_ in range(args.rounds):
             plans = [(mode, f) for mode in MODES for f in fractions]
