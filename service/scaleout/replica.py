@@ -42,6 +42,7 @@ from prometheus_client import start_http_server
 from ray import serve
 
 from adapters.format import AdapterFormatError
+from service import __version__
 from service.api.errors import ApiError
 from service.engine import CaptionRequest, CaptionResult, Engine
 from service.exceptions import EngineError
@@ -87,7 +88,9 @@ class EngineReplica:
             scaleout=True,
         )
         self.engine = Engine.from_settings(settings, metrics=self.metrics)
-        self.metrics.set_build_info("scaleout", settings.backbone, str(self.engine.backbone.device))
+        self.metrics.set_build_info(
+            __version__, settings.backbone, str(self.engine.backbone.device)
+        )
         self._routed = dict.fromkeys(ROUTING_RESULTS, 0)
         self.replica = serve.get_replica_context().replica_id.unique_id
 

@@ -23,6 +23,7 @@ import psutil
 import pytest
 
 from adapters.format import CONFIG_FILE, WEIGHTS_FILE, save_adapter
+from service import __version__
 from service.engine import CaptionRequest, Engine, EngineConfig
 from service.store import AdapterStore
 from tests.e2e.conftest import ACME_ADMIN, BETA_ADMIN, Scrape, assert_error, bearer, noise_png
@@ -144,6 +145,8 @@ def test_rows_land_on_the_replica_holding_their_adapter_and_captions_match_one_p
     assert joins == len(responses)
     for scrape in after:
         assert scrape.value("ctxpeft_engine_up") == 1
+        build = {"version": __version__, "backbone": ray_service.settings.backbone, "device": "cpu"}
+        assert scrape.value("ctxpeft_build_info", **build) == 1
     # The captions are the single-process service's, for every adapter and image.
     expected = single_process_captions(ray_service.store.root, pairs)
     got = [r.json()["caption"] for r in responses]
