@@ -8,7 +8,7 @@ CTXPEFT_* variables), its stdout and stderr each kept in a file.
         assert served.process.wait(timeout=30) == 0
     served.json_lines()        # every stderr line parsed as JSON (fails on one that is not)
 
-`saved_tiny_service(root)` lays out what most of these servers run: the tiny test backbone
+`saved_tiny_service(root).env()` serves what most of these servers run: the tiny test backbone
 saved as a folder and a store with acme/news trained on it.
 """
 
@@ -44,13 +44,29 @@ def free_port() -> int:
         return port
 
 
-def saved_tiny_service(root: Path) -> tuple[Path, Path]:
-    """(backbone folder, store folder): the tiny backbone saved, acme/news trained on it."""
-    backbone_dir = root / "backbone"
-    tiny_backbone().save(backbone_dir)
-    store_dir = root / "adapters"
-    put(AdapterStore(store_dir), "acme", "news", random_adapter(tiny_backbone(), 1))
-    return backbone_dir, store_dir
+@dataclass(frozen=True)
+class SavedService:
+    """What `saved_tiny_service` laid out under `root`."""
+
+    root: Path
+    backbone: Path
+    store: Path
+
+    def env(self) -> dict[str, str]:
+        """The CTXPEFT_* variables that serve it (runtime folder `root/var`)."""
+        return {
+            "CTXPEFT_RUNTIME_DIR": str(self.root / "var"),
+            "CTXPEFT_BACKBONE": str(self.backbone),
+            "CTXPEFT_STORE_DIR": str(self.store),
+        }
+
+
+def saved_tiny_service(root: Path) -> SavedService:
+    """The tiny backbone saved as a folder and a store with acme/news trained on it."""
+    saved = SavedService(root, root / "backbone", root / "adapters")
+    tiny_backbone().save(saved.backbone)
+    put(AdapterStore(saved.store), "acme", "news", random_adapter(tiny_backbone(), 1))
+    return saved
 
 
 def base_env(port: int) -> dict[str, str]:

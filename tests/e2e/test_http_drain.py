@@ -52,11 +52,8 @@ IN_FLIGHT = 8  # four batches of two
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedProcess]:
     """`ctxpeft serve` in a child process (tests/e2e/serve_process.py), ready."""
     root = tmp_path_factory.mktemp("drain")
-    backbone_dir, store_dir = saved_tiny_service(root)
     env = {
-        "CTXPEFT_RUNTIME_DIR": str(root / "var"),
-        "CTXPEFT_BACKBONE": str(backbone_dir),
-        "CTXPEFT_STORE_DIR": str(store_dir),
+        **saved_tiny_service(root).env(),
         "CTXPEFT_DRAIN_TIMEOUT_S": str(DRAIN_TIMEOUT_S),
         # Two rows per batch and long captions: the requests take a few batches to finish.
         "CTXPEFT_MAX_BATCH_SIZE": "2",

@@ -33,12 +33,7 @@ def bomb_png() -> bytes:
 
 
 def test_every_stderr_line_is_json_with_a_library_warning_and_a_drain(tmp_path: Path) -> None:
-    backbone_dir, store_dir = saved_tiny_service(tmp_path)
-    env = {
-        "CTXPEFT_RUNTIME_DIR": str(tmp_path / "var"),
-        "CTXPEFT_BACKBONE": str(backbone_dir),
-        "CTXPEFT_STORE_DIR": str(store_dir),
-    }
+    env = saved_tiny_service(tmp_path).env()
     with serve_process(tmp_path, env) as served:
         served.wait_ready()
         with httpx.Client(base_url=served.url, timeout=60) as client:

@@ -50,23 +50,18 @@ def test_serve_without_a_built_demo_exits_2_naming_ctxpeft_demo(tmp_path: Path) 
 
 
 def test_serve_refuses_a_store_whose_adapters_all_name_another_backbone(tmp_path: Path) -> None:
-    backbone_dir, store_dir = saved_tiny_service(tmp_path)
-    ours = json.loads((backbone_dir / "backbone.json").read_text())["fingerprint"]
+    saved = saved_tiny_service(tmp_path)
+    ours = json.loads((saved.backbone / "backbone.json").read_text())["fingerprint"]
     other = "0123456789abcdef0123456789abcdef"
-    (config_path,) = store_dir.glob("acme/news/v*/adapter_config.json")
+    (config_path,) = saved.store.glob("acme/news/v*/adapter_config.json")
     config = json.loads(config_path.read_text())
     assert config["base_fingerprint"] == ours
     config["base_fingerprint"] = other  # as if trained on another build of the backbone
     config_path.write_text(json.dumps(config))
-    env = {
-        "CTXPEFT_RUNTIME_DIR": str(tmp_path / "var"),
-        "CTXPEFT_BACKBONE": str(backbone_dir),
-        "CTXPEFT_STORE_DIR": str(store_dir),
-    }
-    with serve_process(tmp_path, env) as served:
+    with serve_process(tmp_path, saved.env()) as served:
         error = refused(served)
     message = error["msg"]
-    assert message.startswith(f"none of the 1 adapters in the store {store_dir}")
+    assert message.startswith(f"none of the 1 adapters in the store {saved.store}")
     assert f"(fingerprint {ours})" in message
     assert f"they name {other} (1)" in message
     assert "CTXPEFT_BACKBONE" in message and "CTXPEFT_STORE_DIR" in message
@@ -111,12 +106,7 @@ def test_invalid_setting_exits_2_with_one_line(tmp_path: Path) -> None:
 def test_sigterm_during_start_up_exits_0_at_once(tmp_path: Path) -> None:
     """The signal lands while the process imports torch and the app (it has logged
     "starting", not yet listened): nothing to drain, so it exits with status 0."""
-    backbone_dir, store_dir = saved_tiny_service(tmp_path)
-    env = {
-        "CTXPEFT_RUNTIME_DIR": str(tmp_path / "var"),
-        "CTXPEFT_BACKBONE": str(backbone_dir),
-        "CTXPEFT_STORE_DIR": str(store_dir),
-    }
+    env = saved_tiny_service(tmp_path).env()
     with serve_process(tmp_path, env) as served:
         served.wait_for_log("starting")
         served.process.send_signal(signal.SIGTERM)
@@ -132,12 +122,7 @@ def test_sigterm_during_start_up_exits_0_at_once(tmp_path: Path) -> None:
 
 
 def test_sigterm_once_listening_before_ready_exits_0(tmp_path: Path) -> None:
-    backbone_dir, store_dir = saved_tiny_service(tmp_path)
-    env = {
-        "CTXPEFT_RUNTIME_DIR": str(tmp_path / "var"),
-        "CTXPEFT_BACKBONE": str(backbone_dir),
-        "CTXPEFT_STORE_DIR": str(store_dir),
-    }
+    env = saved_tiny_service(tmp_path).env()
     with serve_process(tmp_path, env) as served:
         deadline = time.monotonic() + EXIT_TIMEOUT_S
         while True:  # the first moment it answers /healthz, ready or not
