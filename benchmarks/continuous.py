@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from adapters.backbone import Backbone
+from benchmarks.plotting import save_figure
 from benchmarks.serving import TENANT, images, make_adapter
 from benchmarks.serving_args import ROOT
 from benchmarks.workload import Picker, RunResult, closed_loop, open_loop
@@ -264,12 +265,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     left.set_title(f"Latency vs offered load (static capacity {capacity:.1f} req/s)")
     right.set(xlabel="offered load (requests/s)", ylabel="time to first token (ms)", yscale="log")
     right.set_title("Time to first token")
-    for ax in (left, right):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, legends=(left, right))
 
 
 def table(result: dict[str, Any]) -> str:

@@ -38,6 +38,7 @@ from adapters.demo import DemoPlan, backbone_dir
 from adapters.evaluation import evaluate
 from adapters.model import ContextPEFTModel
 from adapters.training import TrainOptions, encode_source, train_adapter
+from benchmarks.plotting import save_figure
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks/results/method_comparison.json"
@@ -177,10 +178,7 @@ def plot(table: list[dict[str, Any]], tasks: list[str], path: Path) -> None:
         "bars: mean over seeds, whiskers: min to max)",
         fontsize=10,
     )
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

@@ -47,6 +47,7 @@ from adapters.model import ContextPEFTModel
 from adapters.presets import get_preset
 from benchmarks.baselines import BatchServer, PeftLoras, base_step, greedy
 from benchmarks.cold_load import make_adapter, registry_trials
+from benchmarks.plotting import save_figure
 from benchmarks.serving_args import ROOT, add_arguments
 from benchmarks.workload import Picker, RunResult, closed_loop, open_loop
 from service.engine import CaptionRequest, Engine, EngineConfig
@@ -387,12 +388,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     left.set_title("Closed-loop throughput")
     right.set(xscale="log", xlabel="adapters N", ylabel="distinct adapters per batch")
     right.set_title("Adapter mixing per batch")
-    for ax in (left, right):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, legends=(left, right))
 
 
 def table(rows: list[dict[str, Any]]) -> str:
