@@ -236,15 +236,16 @@ def _reference_logits(
         return lm(inputs_embeds=x.double()).logits
 
 
-@pytest.mark.parametrize(
-    ("method", "kwargs"),
-    [
-        ("lora", {"rank": 4, "alpha": 6.0}),
-        ("lora", {"rank": 3, "fuse_gate_up": False}),
-        ("ia3", {}),
-        ("bitfit", {}),
-    ],
-)
+# Each method with non-default options (LoRA scaling, unfused gate/up), for the reference tests.
+METHOD_CASES = [
+    ("lora", {"rank": 4, "alpha": 6.0}),
+    ("lora", {"rank": 3, "fuse_gate_up": False}),
+    ("ia3", {}),
+    ("bitfit", {}),
+]
+
+
+@pytest.mark.parametrize(("method", "kwargs"), METHOD_CASES)
 def test_context_specific_equals_float64_token_reference(
     tiny_backbone: Backbone,
     model: ContextPEFTModel,
@@ -435,15 +436,7 @@ def test_routing_derives_the_layout_from_a_contexts_tensor(mixed_bank: AdapterBa
         Routing.prefill(mixed_bank, [0], [(1, 2), (1, 2)], WIDTH)
 
 
-@pytest.mark.parametrize(
-    ("method", "kwargs"),
-    [
-        ("lora", {"rank": 4, "alpha": 6.0}),
-        ("lora", {"rank": 3, "fuse_gate_up": False}),
-        ("ia3", {}),
-        ("bitfit", {}),
-    ],
-)
+@pytest.mark.parametrize(("method", "kwargs"), METHOD_CASES)
 def test_unequal_image_prefixes_equal_float64_token_reference(
     tiny_backbone: Backbone,
     model: ContextPEFTModel,

@@ -96,12 +96,7 @@ def eventually(check: Callable[[], bool], timeout: float = 10.0) -> None:
 
 def loaded(registry: AdapterRegistry, store: AdapterStore, count: int) -> list[AdapterVersion]:
     """`count` adapters a0.. on the CPU tier (from disk, through the loader)."""
-    backbone = tiny_backbone()
-    for i in range(count):
-        put(store, "acme", f"a{i}", random_adapter(backbone, i))
-    versions = [registry.resolve("acme", f"a{i}") for i in range(count)]
-    for version in versions:
-        registry.cache.want(version)
+    versions = loaded_without_waiting(registry, store, count)
     eventually(lambda: all(registry.cache.is_ready(v) for v in versions))
     return versions
 
@@ -516,6 +511,7 @@ def test_the_loader_survives_a_burst_of_failures(
 def loaded_without_waiting(
     registry: AdapterRegistry, store: AdapterStore, count: int
 ) -> list[AdapterVersion]:
+    """`count` adapters a0.. stored and wanted; their loads may still be running."""
     backbone = tiny_backbone()
     for i in range(count):
         put(store, "acme", f"a{i}", random_adapter(backbone, i))
