@@ -264,3 +264,21 @@ def reduced_demo() -> Iterator[DemoBuild]:
                 torch.set_num_threads(threads)
         _remove_stale_builds(keep=root)
         yield DemoBuild(backbone_dir(root, REDUCED_DEMO_PLAN.backbone.name), store_dir)
+
+
+@contextmanager
+def running_demo(
+    demo: DemoBuild, folder: Path, tenant_copies: bool = False, **overrides: Any
+) -> Iterator[Service]:
+    """`running_service` on the reduced demo's backbone over a copy of its store in
+    `folder/adapters`. `tenant_copies`: acme also owns count and colors, beta owns beta-count
+    (copies of the public versions)."""
+    store = folder / "adapters"
+    shutil.copytree(demo.store_dir, store)
+    if tenant_copies:
+        for task in ("count", "colors"):
+            shutil.copytree(store / "public" / task, store / "acme" / task)
+        shutil.copytree(store / "public" / "count", store / "beta" / "beta-count")
+    backbone = Backbone.load(demo.backbone_dir)
+    with running_service(store, model=backbone, backbone="demo", **overrides) as running:
+        yield running

@@ -8,13 +8,11 @@ Store: public/count and public/colors from the build; tenant acme has its own co
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
-from adapters.backbone import Backbone
 from adapters.data.synthetic import SyntheticCaptions, caption, render
 from tests.e2e.conftest import (
     ACME_ADMIN,
@@ -27,7 +25,7 @@ from tests.e2e.conftest import (
     bearer,
     encode,
     image_file,
-    running_service,
+    running_demo,
 )
 
 # The first held-out (test split) scene with two shapes, as tests/e2e/test_demo.py checks the
@@ -42,14 +40,12 @@ ACME = bearer(ACME_ADMIN)
 
 @pytest.fixture(scope="module")
 def service(reduced_demo: DemoBuild, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    store = tmp_path_factory.mktemp("demo-store") / "adapters"
-    shutil.copytree(reduced_demo.store_dir, store)
-    for task in ("count", "colors"):
-        shutil.copytree(store / "public" / task, store / "acme" / task)
-    shutil.copytree(store / "public" / "count", store / "beta" / "beta-count")
-    backbone = Backbone.load(reduced_demo.backbone_dir)
-    with running_service(
-        store, model=backbone, backbone="demo", default_max_new_tokens=32, max_new_tokens_limit=64
+    with running_demo(
+        reduced_demo,
+        tmp_path_factory.mktemp("demo-store"),
+        tenant_copies=True,
+        default_max_new_tokens=32,
+        max_new_tokens_limit=64,
     ) as running:
         yield running
 

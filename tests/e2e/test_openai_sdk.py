@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,7 +19,6 @@ import openai
 import pytest
 from PIL import Image
 
-from adapters.backbone import Backbone
 from tests.e2e.conftest import (
     ACME_ADMIN,
     BETA_ADMIN,
@@ -30,7 +28,7 @@ from tests.e2e.conftest import (
     bearer,
     encode,
     image_file,
-    running_service,
+    running_demo,
 )
 from tests.e2e.openai_helpers import data_url, image_message, sdk
 from tests.e2e.test_http_caption import COLORS, COUNT, IMAGE
@@ -40,16 +38,10 @@ MAX_PIXELS = 256 * 256
 
 @pytest.fixture(scope="module")
 def service(reduced_demo: DemoBuild, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    store = tmp_path_factory.mktemp("openai-demo-store") / "adapters"
-    shutil.copytree(reduced_demo.store_dir, store)
-    for task in ("count", "colors"):
-        shutil.copytree(store / "public" / task, store / "acme" / task)
-    shutil.copytree(store / "public" / "count", store / "beta" / "beta-count")
-    backbone = Backbone.load(reduced_demo.backbone_dir)
-    with running_service(
-        store,
-        model=backbone,
-        backbone="demo",
+    with running_demo(
+        reduced_demo,
+        tmp_path_factory.mktemp("openai-demo-store"),
+        tenant_copies=True,
         default_max_new_tokens=32,
         max_new_tokens_limit=64,
         max_image_pixels=MAX_PIXELS,

@@ -13,7 +13,6 @@ has seen before.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 
 import httpx
@@ -32,6 +31,7 @@ from tests.e2e.conftest import (
     bearer,
     encode,
     image_file,
+    running_demo,
     running_service,
 )
 from tests.smol import SMOKE_PHOTOS, require_smol, smoke_photos
@@ -73,11 +73,7 @@ def smol_service(
 def demo_service(
     reduced_demo: DemoBuild, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Service]:
-    store = tmp_path_factory.mktemp("demo-smoke") / "adapters"
-    shutil.copytree(reduced_demo.store_dir, store)
-    with running_service(
-        store, model=Backbone.load(reduced_demo.backbone_dir), backbone="demo"
-    ) as running:
+    with running_demo(reduced_demo, tmp_path_factory.mktemp("demo-smoke")) as running:
         yield running
 
 

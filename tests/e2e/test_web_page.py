@@ -33,7 +33,6 @@ import pytest
 from PIL import Image
 from playwright.sync_api import Browser, FilePayload, Page, Route, expect, sync_playwright
 
-from adapters.backbone import Backbone
 from service.api.app import create_app
 from service.engine import Engine, EngineConfig
 from service.metrics import ServiceMetrics
@@ -45,6 +44,7 @@ from tests.e2e.conftest import (
     bearer,
     image_file,
     noise_png,
+    running_demo,
     running_service,
     scrape,
 )
@@ -90,12 +90,9 @@ def open_service(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 def demo_service(
     reduced_demo: DemoBuild, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Service]:
-    store = tmp_path_factory.mktemp("demo-page-store") / "adapters"
-    shutil.copytree(reduced_demo.store_dir, store)
-    with running_service(
-        store,
-        model=Backbone.load(reduced_demo.backbone_dir),
-        backbone="demo",
+    with running_demo(
+        reduced_demo,
+        tmp_path_factory.mktemp("demo-page-store"),
         keys=None,
         default_adapter="count",
         default_max_new_tokens=32,

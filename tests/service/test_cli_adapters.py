@@ -23,7 +23,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from adapters.backbone import Backbone
 from adapters.format import CONFIG_FILE, WEIGHTS_FILE, save_adapter
 from service.cli import main
 from tests.e2e import conftest as e2e
@@ -35,7 +34,7 @@ from tests.e2e.conftest import (
     Service,
     bearer,
     image_file,
-    running_service,
+    running_demo,
 )
 from tests.e2e.test_http_caption import COUNT, IMAGE
 from tests.service.adapter_fixtures import random_adapter, tiny_backbone
@@ -47,11 +46,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def service(reduced_demo: DemoBuild, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    store = tmp_path_factory.mktemp("cli-store") / "adapters"
-    shutil.copytree(reduced_demo.store_dir, store)
-    backbone = Backbone.load(reduced_demo.backbone_dir)
-    with running_service(
-        store, model=backbone, backbone="demo", default_max_new_tokens=32, max_new_tokens_limit=64
+    with running_demo(
+        reduced_demo,
+        tmp_path_factory.mktemp("cli-store"),
+        default_max_new_tokens=32,
+        max_new_tokens_limit=64,
     ) as running:
         yield running
 
