@@ -16,6 +16,7 @@ import torch
 
 from adapters.adapter_set import AdapterSet
 from adapters.backbone import Backbone, LMDims
+from adapters.bank import AdapterBank
 from adapters.config import AGNOSTIC, CONTEXTS, AdapterConfig, BackboneConfig, ConnectorSpec
 from adapters.config import resolve_targets as _resolve
 from adapters.model import ContextPEFTModel
@@ -93,6 +94,17 @@ def make_set(
             elif name.endswith("lora_A"):
                 p.copy_(0.3 * noise)
     return adapter.eval()
+
+
+def bank_of(
+    backbone: Backbone, sets: list[AdapterSet], max_rank: int, dtype: torch.dtype = torch.float32
+) -> AdapterBank:
+    """A bank with a linear connector and set i loaded into slot i."""
+    spec = ConnectorSpec("linear", backbone.vision_dim, backbone.dims.hidden_size)
+    bank = AdapterBank(backbone.dims, spec, len(sets), max_rank=max_rank, dtype=dtype)
+    for slot, adapter in enumerate(sets):
+        bank.load(slot, adapter)
+    return bank
 
 
 @pytest.fixture(scope="session")

@@ -12,9 +12,9 @@ import torch
 
 from adapters.adapter_set import AdapterSet
 from adapters.bank import AdapterBank
-from adapters.config import ConnectorSpec
 from adapters.decoding import DecodeState
 from adapters.model import ContextPEFTModel
+from tests.adapters.conftest import bank_of
 
 ROWS = 10
 LIMIT = 12
@@ -36,11 +36,7 @@ def _bank(
         factory("bitfit", seed=26),
         factory("bitfit", agnostic=True, seed=27),
     ]
-    spec = ConnectorSpec("linear", backbone.vision_dim, backbone.dims.hidden_size)
-    bank = AdapterBank(backbone.dims, spec, len(sets), max_rank=16, dtype=dtype)
-    for slot, adapter in enumerate(sets):
-        bank.load(slot, adapter)
-    return bank
+    return bank_of(backbone, sets, max_rank=16, dtype=dtype)
 
 
 def _features(model: ContextPEFTModel, rows: int, tokens: int = 4) -> torch.Tensor:

@@ -39,7 +39,7 @@ from adapters.layers import ContextLinear
 from adapters.model import ContextPEFTModel
 from adapters.routing import Path as RoutePath
 from adapters.routing import Routing
-from tests.adapters.conftest import PATHS
+from tests.adapters.conftest import PATHS, bank_of
 
 PARENT = {
     name: "self_attn" if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
@@ -271,13 +271,6 @@ def test_context_specific_equals_float64_token_reference(
 @pytest.fixture(scope="module")
 def mixed_bank(model: ContextPEFTModel, adapter_factory: Callable[..., AdapterSet]) -> AdapterBank:
     """Six slots mixing methods, ranks and agnostic/context-specific sets."""
-    backbone = model.backbone
-    bank = AdapterBank(
-        backbone.dims,
-        ConnectorSpec("linear", backbone.vision_dim, backbone.dims.hidden_size),
-        6,
-        max_rank=8,
-    )
     sets = [
         adapter_factory("lora", rank=2, seed=10),
         adapter_factory("ia3", seed=11),
@@ -286,9 +279,7 @@ def mixed_bank(model: ContextPEFTModel, adapter_factory: Callable[..., AdapterSe
         adapter_factory("lora", rank=5, fuse_gate_up=False, seed=14),
         adapter_factory("ia3", agnostic=True, targets="attn", seed=15),
     ]
-    for slot, adapter in enumerate(sets):
-        bank.load(slot, adapter)
-    return bank
+    return bank_of(model.backbone, sets, max_rank=8)
 
 
 def test_paths_agree_on_a_mixed_batch(model: ContextPEFTModel, mixed_bank: AdapterBank) -> None:
@@ -602,12 +593,6 @@ def test_ranks_1_to_64_in_one_batch(
     tiny_backbone: Backbone, model: ContextPEFTModel, adapter_factory: Callable[..., AdapterSet]
 ) -> None:
     backbone = model.backbone
-    bank = AdapterBank(
-        backbone.dims,
-        ConnectorSpec("linear", backbone.vision_dim, backbone.dims.hidden_size),
-        5,
-        max_rank=64,
-    )
     sets = [
         adapter_factory("lora", rank=1, seed=31),
         adapter_factory("lora", rank=64, seed=32),
@@ -615,8 +600,7 @@ def test_ranks_1_to_64_in_one_batch(
         adapter_factory("ia3", seed=34),
         adapter_factory("lora", rank=5, targets="ffn", seed=35),
     ]
-    for slot, adapter in enumerate(sets):
-        bank.load(slot, adapter)
+    bank = bank_of(backbone, sets, max_rank=64)
     contexts, _ = _ragged()
     contexts = torch.cat([contexts, torch.tensor([[TEXT] + [IMAGE] * 4 + [TEXT] * 5] * 4)])
     slots = torch.tensor([1, 0, 2, 3, 4, 1, 4, 0, 3, 2])

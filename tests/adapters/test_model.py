@@ -13,10 +13,11 @@ import torch
 
 from adapters.adapter_set import AdapterSet
 from adapters.bank import AdapterBank
-from adapters.config import IMAGE, TEXT, ConnectorSpec
+from adapters.config import IMAGE, TEXT
 from adapters.model import ContextPEFTModel
 from adapters.routing import Path as RoutePath
 from adapters.routing import Routing
+from tests.adapters.conftest import bank_of
 
 ROWS, SETS = 24, 8
 RANKS = (2, 4, 6, 8, 10, 12, 14, 16)
@@ -42,12 +43,7 @@ def _sets(factory: Callable[..., AdapterSet], kind: str) -> list[AdapterSet]:
 
 
 def _bank(model: ContextPEFTModel, sets: list[AdapterSet]) -> AdapterBank:
-    backbone = model.backbone
-    spec = ConnectorSpec("linear", backbone.vision_dim, backbone.dims.hidden_size)
-    bank = AdapterBank(backbone.dims, spec, num_slots=len(sets), max_rank=max(RANKS))
-    for slot, adapter in enumerate(sets):
-        bank.load(slot, adapter)
-    return bank
+    return bank_of(model.backbone, sets, max_rank=max(RANKS))
 
 
 def _features(model: ContextPEFTModel, rows: int, seed: int = 0) -> torch.Tensor:
