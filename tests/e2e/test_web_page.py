@@ -31,7 +31,15 @@ from typing import Any
 import httpx
 import pytest
 from PIL import Image
-from playwright.sync_api import Browser, FilePayload, Page, Route, expect, sync_playwright
+from playwright.sync_api import (
+    Browser,
+    BrowserContext,
+    FilePayload,
+    Page,
+    Route,
+    expect,
+    sync_playwright,
+)
 
 from service.api.app import create_app
 from service.engine import Engine, EngineConfig
@@ -560,20 +568,27 @@ def test_no_adapter_ticked_and_no_default_shows_the_services_message(page: Page)
     )
 
 
-def test_api_docs_render_offline(browser: Browser, service: Service) -> None:
-    """/docs (Swagger UI) renders the OpenAPI with every script served by the service: any
-    request to another host is refused and counted."""
-    context = browser.new_context()
+def only_these_hosts(context: BrowserContext, *prefixes: str) -> list[str]:
+    """Let the context's requests through only to URLs starting with one of `prefixes`; the
+    list it returns fills with every other URL requested (each refused)."""
     elsewhere: list[str] = []
 
-    def only_this_server(route: Route) -> None:
-        if route.request.url.startswith(service.url):
+    def route(route: Route) -> None:
+        if route.request.url.startswith(prefixes):
             route.continue_()
         else:
             elsewhere.append(route.request.url)
             route.abort()
 
-    context.route("**/*", only_this_server)
+    context.route("**/*", route)
+    return elsewhere
+
+
+def test_api_docs_render_offline(browser: Browser, service: Service) -> None:
+    """/docs (Swagger UI) renders the OpenAPI with every script served by the service: any
+    request to another host is refused and counted."""
+    context = browser.new_context()
+    elsewhere = only_these_hosts(context, service.url)
     page = context.new_page()
     page.goto(f"{service.url}/docs")
     expect(page.locator(".opblock-summary-path", has_text="/caption")).to_be_visible()
@@ -593,16 +608,7 @@ def test_api_docs_render_offline(browser: Browser, service: Service) -> None:
 
 def test_the_page_contacts_no_other_host(browser: Browser, demo_service: Service) -> None:
     context = browser.new_context()
-    elsewhere: list[str] = []
-
-    def only_this_server(route: Route) -> None:
-        if route.request.url.startswith((demo_service.url, "blob:", "data:")):
-            route.continue_()
-        else:
-            elsewhere.append(route.request.url)
-            route.abort()
-
-    context.route("**/*", only_this_server)
+    elsewhere = only_these_hosts(context, demo_service.url, "blob:", "data:")
     page = context.new_page()
     page.goto(f"{demo_service.url}/")
     page.click("#sample")
