@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,6 +20,7 @@ from adapters.backbone import Backbone, LMDims
 from adapters.bank import AdapterBank
 from adapters.config import AGNOSTIC, CONTEXTS, AdapterConfig, BackboneConfig, ConnectorSpec
 from adapters.config import resolve_targets as _resolve
+from adapters.format import save_adapter
 from adapters.model import ContextPEFTModel
 from adapters.routing import Path as RoutePath
 
@@ -128,3 +130,12 @@ def adapter_factory(model: ContextPEFTModel) -> Callable[..., AdapterSet]:
         return make_set(backbone.dims, backbone.vision_dim, method, **kwargs)
 
     return factory
+
+
+@pytest.fixture
+def saved(tmp_path: Path, adapter_factory: Callable[..., AdapterSet]) -> tuple[Path, AdapterSet]:
+    """A rank-4 LoRA set saved to `tmp_path/v1` (the folder, the set)."""
+    adapter = adapter_factory("lora", rank=4, seed=8)
+    folder = tmp_path / "v1"
+    save_adapter(adapter, folder)
+    return folder, adapter

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,6 @@ from adapters.format import (
     import_peft_lora,
     parse_config,
     read_config,
-    save_adapter,
     validate_folder,
 )
 from adapters.model import ContextPEFTModel
@@ -253,14 +251,6 @@ def test_stored_folders_still_need_everything_that_is_computed_with(
 
 
 # --- folders: config errors and dtypes ----------------------------------------------------------
-@pytest.fixture
-def saved(tmp_path: Path, adapter_factory: Callable[..., AdapterSet]) -> tuple[Path, AdapterSet]:
-    adapter = adapter_factory("lora", rank=4, seed=8)
-    folder = tmp_path / "v1"
-    save_adapter(adapter, folder)
-    return folder, adapter
-
-
 @pytest.fixture
 def backbone(model: ContextPEFTModel) -> Backbone:
     return model.backbone

@@ -32,14 +32,6 @@ def backbone(model: ContextPEFTModel) -> Backbone:
     return model.backbone
 
 
-@pytest.fixture
-def saved(tmp_path: Path, adapter_factory: Callable[..., AdapterSet]) -> tuple[Path, AdapterSet]:
-    adapter = adapter_factory("lora", rank=4, seed=8)
-    folder = tmp_path / "v1"
-    save_adapter(adapter, folder)
-    return folder, adapter
-
-
 def _load(folder: Path, backbone: Backbone, **kwargs: object) -> AdapterSet:
     return load_adapter(
         folder,
