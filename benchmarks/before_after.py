@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -153,7 +154,7 @@ def cases(s: dict[str, Any]) -> dict[tuple[str, str], tuple[Call, Call | None]]:
             m.lm_forward(step, r, **_cache_kw(m, c))
 
         out[("prefill", version)] = (run_prefill, None)
-        out[("decode", version)] = (run_decode, lambda c=cache: c.crop(-1))
+        out[("decode", version)] = (run_decode, partial(cache.crop, -1))
     return out
 
 

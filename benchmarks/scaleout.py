@@ -38,6 +38,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -147,7 +148,7 @@ def main() -> None:
     for seed, name in enumerate(names):
         adapter = make_adapter(backbone, args.rank, seed)
         adapter_bytes = set_nbytes(adapter)
-        store.write_version(TENANT, name, lambda folder, a=adapter: save_adapter(a, folder))
+        store.write_version(TENANT, name, partial(save_adapter, adapter))
     cache_adapters = args.cache_adapters or args.adapters // args.replicas
     settings = Settings(
         backbone=str(work / "backbone"),

@@ -448,8 +448,8 @@ def run(args: argparse.Namespace) -> int:
     sizes = [int(n) for n in args.adapters.split(",")]
     backbone = build_backbone(args.preset, args.seed)
     pics = images(64, backbone.config.image_size, args.seed)
-    with tempfile.TemporaryDirectory(prefix="ctxpeft-bench-") as tmp:
-        work = Path(tmp)
+    with tempfile.TemporaryDirectory(prefix="ctxpeft-bench-") as scratch_dir:
+        work = Path(scratch_dir)
         store = AdapterStore(work / "store")
         started = time.perf_counter()
         adapters = [make_adapter(backbone, args.rank, seed=i) for i in range(max(sizes))]

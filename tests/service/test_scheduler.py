@@ -141,19 +141,27 @@ def test_rows_of_adapters_not_ready_wait_and_trigger_nothing_else() -> None:
 
 
 def test_waits_up_to_max_wait_to_fill_but_not_when_full() -> None:
-    s = make(max_batch=4, wait_s=0.2)
+    """Static batches wait for `max_wait_s` after the oldest row's arrival unless full. Time is
+    moved by editing arrivals, not by sleeping, so the test never depends on the clock."""
+    s = make(max_batch=4, wait_s=3600)
     submit(s, [Row("a") for _ in range(4)])
-    started = time.monotonic()
-    assert len(s.next_batch(always, slots=4, timeout=1)) == 4
-    assert time.monotonic() - started < 0.1  # full: no waiting
+    assert len(s.next_batch(always, slots=4, timeout=0)) == 4  # full: taken at once
 
-    submit(s, [Row("a")])
-    started = time.monotonic()
-    threading.Timer(0.05, lambda: submit(s, [Row("b")])).start()
-    batch = s.next_batch(always, slots=4, timeout=1)
-    waited = time.monotonic() - started
+    first, second = Row("a"), Row("b")
+    submit(s, [first])
+    assert s.next_batch(always, slots=4, timeout=0) == []  # not full, still within max_wait
+    submit(s, [second])
+    assert s.next_batch(always, slots=4, timeout=0) == []
+    first.arrival -= 3600  # the oldest row has now waited max_wait_s
+    batch = s.next_batch(always, slots=4, timeout=0)
     assert keys(batch) == ["a", "b"]  # the row that came within max_wait joined
-    assert 0.15 <= waited < 0.5
+    assert s.waiting == 0
+
+    s.enqueue([Row("c")])
+    s.admit("t")
+    assert s.next_batch(always, slots=4, timeout=0) == []
+    s.drain()  # draining: no more waiting to fill
+    assert keys(s.next_batch(always, slots=4, timeout=0)) == ["c"]
 
 
 def test_admission_bounds_queue_and_tenant_and_counts_rejections() -> None:
