@@ -157,8 +157,7 @@ def test_waits_up_to_max_wait_to_fill_but_not_when_full() -> None:
     assert keys(batch) == ["a", "b"]  # the row that came within max_wait joined
     assert s.waiting == 0
 
-    s.enqueue([Row("c")])
-    s.admit("t")
+    submit(s, [Row("c")])
     assert s.next_batch(always, slots=4, timeout=0) == []
     s.drain()  # draining: no more waiting to fill
     assert keys(s.next_batch(always, slots=4, timeout=0)) == ["c"]
