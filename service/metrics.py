@@ -195,6 +195,18 @@ class ServiceMetrics:
             ["stage"],
             registry=r,
         )
+        self.non_finite_rows = Counter(
+            "ctxpeft_non_finite_rows",
+            "Rows stopped because their adapter's computation gave NaN or infinity (answered "
+            "422 adapter_non_finite; the rows beside them were not affected).",
+            registry=r,
+        )
+        self.quarantines = Counter(
+            "ctxpeft_adapter_quarantines",
+            "Adapter versions quarantined for producing non-finite values quarantine_after "
+            "times in a row (refused with 422 adapter_quarantined until replaced).",
+            registry=r,
+        )
         self.engine_up = Gauge(
             "ctxpeft_engine_up",
             "1 while the engine's worker thread runs; 0 if it stopped (the process needs a "

@@ -97,6 +97,19 @@ class EngineConfig(BaseModel):
         default=2, description="Threads that decode and resize uploaded images."
     )
 
+    # --- trust between tenants ---------------------------------------------------------------
+    adapter_probe: bool = Field(
+        default=True,
+        description="Run the servability probe (one small forward on a fixed image) on every "
+        "upload and before a version found in the store is first served: a version that "
+        "raises or gives NaN/infinity is refused (422). Off only for trusted stores.",
+    )
+    quarantine_after: PositiveInt = Field(
+        default=3,
+        description="Quarantine an adapter version (422 adapter_quarantined until replaced) "
+        "after this many of its rows in a row ended with non-finite values.",
+    )
+
     # --- admission control -----------------------------------------------------------------
     queue_size: PositiveInt = Field(
         default=256, description="Waiting requests before 503 queue_full."

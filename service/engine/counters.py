@@ -9,6 +9,7 @@ one) move with the same calls, so the two can never disagree.
     counters.step(rows=12, adapters=5)            # one decode step
     counters.completed("describe", tokens=9)      # one row answered with a caption
     counters.fault("decode")                      # an exception contained at a stage
+    counters.non_finite()                         # a row stopped: its logits were NaN/inf
 
 Thread-safe: the event loop counts admissions, the worker thread everything else.
 """
@@ -90,6 +91,18 @@ class EngineCounters:
     def first_token(self, seconds: float) -> None:
         if self.metrics is not None:
             self.metrics.time_to_first_token.observe(seconds)
+
+    def non_finite(self) -> None:
+        """A row stopped because its logits were not finite (numeric containment)."""
+        self._add(non_finite=1)
+        if self.metrics is not None:
+            self.metrics.non_finite_rows.inc()
+
+    def quarantined(self) -> None:
+        """An adapter version quarantined for producing non-finite values again and again."""
+        self._add(quarantined=1)
+        if self.metrics is not None:
+            self.metrics.quarantines.inc()
 
     def fault(self, stage: str) -> None:
         """An exception contained at `stage` (see service.metrics.FAULT_STAGES)."""

@@ -60,6 +60,7 @@ from adapters.presets import PRESETS
 from service.engine.counters import EngineCounters
 from service.engine.encoder_cache import EncoderCache, content_key
 from service.engine.loop import StepLoop
+from service.engine.probe import ServabilityProbe
 from service.engine.rows import PreparedImage, Row, retrieve_error
 from service.engine.types import CaptionRequest, CaptionResult, EngineStats
 from service.exceptions import (
@@ -71,7 +72,7 @@ from service.exceptions import (
     InvalidRequest,
 )
 from service.metrics import ServiceMetrics
-from service.registry import AdapterRegistry, connector_spec
+from service.registry import AdapterRegistry, AdapterVersion, connector_spec
 from service.scheduler import Scheduler
 from service.settings import EngineConfig, Settings
 from service.store import AdapterStore
@@ -167,6 +168,11 @@ class Engine:
             metrics,
             config.refresh_s,
             on_change=self._wake,
+            probe=(
+                ServabilityProbe(self.model, self.bank.connector_spec, config.max_rank)
+                if config.adapter_probe
+                else None
+            ),
         )
         self.scheduler: Scheduler[Row] = Scheduler(
             config.max_batch_size,
@@ -287,7 +293,9 @@ class Engine:
             raise EngineStopped(f"the engine stopped ({self.stopped}); retry later")
         loop = asyncio.get_running_loop()
         arrival = time.monotonic()
-        versions = [self.registry.resolve(request.tenant, name) for name in names]
+        # Off the event loop: resolving stats the store (a slow shared file system must not
+        # stall every other request).
+        versions = await asyncio.to_thread(self._resolve, request.tenant, names)
         # Admission before any image work: a refused request never decodes its image.
         self.scheduler.admit(request.tenant, len(names))
         # In the caller's context: what the decoder logs (a Pillow warning) names its request.
@@ -329,6 +337,9 @@ class Engine:
                 raise EngineStopped(f"the engine stopped ({self.stopped}); retry later") from None
             raise
         return Submission(self, rows, timeout)
+
+    def _resolve(self, tenant: str, names: Sequence[str]) -> list[AdapterVersion]:
+        return [self.registry.resolve(tenant, name) for name in names]
 
     def _abandon(self, rows: Sequence[Row], reason: str) -> int:
         """Answer rows that are still open with Cancelled / DeadlineExceeded (counted). The
@@ -395,6 +406,8 @@ class Engine:
             dropped=self.counters.by_prefix("dropped_"),
             rejected=self.counters.by_prefix("rejected_"),
             faults=self.counters.by_prefix("fault_"),
+            non_finite=c["non_finite"],
+            quarantined=c["quarantined"],
             running=len(self.loop.rows),
             tiers=self.registry.cache.stats(),
         )

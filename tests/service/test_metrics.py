@@ -27,6 +27,8 @@ FAMILIES = {
     "ctxpeft_running_rows": "gauge",
     "ctxpeft_time_to_first_token_seconds": "histogram",
     "ctxpeft_engine_faults": "counter",
+    "ctxpeft_non_finite_rows": "counter",
+    "ctxpeft_adapter_quarantines": "counter",
     "ctxpeft_engine_up": "gauge",
     "ctxpeft_adapter_loads": "counter",
     "ctxpeft_adapter_load_seconds": "histogram",
