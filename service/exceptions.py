@@ -25,8 +25,21 @@ Retry-After header (None when retrying cannot help).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 
-class EngineError(Exception):
+if TYPE_CHECKING:
+    from service.store import AdapterRef
+
+
+class RequestError(Exception):
+    """An error that answers one request: the engine's errors, and the HTTP layer's (whose
+    image decoder the engine calls). `refs`: the adapter versions the request had resolved
+    to when it failed (empty before resolution); the metrics label only resolved names."""
+
+    refs: tuple[AdapterRef, ...] = ()
+
+
+class EngineError(RequestError):
     """Base of the engine's errors."""
 
     reason: str | None = None

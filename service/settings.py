@@ -249,6 +249,18 @@ class Settings(BaseSettings, EngineConfig):
         ge=0,
         description='Distinct adapter label values in metrics; the rest are "other".',
     )
+    metrics_token: str | None = Field(
+        default=None,
+        min_length=16,
+        description="Bearer token that GET /metrics requires (Prometheus' scrape token); "
+        "with one, tenants' own adapter names may appear as labels. Unset: /metrics is open "
+        'and, with keys configured, shows tenants\' own adapters as "private".',
+    )
+    metrics_token_file: Path | None = Field(
+        default=None,
+        description="File holding the metrics token (instead of metrics_token); Prometheus "
+        "reads the same file (credentials_file).",
+    )
     log_level: Literal["debug", "info", "warning", "error", "critical"] = Field(
         default="info", description="Log level."
     )

@@ -23,9 +23,9 @@ from service.api.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
 from service.api.openai_schemas import OPENAI_PREFIX, openai_error_content
 from service.api.routes import adapters, caption, health, info, openai, samples
 from service.api.state import ServiceState
-from service.auth import KeyStore
+from service.auth import KeyStore, metrics_token
 from service.engine import Engine
-from service.metrics import ServiceMetrics
+from service.metrics import ServiceMetrics, private_labels_allowed
 from service.settings import Settings
 
 _DESCRIPTION = """\
@@ -61,6 +61,10 @@ def create_app(
         keys=keys if keys is not None else KeyStore.from_settings(settings),
         metrics=metrics,
         engine=engine,
+        metrics_token=metrics_token(settings),
+    )
+    metrics.private_labels = private_labels_allowed(
+        has_keys=not state.keys.empty, scrape_token=state.metrics_token is not None
     )
 
     @asynccontextmanager

@@ -49,5 +49,7 @@ def to_api_error(exc: EngineError) -> ApiError:
                 retry = 1.0
             if retry is not None:
                 headers = {"Retry-After": str(max(1, math.ceil(retry)))}
-            return ApiError(status, kind, exc.message, headers=headers)
+            error = ApiError(status, kind, exc.message, headers=headers)
+            error.refs = exc.refs
+            return error
     return ApiError(500, "internal", "internal error")

@@ -70,6 +70,7 @@ from service.exceptions import (
     EngineError,
     EngineStopped,
     InvalidRequest,
+    RequestError,
 )
 from service.metrics import ServiceMetrics
 from service.registry import AdapterRegistry, AdapterVersion, connector_spec
@@ -120,14 +121,19 @@ class Submission:
         except asyncio.CancelledError:  # the caller cancelled this request
             self._engine._abandon(rows, "cancelled")
             raise
+        refs = tuple(row.key.ref for row in rows)
         for future in futures:  # the first error in the order of the names
             error = future.exception() if future in done else None
             if error is not None:
                 self._engine._abandon(rows, "cancelled")  # its siblings stop at once
+                if isinstance(error, EngineError):
+                    error.refs = refs
                 raise error
         if pending:
             self._engine._abandon(rows, "deadline")
-            raise DeadlineExceeded(f"no answer within {self.timeout_s:g} s (request_timeout_s)")
+            late = DeadlineExceeded(f"no answer within {self.timeout_s:g} s (request_timeout_s)")
+            late.refs = refs
+            raise late
         return [future.result() for future in futures]
 
     def cancel(self) -> None:
@@ -291,11 +297,26 @@ class Engine:
         max_new, timeout = check_request(request, self.config)
         if not self.alive:
             raise EngineStopped(f"the engine stopped ({self.stopped}); retry later")
-        loop = asyncio.get_running_loop()
         arrival = time.monotonic()
         # Off the event loop: resolving stats the store (a slow shared file system must not
         # stall every other request).
         versions = await asyncio.to_thread(self._resolve, request.tenant, names)
+        try:
+            return await self._admit(request, versions, max_new, timeout, arrival)
+        except RequestError as exc:  # ours, or the caller's image decoder's
+            exc.refs = tuple(v.ref for v in versions)
+            raise
+
+    async def _admit(
+        self,
+        request: CaptionRequest,
+        versions: list[AdapterVersion],
+        max_new: int,
+        timeout: float,
+        arrival: float,
+    ) -> Submission:
+        names = request.adapters
+        loop = asyncio.get_running_loop()
         # Admission before any image work: a refused request never decodes its image.
         self.scheduler.admit(request.tenant, len(names))
         # In the caller's context: what the decoder logs (a Pillow warning) names its request.

@@ -458,7 +458,7 @@ class StepLoop:
                 self._end(row)
                 return
             if isinstance(outcome, CaptionResult):
-                self.counters.completed(row.name, outcome.tokens)
+                self.counters.completed(row.name, row.key.ref, outcome.tokens)
                 self.scheduler.record_row(time.monotonic() - row.joined)
             else:
                 self.counters.failed()

@@ -44,9 +44,10 @@ from ray import serve
 from adapters.format import AdapterFormatError
 from service import __version__
 from service.api.errors import ApiError
+from service.auth import KeyStore, metrics_token
 from service.engine import CaptionRequest, CaptionResult, Engine
 from service.exceptions import EngineError
-from service.metrics import ROUTING_RESULTS, ServiceMetrics
+from service.metrics import ROUTING_RESULTS, ServiceMetrics, private_labels_allowed
 from service.scaleout.loopback import bind_replica_grpc_to_node_ip
 from service.scaleout.messages import (
     Admitted,
@@ -86,6 +87,10 @@ class EngineReplica:
             adapter_labels=settings.metrics_adapter_labels,
             backbone=settings.backbone,
             scaleout=True,
+            private_labels=private_labels_allowed(
+                has_keys=not KeyStore.from_settings(settings).empty,
+                scrape_token=metrics_token(settings) is not None,
+            ),
         )
         self.engine = Engine.from_settings(settings, metrics=self.metrics)
         self.metrics.set_build_info(

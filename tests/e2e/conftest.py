@@ -128,8 +128,8 @@ class Scrape:
         return self._samples.get((sample, frozenset(labels.items())), 0.0)
 
 
-def scrape(url: str) -> Scrape:
-    response = httpx.get(f"{url}/metrics", timeout=10)
+def scrape(url: str, token: str | None = None) -> Scrape:
+    response = httpx.get(f"{url}/metrics", headers=bearer(token) if token else {}, timeout=10)
     assert response.status_code == 200, response.text
     return Scrape(response.text)
 
