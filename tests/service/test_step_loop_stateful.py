@@ -404,9 +404,9 @@ class StepLoopMachine(RuleBasedStateMachine):
             overflowing = next(s for s in request.specs if s.poison == "overflow")
             assert overflowing.name in error.message and "non-finite" in error.message
         for spec, future in zip(request.specs, request.futures, strict=True):
-            if spec.poison == "overflow" and future.done() and not future.cancelled():
-                if isinstance(future.exception(), AdapterNonFinite):
-                    self.non_finite_rows[spec.name] += 1
+            ended = spec.poison == "overflow" and future.done() and not future.cancelled()
+            if ended and isinstance(future.exception(), AdapterNonFinite):
+                self.non_finite_rows[spec.name] += 1
         return type(error).__name__
 
     @invariant()
