@@ -64,8 +64,11 @@ class ServabilityProbe:
         """Raise AdapterUnservable naming the cause unless `adapter` serves the probe image
         with finite logits."""
         with self._lock, torch.no_grad():
+            # The probe image's features say nothing of the set: if they cannot be computed
+            # now, that is not the set's fault (the caller retries, the set is not refused).
+            features = self._probe_features()
             try:
-                self._run(adapter)
+                self._run(adapter, features)
             except (MemoryError, torch.OutOfMemoryError):
                 raise  # out of memory now says nothing of the set: the loader retries
             except _NonFinite as exc:
@@ -83,7 +86,14 @@ class ServabilityProbe:
                 if self._bank is not None:
                     self._bank.clear(0)  # holds nothing of the set between probes
 
-    def _run(self, adapter: AdapterSet) -> None:
+    def _probe_features(self) -> torch.Tensor:
+        if self._features is None:
+            backbone = self.model.backbone
+            pixels = backbone.preprocess([probe_image(backbone.config.image_size)])
+            self._features = backbone.encode_images(pixels)
+        return self._features
+
+    def _run(self, adapter: AdapterSet, features: torch.Tensor) -> None:
         backbone = self.model.backbone
         if self._bank is None:
             self._bank = AdapterBank(
@@ -94,11 +104,8 @@ class ServabilityProbe:
                 device=backbone.device,
                 dtype=backbone.dtype,
             )
-        if self._features is None:
-            pixels = backbone.preprocess([probe_image(backbone.config.image_size)])
-            self._features = backbone.encode_images(pixels)
         self._bank.load(0, adapter)
-        state, ids = DecodeState.prefill(self.model, self._bank, self._features, [0])
+        state, ids = DecodeState.prefill(self.model, self._bank, features, [0])
         for step in range(self.tokens + 1):
             if int(ids[0]) == NON_FINITE:
                 raise _NonFinite("the prefill" if step == 0 else f"decode step {step}")
