@@ -105,7 +105,7 @@ class StepLoop:
                 try:
                     self.iterate()
                 except Exception as exc:
-                    self._fail_running(self._fault("loop", exc, "the engine's step failed"))
+                    self._fail_running(self._fault("loop", exc, "the engine's step"))
         except BaseException as exc:  # nothing can be trusted any more: stop, say so loudly
             log.critical("the engine's worker stops", exc_info=True)
             reason = exc
@@ -165,7 +165,7 @@ class StepLoop:
         try:
             return self._admit(chosen, requeued)
         except Exception as exc:
-            error = self._fault("loop", exc, "joining the running batch failed")
+            error = self._fault("loop", exc, "joining the running batch")
             # Rows that did join this step leave too: every joining row fails, none is lost.
             self._keep(range(running))
             for row in joining:
