@@ -58,17 +58,19 @@ class ServabilityProbe:
         self.tokens = tokens
         self._lock = threading.Lock()
         self._bank: AdapterBank | None = None  # allocated at the first probe
-        self._features: torch.Tensor | None = None
+        # The probe image's features, computed once here: later probes run on the loader or
+        # an upload's thread and must not need the encoder (nor wait on it).
+        with torch.no_grad():
+            backbone = model.backbone
+            pixels = backbone.preprocess([probe_image(backbone.config.image_size)])
+            self._features = backbone.encode_images(pixels)
 
     def __call__(self, adapter: AdapterSet, label: str) -> None:
         """Raise AdapterUnservable naming the cause unless `adapter` serves the probe image
         with finite logits."""
         with self._lock, torch.no_grad():
-            # The probe image's features say nothing of the set: if they cannot be computed
-            # now, that is not the set's fault (the caller retries, the set is not refused).
-            features = self._probe_features()
             try:
-                self._run(adapter, features)
+                self._run(adapter, self._features)
             except (MemoryError, torch.OutOfMemoryError):
                 raise  # out of memory now says nothing of the set: the loader retries
             except _NonFinite as exc:
@@ -85,13 +87,6 @@ class ServabilityProbe:
             finally:
                 if self._bank is not None:
                     self._bank.clear(0)  # holds nothing of the set between probes
-
-    def _probe_features(self) -> torch.Tensor:
-        if self._features is None:
-            backbone = self.model.backbone
-            pixels = backbone.preprocess([probe_image(backbone.config.image_size)])
-            self._features = backbone.encode_images(pixels)
-        return self._features
 
     def _run(self, adapter: AdapterSet, features: torch.Tensor) -> None:
         backbone = self.model.backbone
