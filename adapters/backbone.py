@@ -31,7 +31,7 @@ from transformers import (
 )
 
 from adapters import packaged
-from adapters.config import LM_MODULES, BackboneConfig
+from adapters.config import LM_MODULES, BackboneConfig, ConnectorSpec
 from adapters.presets import PRESETS
 from adapters.vision import register_towers
 
@@ -42,7 +42,7 @@ BACKBONE_FILE = "backbone.json"
 _CLS_TOKEN_MODELS = frozenset({"vit", "clip_vision_model", "deit", "dinov2", "beit"})
 # Full two-tower checkpoints whose vision tower we load on its own.
 _VISION_TOWERS = {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel"}
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -162,7 +162,7 @@ class Backbone(nn.Module):
         """Assemble from a config (or a preset name). Sources load with `from_pretrained`."""
         if isinstance(config, str):
             config = PRESETS[config]
-        dtype = _DTYPES[config.dtype]
+        dtype = DTYPES[config.dtype]
         tokenizer = _load_tokenizer(config)
         vision = _load_vision(config.vision, dtype)
         lm = _load_lm(config.lm, len(tokenizer), dtype)
@@ -283,3 +283,11 @@ class Backbone(nn.Module):
     def num_image_tokens(self) -> int:
         probe = torch.zeros(1, 3, self.config.image_size, self.config.image_size)
         return int(self.encode_images(probe).shape[1])
+
+
+def connector_spec(backbone: Backbone) -> ConnectorSpec:
+    """The connector every adapter set of this backbone has (the bank's shape)."""
+    cfg = backbone.config
+    return ConnectorSpec(
+        cfg.connector, backbone.vision_dim, backbone.dims.hidden_size, cfg.connector_hidden
+    )

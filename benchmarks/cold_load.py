@@ -29,11 +29,11 @@ from pathlib import Path
 import torch
 
 from adapters.adapter_set import AdapterSet, tensor_shapes
-from adapters.backbone import Backbone
+from adapters.backbone import Backbone, connector_spec
 from adapters.bank import AdapterBank
 from adapters.config import AdapterConfig, resolve_targets
 from adapters.format import WEIGHTS_FILE, check_tensors, read_tensors, save_adapter
-from service.registry import AdapterRegistry, connector_spec
+from service.registry import AdapterRegistry
 from service.store import AdapterStore
 
 TENANT = "bench"

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from adapters.backbone import Backbone
+from adapters.backbone import Backbone, connector_spec
 from adapters.bank import AdapterBank
 from adapters.format import load_adapter, save_adapter
 from adapters.model import ContextPEFTModel
@@ -51,7 +51,6 @@ from benchmarks.plotting import save_figure
 from benchmarks.serving_args import ROOT, add_arguments
 from benchmarks.workload import Picker, RunResult, closed_loop, open_loop
 from service.engine import CaptionRequest, Engine, EngineConfig
-from service.registry import connector_spec
 from service.store import AdapterStore
 
 TENANT = "bench"

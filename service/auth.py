@@ -27,14 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from service.settings import Settings
+from service.tenancy import DEFAULT_TENANT, PUBLIC_TENANT, check_tenant
 
 CAPTION = "caption"
 MANAGE = "manage"
 ALL_RIGHTS = frozenset({CAPTION, MANAGE})
 
-TENANT_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
-PUBLIC_TENANT = "public"  # owns the public adapters; no key belongs to it
-DEFAULT_TENANT = "default"  # everyone, when no keys are configured
 MIN_KEY_LENGTH = 16
 _HEX_DIGEST = re.compile(r"^[0-9a-f]{64}$")
 
@@ -85,11 +83,7 @@ def hash_key(plaintext: str) -> str:
 
 def validate_tenant(name: str) -> str:
     """Return `name` if it is a valid tenant that may own keys, else raise ValueError."""
-    if not TENANT_PATTERN.match(name):
-        raise ValueError(
-            f"invalid tenant name {name!r}: use 1-32 characters of a-z, 0-9, '_' and '-', "
-            "starting with a letter or digit"
-        )
+    check_tenant(name)
     if name == PUBLIC_TENANT:
         raise ValueError(
             f"tenant {PUBLIC_TENANT!r} is reserved for public adapters; no key can belong to it"

@@ -35,7 +35,8 @@ from prometheus_client import (
 )
 
 from service import __version__
-from service.store import PUBLIC_TENANT, AdapterRef
+from service.store import AdapterRef
+from service.tenancy import PUBLIC_TENANT
 
 # The classic text format generate_latest writes; every Prometheus version reads it (newer
 # clients name it CONTENT_TYPE_PLAIN_0_0_4 and make "latest" 1.0.0, which older servers lack).

@@ -43,9 +43,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapters.adapter_set import AdapterSet
-from adapters.backbone import Backbone
+from adapters.backbone import Backbone, connector_spec
 from adapters.bank import AdapterBank
-from adapters.config import AdapterConfig, ConnectorSpec
+from adapters.config import AdapterConfig
 from adapters.format import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -62,15 +62,8 @@ from service.exceptions import (
     InvalidRequest,
 )
 from service.metrics import ServiceMetrics
-from service.store import (
-    PUBLIC_TENANT,
-    AdapterRef,
-    AdapterStore,
-    StoreError,
-    StoreQuota,
-    check_name,
-    check_tenant,
-)
+from service.store import AdapterRef, AdapterStore, StoreQuota
+from service.tenancy import PUBLIC_TENANT, InvalidId, check_name, check_tenant, owners
 
 # A folder changed this recently (wall clock) may change again within the same timestamp
 # tick; its listing is not trusted until it is older (the "racy git" problem).
@@ -123,14 +116,6 @@ class _Entry:
     trusted: bool
 
 
-def connector_spec(backbone: Backbone) -> ConnectorSpec:
-    """The connector every adapter set of this backbone has (the bank's shape)."""
-    cfg = backbone.config
-    return ConnectorSpec(
-        cfg.connector, backbone.vision_dim, backbone.dims.hidden_size, cfg.connector_hidden
-    )
-
-
 class AdapterRegistry:
     """Resolution, listing, upload and delete over an `AdapterStore`, plus the tier cache."""
 
@@ -178,10 +163,9 @@ class AdapterRegistry:
         try:
             check_tenant(tenant)
             check_name(name)
-        except StoreError as exc:
+        except InvalidId as exc:
             raise AdapterNotFound(f"no adapter {name!r}: {exc}") from None
-        owners = (tenant,) if tenant == PUBLIC_TENANT else (tenant, PUBLIC_TENANT)
-        for owner in owners:
+        for owner in owners(tenant):
             version = self._lookup(owner, name)
             if version is not None:
                 with self._lock:
@@ -258,9 +242,8 @@ class AdapterRegistry:
         """The tenant's own adapters and the public ones, each with its latest version.
         An own adapter shadows a public one of the same name (resolution picks the own)."""
         check_tenant(tenant)
-        owners = [tenant] if tenant == PUBLIC_TENANT else [tenant, PUBLIC_TENANT]
         found: list[AdapterInfo] = []
-        for owner in owners:
+        for owner in owners(tenant):
             for name in self.store.names(owner):
                 info = self._info(owner, name)
                 if info is not None:
@@ -293,7 +276,7 @@ class AdapterRegistry:
         Raises AdapterNotFound when there is nothing to delete."""
         try:
             removed = self.store.delete(check_tenant(tenant), check_name(name))
-        except StoreError as exc:
+        except InvalidId as exc:
             raise AdapterNotFound(f"no adapter {name!r}: {exc}") from None
         if removed == 0:
             raise AdapterNotFound(f"tenant {tenant!r} has no adapter named {name!r}")
@@ -319,7 +302,7 @@ class AdapterRegistry:
         try:
             check_tenant(tenant)
             check_name(name)
-        except StoreError as exc:
+        except InvalidId as exc:
             raise InvalidRequest(str(exc)) from None
         parse_config(config_bytes)
         validated: list[AdapterSet] = []

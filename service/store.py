@@ -32,10 +32,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
-TENANT_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+from service.tenancy import (
+    NAME_PATTERN,
+    TENANT_PATTERN,
+    InvalidId,
+    check_name,
+    check_tenant,
+)
+
 VERSION_PATTERN = re.compile(r"^v([1-9][0-9]{0,8})$")
-PUBLIC_TENANT = "public"
 _TMP_PREFIX = ".tmp-"
 _TRASH_PREFIX = f"{_TMP_PREFIX}deleted-"
 # A writer's temporary folder untouched (itself and its files) for this long is abandoned: its
@@ -44,24 +49,8 @@ _TRASH_PREFIX = f"{_TMP_PREFIX}deleted-"
 ABANDONED_AFTER_S = 3600.0
 
 
-class StoreError(ValueError):
-    """An invalid id or a store operation that cannot be done."""
-
-
-def check_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
-        raise StoreError(
-            f"invalid adapter name {name!r}: use 1-64 of a-z, 0-9, '_' and '-', starting with a letter or digit"
-        )
-    return name
-
-
-def check_tenant(tenant: str) -> str:
-    if not isinstance(tenant, str) or not TENANT_PATTERN.fullmatch(tenant):
-        raise StoreError(
-            f"invalid tenant {tenant!r}: use 1-32 of a-z, 0-9, '_' and '-', starting with a letter or digit"
-        )
-    return tenant
+class StoreError(InvalidId):
+    """An invalid id (InvalidId) or a store operation that cannot be done."""
 
 
 @dataclass(frozen=True)

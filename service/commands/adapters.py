@@ -293,8 +293,8 @@ def _delete(args: argparse.Namespace) -> int:
 def check_adapter_folder(folder: Path, backbone: Backbone, max_rank: int) -> AdapterSet:
     """The checks `POST /adapters/{name}/versions` runs on an upload (AdapterRegistry.validate),
     without a service. Raises adapters.format.AdapterFormatError with the reason."""
+    from adapters.backbone import connector_spec
     from adapters.format import AdapterFormatError, load_adapter
-    from service.registry import connector_spec
 
     adapter = load_adapter(
         folder, backbone.dims, backbone.fingerprint(), max_rank, vision_dim=backbone.vision_dim

@@ -67,11 +67,11 @@ def _config(source: str, name: str | None) -> object:
             f"{source!r} is neither a preset ({', '.join(PRESETS)}) nor a backbone config JSON"
         )
     if name is not None:
-        from service.store import StoreError, check_name
+        from service.tenancy import InvalidId, check_name
 
         try:
             check_name(name)
-        except StoreError as error:
+        except InvalidId as error:
             raise CommandError(str(error).replace("adapter name", "backbone name")) from error
         config = config.replace(name=name)
     return config

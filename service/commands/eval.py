@@ -46,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _adapter_folder(args: argparse.Namespace, store_dir: Path) -> tuple[Path, str]:
-    from service.store import AdapterRef, AdapterStore, StoreError
+    from service.store import AdapterRef, AdapterStore
+    from service.tenancy import InvalidId
 
     if args.adapter is not None:
         if args.name is not None:
@@ -61,7 +62,7 @@ def _adapter_folder(args: argparse.Namespace, store_dir: Path) -> tuple[Path, st
             if args.version is not None
             else store.latest(args.tenant, args.name)
         )
-    except StoreError as error:
+    except InvalidId as error:
         raise CommandError(str(error)) from error
     if ref is None or not store.exists(ref):
         what = f"{args.tenant}/{args.name}" + (f"@v{args.version}" if args.version else "")

@@ -242,12 +242,13 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from adapters.training import EpochStats, TrainingError, TrainOptions, train_adapter
-    from service.store import AdapterStore, StoreError, check_name, check_tenant
+    from service.store import AdapterStore
+    from service.tenancy import InvalidId, check_name, check_tenant
 
     try:
         check_name(args.name)
         check_tenant(args.tenant)
-    except StoreError as error:
+    except InvalidId as error:
         raise CommandError(str(error)) from error
     runtime, store_dir, backbone_spec, device = resolve_common(args)
     progress = not args.no_progress

@@ -14,18 +14,10 @@ queues and admission control are `service.scheduler`; the knobs are
 """
 
 from service.engine.engine import Engine, Submission
-from service.engine.types import (
-    DEFAULT_TENANT,
-    CaptionRequest,
-    CaptionResult,
-    EngineStats,
-    FinishReason,
-    Timings,
-)
+from service.engine.types import CaptionRequest, CaptionResult, EngineStats, FinishReason, Timings
 from service.settings import EngineConfig
 
 __all__ = [
-    "DEFAULT_TENANT",
     "CaptionRequest",
     "CaptionResult",
     "Engine",

@@ -50,10 +50,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import torch
 from PIL import Image, UnidentifiedImageError
 
-from adapters.backbone import Backbone, resolve_device
+from adapters.backbone import DTYPES, Backbone, connector_spec, resolve_device
 from adapters.bank import AdapterBank
 from adapters.model import ContextPEFTModel
 from adapters.presets import PRESETS
@@ -73,13 +72,12 @@ from service.exceptions import (
     RequestError,
 )
 from service.metrics import ServiceMetrics
-from service.registry import AdapterRegistry, AdapterVersion, connector_spec
+from service.registry import AdapterRegistry, AdapterVersion
 from service.scheduler import Scheduler
 from service.settings import EngineConfig, Settings
 from service.store import AdapterStore
 
 log = logging.getLogger(__name__)
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _JOIN_S = 30.0  # how long close() waits for the worker to finish its step
 
 
@@ -217,8 +215,8 @@ class Engine:
             source = built
         backbone = Backbone.load(source, device=str(resolve_device(settings.device)))
         backbone.fingerprint()  # of the stored weights, before any cast: adapters name it
-        if _DTYPES[settings.dtype] != backbone.dtype:
-            backbone.to(_DTYPES[settings.dtype])
+        if DTYPES[settings.dtype] != backbone.dtype:
+            backbone.to(DTYPES[settings.dtype])
         store = AdapterStore(settings.resolved_store_dir())
         store.clean_temporaries()
         return cls(backbone, store, EngineConfig.from_settings(settings), metrics)

@@ -13,8 +13,8 @@ from PIL import Image
 
 from service.adapter_cache import TierStats
 from service.store import AdapterRef
+from service.tenancy import DEFAULT_TENANT
 
-DEFAULT_TENANT = "default"
 FinishReason = Literal["stop", "length"]
 
 

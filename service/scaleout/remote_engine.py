@@ -64,15 +64,8 @@ from service.scaleout.messages import (
     adapter_id,
 )
 from service.settings import EngineConfig
-from service.store import (
-    PUBLIC_TENANT,
-    AdapterRef,
-    AdapterStore,
-    QuotaExceeded,
-    StoreError,
-    StoreQuota,
-    check_name,
-)
+from service.store import AdapterRef, AdapterStore, QuotaExceeded, StoreQuota
+from service.tenancy import InvalidId, check_name, owners
 
 # A row's answer may arrive this long after its deadline (the replica's own 504 travels back).
 DEADLINE_GRACE_S = 5.0
@@ -134,11 +127,10 @@ class RemoteRegistry:
         key's tenant). Raises AdapterNotFound."""
         try:
             check_name(name)
-            if self.store.versions(tenant, name):
-                return tenant
-            if tenant != PUBLIC_TENANT and self.store.versions(PUBLIC_TENANT, name):
-                return PUBLIC_TENANT
-        except StoreError as exc:
+            for owner in owners(tenant):
+                if self.store.versions(owner, name):
+                    return owner
+        except InvalidId as exc:
             raise AdapterNotFound(f"no adapter {name!r}: {exc}") from None
         raise AdapterNotFound(f"no adapter named {name!r} for tenant {tenant!r} (own or public)")
 

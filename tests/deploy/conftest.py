@@ -30,7 +30,8 @@ from service.api.app import create_app
 from service.engine import Engine, EngineConfig
 from service.metrics import ServiceMetrics
 from service.settings import Settings
-from service.store import PUBLIC_TENANT, AdapterStore
+from service.store import AdapterStore
+from service.tenancy import PUBLIC_TENANT
 from tests.service.adapter_fixtures import noise_image, put, random_adapter, tiny_backbone
 from tests.service.live_server import live_server
 

@@ -9,10 +9,9 @@ import torch
 from PIL import Image
 
 from adapters.adapter_set import AdapterSet
-from adapters.backbone import Backbone
+from adapters.backbone import Backbone, connector_spec
 from adapters.config import AdapterConfig, BackboneConfig, resolve_targets
 from adapters.format import save_adapter
-from service.registry import connector_spec
 from service.store import AdapterRef, AdapterStore
 
 TINY = BackboneConfig(

@@ -18,13 +18,14 @@ import torch
 from safetensors.torch import save as save_safetensors
 
 from adapters.adapter_set import AdapterSet
+from adapters.backbone import connector_spec
 from adapters.bank import AdapterBank, BankError
 from adapters.format import CONFIG_FILE
 from service.adapter_cache import AdapterCache, failure_reason, set_nbytes
 from service.engine import CaptionRequest, Engine, EngineConfig
 from service.exceptions import AdapterLoadError
 from service.metrics import ServiceMetrics
-from service.registry import AdapterRegistry, AdapterVersion, VersionGone, connector_spec
+from service.registry import AdapterRegistry, AdapterVersion, VersionGone
 from service.store import AdapterStore
 from tests.service.adapter_fixtures import noise_image, put, random_adapter, tiny_backbone
 

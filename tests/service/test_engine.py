@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from adapters.adapter_set import AdapterSet
+from adapters.backbone import connector_spec
 from adapters.bank import AdapterBank
 from adapters.format import save_adapter
 from adapters.model import ContextPEFTModel
@@ -33,7 +34,7 @@ from service.exceptions import (
     TenantLimit,
 )
 from service.metrics import ServiceMetrics
-from service.registry import AdapterVersion, connector_spec
+from service.registry import AdapterVersion
 from service.settings import Settings
 from service.store import AdapterStore
 from tests.service.adapter_fixtures import noise_image, put, random_adapter, tiny_backbone

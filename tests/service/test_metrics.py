@@ -16,7 +16,8 @@ from service.metrics import (
     ServiceMetrics,
     private_labels_allowed,
 )
-from service.store import PUBLIC_TENANT, AdapterRef
+from service.store import AdapterRef
+from service.tenancy import PUBLIC_TENANT
 
 FAMILIES = {
     "ctxpeft_requests": "counter",

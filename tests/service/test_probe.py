@@ -15,12 +15,12 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 
 from adapters.adapter_set import AdapterSet
+from adapters.backbone import connector_spec
 from adapters.model import ContextPEFTModel
 from service.engine import CaptionRequest, Engine, EngineConfig
 from service.engine.probe import ServabilityProbe
 from service.exceptions import AdapterUnservable
 from service.metrics import ServiceMetrics
-from service.registry import connector_spec
 from service.store import AdapterStore
 from tests.service.adapter_fixtures import noise_image, put, random_adapter, tiny_backbone
 

@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 from safetensors.torch import save as save_safetensors
 
+from adapters.backbone import connector_spec
 from adapters.bank import AdapterBank
 from adapters.format import CONFIG_FILE, AdapterFormatError
 from service.adapter_cache import set_nbytes
 from service.exceptions import AdapterLoadError, AdapterNotFound, InvalidRequest
 from service.metrics import ServiceMetrics
-from service.registry import AdapterRegistry, AdapterVersion, connector_spec
+from service.registry import AdapterRegistry, AdapterVersion
 from service.store import AdapterRef, AdapterStore
 from tests.service.adapter_fixtures import put, random_adapter, tiny_backbone
 

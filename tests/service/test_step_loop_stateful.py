@@ -77,7 +77,8 @@ from service.exceptions import (
     TenantLimit,
 )
 from service.registry import AdapterVersion
-from service.store import PUBLIC_TENANT, AdapterStore
+from service.store import AdapterStore
+from service.tenancy import PUBLIC_TENANT
 from tests.service.adapter_fixtures import adapter_config, noise_image, put, tiny_backbone
 
 EXAMPLES = int(os.environ.get("CTXPEFT_STATEFUL_EXAMPLES", "12"))

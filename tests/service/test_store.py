@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 from safetensors.torch import save as save_safetensors
 
+from adapters.backbone import connector_spec
 from adapters.bank import AdapterBank
 from adapters.format import CONFIG_FILE, WEIGHTS_FILE, AdapterFormatError
-from service.registry import AdapterRegistry, connector_spec
+from service.registry import AdapterRegistry
 from service.store import (
     ABANDONED_AFTER_S,
     AdapterRef,

@@ -20,7 +20,8 @@ from service.api.errors import ApiError, error_responses
 from service.api.schemas import AdapterList, AdapterOut, Deleted, VersionCreated
 from service.exceptions import EngineError
 from service.registry import AdapterInfo
-from service.store import NAME_PATTERN, QuotaExceeded, StoreError, StoreQuota, check_name
+from service.store import QuotaExceeded, StoreQuota
+from service.tenancy import NAME_PATTERN, InvalidId, check_name
 
 router = APIRouter(prefix="/adapters", tags=["adapters"])
 
@@ -41,7 +42,7 @@ _PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")
 def _valid(name: str) -> str:
     try:
         return check_name(name)
-    except StoreError as exc:
+    except InvalidId as exc:
         raise ApiError(422, "invalid_parameter", str(exc)) from None
 
 

@@ -26,7 +26,7 @@ from service.api.deps import CaptionPrincipal, ReadyEngine, State
 from service.api.errors import ApiError, error_content, error_responses, request_id_from_scope
 from service.api.schemas import CaptionOut, MultiCaptionOut, Timings
 from service.engine import CaptionRequest, CaptionResult
-from service.store import StoreError, check_name
+from service.tenancy import InvalidId, check_name
 
 router = APIRouter(tags=["caption"])
 
@@ -59,7 +59,7 @@ def _names(adapter: str | None, adapters: str | None, default: str | None) -> tu
     for name in names:
         try:
             check_name(name)
-        except StoreError as exc:
+        except InvalidId as exc:
             raise ApiError(422, "invalid_parameter", str(exc)) from None
     return names
 

@@ -53,7 +53,7 @@ from service.api.openai_schemas import (
 from service.engine import CaptionRequest, CaptionResult
 from service.exceptions import EngineError
 from service.registry import AdapterInfo
-from service.store import StoreError, check_name
+from service.tenancy import InvalidId, check_name
 
 router = APIRouter(prefix=OPENAI_PREFIX, tags=["openai"])
 
@@ -86,7 +86,7 @@ def _checked_model(model: str) -> str:
     """A name no adapter can have is simply a model that does not exist (404, as OpenAI)."""
     try:
         return check_name(model)
-    except StoreError:
+    except InvalidId:
         raise _model_not_found(model) from None
 
 
