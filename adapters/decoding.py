@@ -1,5 +1,7 @@
 """Greedy decoding state for rows that join and leave between steps (continuous batching).
 
+    tokens = generate(model, features, source, slots, max_new_tokens)   # a static batch
+    tokens = generate(model, features, source, slots, max_new_tokens)   # a static batch
     state, first = DecodeState.prefill(model, source, features, slots)   # new rows
     state.merge(other)            # rows prefilled later join the running batch
     tokens = state.step()         # one decode step for every row: next token ids [B] (device)
@@ -39,19 +41,72 @@ mask helpers would inspect them on the host (a synchronisation per call).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Literal
 
 import torch
 from transformers import DynamicCache, PretrainedConfig
 from transformers.cache_utils import DynamicLayer
 
 from adapters.kv_cache import RowCache
+from adapters.model import ContextPEFTModel
 from adapters.routing import Path, Routing, WeightSource
 
-if TYPE_CHECKING:
-    from adapters.model import ContextPEFTModel
-
 NON_FINITE = -1  # the token id of a row whose logits were not all finite
+# Why a row ends: EOS, its token limit, or logits that were not finite.
+Ending = Literal["stop", "length", "non_finite"]
+
+
+def accept(
+    tokens: Sequence[int], generated: int, limit: int, eos: int
+) -> tuple[list[int], Ending | None]:
+    """The stop rule, the same for `generate` and the serving engine: of a row's new `tokens`
+    (in order; it has `generated` already, at most `limit` in all), the ones it keeps, and
+    why it ends if it does. EOS and NON_FINITE are never kept."""
+    kept: list[int] = []
+    for token in tokens:
+        if token == NON_FINITE:
+            return kept, "non_finite"
+        if token == eos:
+            return kept, "stop"
+        if generated + len(kept) >= limit:
+            return kept, "length"
+        kept.append(token)
+    return kept, ("length" if generated + len(kept) >= limit else None)
+
+
+@torch.no_grad()
+def generate(
+    model: ContextPEFTModel,
+    features: torch.Tensor,
+    source: WeightSource,
+    slots: torch.Tensor | Sequence[int],
+    max_new_tokens: int | Sequence[int],
+    path: Path = "row",
+    decode_path: Path | None = None,
+) -> list[list[int]]:
+    """Greedy decoding of one static batch with a KV cache. Each row stops at EOS, its own
+    token limit or non-finite logits, and leaves the batch; returns the generated ids per row
+    (EOS excluded). The serving engine drives `DecodeState` itself, so that rows can also join
+    between steps; both decode the same way, token for token (`accept`)."""
+    batch = features.shape[0]
+    limits = [max_new_tokens] * batch if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    state, tokens = DecodeState.prefill(model, source, features, slots, path, decode_path)
+    eos = model.backbone.tokenizer.eos_token_id
+    outputs: list[list[int]] = [[] for _ in range(batch)]
+    active = list(range(batch))  # original row index of each row still in the batch
+    while True:
+        keep = []
+        for pos, (row, token) in enumerate(zip(active, tokens.tolist(), strict=True)):
+            # A row whose limit is 0 still takes part in the prefill but emits nothing.
+            kept, ending = accept([token], len(outputs[row]), limits[row], eos)
+            outputs[row] += kept
+            if ending is None:
+                keep.append(pos)
+        if not keep:
+            return outputs
+        if len(keep) < len(active):
+            active = [active[k] for k in state.keep(keep)]
+        tokens = state.step()
 
 
 class DecodeState:

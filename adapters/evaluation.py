@@ -25,6 +25,7 @@ from pycocoevalcap.cider.cider import Cider
 from tqdm.auto import tqdm
 
 from adapters.adapter_set import AdapterSet
+from adapters.decoding import generate
 from adapters.model import ContextPEFTModel
 from adapters.training import EncodedCaptions, mean_loss
 
@@ -107,7 +108,7 @@ def generate_captions(
     ):
         chunk = features[start : start + batch_size]
         slots = torch.zeros(chunk.shape[0], dtype=torch.long, device=device)
-        ids = model.generate(chunk, adapter, slots, max_new_tokens)
+        ids = generate(model, chunk, adapter, slots, max_new_tokens)
         captions.extend(model.decode(row) for row in ids)
     return captions
 

@@ -1,11 +1,13 @@
 """ContextPEFTModel: the frozen backbone with context layers injected, plus the sequence
-layout, the training loss and greedy generation with a KV cache.
+layout, the training loss and the LM call with explicit routing.
 
     sequence  = [BOS] + connector(vision(image)) + caption tokens (+ EOS when training)
     contexts  =  text  +        image x n_img      + text ...
 
 Every LM call takes a `WeightSource` (the serving bank or one trainable adapter set) and the
 per-row slots explicitly; they reach the layers through `use_routing` for that call only.
+Generation (a KV cache, rows that join and leave) is `adapters.decoding`, which builds on this
+module (this module does not import it).
 """
 
 from __future__ import annotations
@@ -19,9 +21,8 @@ from transformers.cache_utils import Cache
 
 from adapters.backbone import Backbone, decoder_layers, lm_linear
 from adapters.config import IMAGE, LM_MODULES, TEXT
-from adapters.decoding import NON_FINITE, DecodeState
 from adapters.layers import ContextLinear
-from adapters.routing import Path, Routing, WeightSource, use_routing
+from adapters.routing import Routing, WeightSource, use_routing
 
 
 class ContextPEFTModel(nn.Module):
@@ -129,43 +130,6 @@ class ContextPEFTModel(nn.Module):
         )
         return loss, int(mask.sum())
 
-    # --- generation -------------------------------------------------------------------
-    @torch.no_grad()
-    def generate(
-        self,
-        features: torch.Tensor,
-        source: WeightSource,
-        slots: torch.Tensor,
-        max_new_tokens: int | Sequence[int],
-        path: Path = "row",
-        decode_path: Path | None = None,
-    ) -> list[list[int]]:
-        """Greedy decoding of one static batch with a KV cache. Each row stops at EOS or its
-        own token limit and leaves the batch; returns the generated ids per row (EOS
-        excluded). A row whose logits stop being finite ends there (see NON_FINITE). The serving engine drives `DecodeState` itself, so that rows can also join
-        between steps; both decode the same way, token for token."""
-        batch = features.shape[0]
-        limits = (
-            [max_new_tokens] * batch if isinstance(max_new_tokens, int) else list(max_new_tokens)
-        )
-        state, tokens = DecodeState.prefill(self, source, features, slots, path, decode_path)
-        eos = self.backbone.tokenizer.eos_token_id
-        outputs: list[list[int]] = [[] for _ in range(batch)]
-        active = list(range(batch))  # original row index of each row still in the batch
-        while True:
-            keep = []
-            for pos, (row, token) in enumerate(zip(active, tokens.tolist(), strict=True)):
-                ends = token in (eos, NON_FINITE)
-                # A row whose limit is 0 still takes part in the prefill but emits nothing.
-                if not ends and len(outputs[row]) < limits[row]:
-                    outputs[row].append(token)
-                if not ends and len(outputs[row]) < limits[row]:
-                    keep.append(pos)
-            if not keep:
-                return outputs
-            if len(keep) < len(active):
-                active = [active[k] for k in state.keep(keep)]
-            tokens = state.step()
-
+    # --- text --------------------------------------------------------------------------
     def decode(self, ids: Sequence[int]) -> str:
         return str(self.backbone.tokenizer.decode(list(ids), skip_special_tokens=True))

@@ -33,7 +33,7 @@ from adapters.backbone import Backbone, connector_spec
 from adapters.bank import AdapterBank
 from adapters.config import AdapterConfig, resolve_targets
 from adapters.format import WEIGHTS_FILE, check_tensors, read_tensors, save_adapter
-from service.registry import AdapterRegistry
+from service.registry import open_adapters
 from service.store import AdapterStore
 
 TENANT = "bench"
@@ -64,26 +64,26 @@ def registry_trials(
     """Disk -> CPU tier (loader thread) and CPU tier -> bank slot, seconds per trial."""
     store = AdapterStore(work / "registry")
     bank = AdapterBank(backbone.dims, connector_spec(backbone), 2, max_rank=max_rank)
-    registry = AdapterRegistry(store, backbone, bank, cpu_budget_bytes=1 << 30)
+    registry, cache = open_adapters(store, backbone, bank, budget_bytes=1 << 30)
     times: dict[str, list[float]] = {"total": [], "disk_to_cpu": [], "cpu_to_slot": []}
     try:
         for _ in range(trials):
             store.write_version(TENANT, "cold", lambda folder: save_adapter(adapter, folder))
             version = registry.resolve(TENANT, "cold")
             t0 = time.perf_counter()
-            registry.cache.want(version)
-            while not registry.cache.is_ready(version):
+            cache.want(version)
+            while not cache.is_ready(version):
                 time.sleep(0.0001)
             t1 = time.perf_counter()
-            slots, _, _ = registry.cache.bind([version])
+            slots, _, _ = cache.bind([version])
             t2 = time.perf_counter()
-            registry.cache.release(slots, [version])
-            registry.cache.unwant(version)
+            cache.release(slots, [version])
+            cache.unwant(version)
             times["total"].append(t2 - t0)
             times["disk_to_cpu"].append(t1 - t0)
             times["cpu_to_slot"].append(t2 - t1)
     finally:
-        registry.close()
+        cache.close()
     return times
 
 

@@ -42,6 +42,7 @@ from PIL import Image
 
 from adapters.backbone import Backbone, connector_spec
 from adapters.bank import AdapterBank
+from adapters.decoding import generate
 from adapters.format import load_adapter, save_adapter
 from adapters.model import ContextPEFTModel
 from adapters.presets import get_preset
@@ -306,11 +307,11 @@ def compute_breakdown(bench: Bench, repeats: int = 7) -> dict[str, Any]:
         "base (no adapters)": lambda: greedy(
             base, base_lm, bench.connector(features), args.max_new_tokens
         ),
-        "context-peft, 1 adapter": lambda: model.generate(
-            features, bank, zeros, args.max_new_tokens
+        "context-peft, 1 adapter": lambda: generate(
+            model, features, bank, zeros, args.max_new_tokens
         ),
-        "context-peft, 16 adapters": lambda: model.generate(
-            features, bank, mixed, args.max_new_tokens
+        "context-peft, 16 adapters": lambda: generate(
+            model, features, bank, mixed, args.max_new_tokens
         ),
     }
     loras = bench.loras

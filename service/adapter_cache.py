@@ -48,8 +48,8 @@ import torch
 
 from adapters.adapter_set import AdapterSet
 from adapters.bank import AdapterBank, BankError
+from service.events import EngineEvents
 from service.exceptions import AdapterLoadError, EngineError
-from service.metrics import ServiceMetrics
 
 log = logging.getLogger(__name__)
 K = TypeVar("K", bound=Hashable)
@@ -131,7 +131,7 @@ class AdapterCache(Generic[K]):
         load: Callable[[K], AdapterSet],
         size_hint: Callable[[K], int],
         budget_bytes: int,
-        metrics: ServiceMetrics | None = None,
+        events: EngineEvents | None = None,
         on_change: Callable[[], None] | None = None,
         housekeeping: Callable[[], object] | None = None,
         housekeeping_s: float = 2.0,
@@ -146,7 +146,7 @@ class AdapterCache(Generic[K]):
         self.budget_bytes = budget_bytes
         self._load = load
         self._size_hint = size_hint
-        self._metrics = metrics
+        self.events = events if events is not None else EngineEvents()
         self._on_change = on_change
         self._housekeeping = housekeeping
         self._housekeeping_s = housekeeping_s
@@ -161,7 +161,6 @@ class AdapterCache(Generic[K]):
         self._failed: OrderedDict[K, _Failure] = OrderedDict()
         self._attempts: Counter[K] = Counter()  # failed transient attempts of a queued key
         self._retry_at: dict[K, float] = {}  # queued keys waiting for their backoff
-        self._cpu_loads = 0
         # device tier (worker thread writes)
         slots = bank.num_slots
         self._slot_of: dict[K, int] = {}
@@ -169,7 +168,6 @@ class AdapterCache(Generic[K]):
         self._pins = [0] * slots
         self._last_used = [0] * slots
         self._tick = 0
-        self._device_loads = 0
         self._closed = False
         self._thread = threading.Thread(target=self._loader, name="ctxpeft-loader", daemon=True)
         self._thread.start()
@@ -277,9 +275,8 @@ class AdapterCache(Generic[K]):
         self._publish()
 
     def _publish(self) -> None:
-        if self._metrics is not None:
-            self._metrics.set_resident("cpu", len(self._cpu))
-            self._metrics.set_resident("device", len(self._slot_of))
+        self.events.resident("cpu", len(self._cpu))
+        self.events.resident("device", len(self._slot_of))
 
     # --- loader thread ---------------------------------------------------------------------
     def _next_load(self, timeout: float) -> K | None:
@@ -358,10 +355,8 @@ class AdapterCache(Generic[K]):
                 self._pending.appendleft(key)
                 return
             self._store(key, adapter, nbytes)
-            self._cpu_loads += 1
             self._cond.notify_all()
-        if self._metrics is not None:
-            self._metrics.observe_adapter_load("cpu", seconds)
+        self.events.loaded("cpu", seconds)
         if self._on_change is not None:
             self._on_change()
 
@@ -369,8 +364,7 @@ class AdapterCache(Generic[K]):
         """Classify a failed disk load: final, retried after a backoff, or reported for a
         cool-down (see the module docstring)."""
         reason = failure_reason(exc)
-        if self._metrics is not None:
-            self._metrics.count_load_failure("cpu", reason)
+        self.events.load_failed("cpu", reason)
         if isinstance(exc, EngineError):  # invalid or gone: versions are immutable
             self._fail(key, exc, until=None)
             return
@@ -459,9 +453,7 @@ class AdapterCache(Generic[K]):
                 self._owner[slot] = key
                 self._slot_of[key] = slot
             slots[key] = slot
-            self._device_loads += 1
-            if self._metrics is not None:
-                self._metrics.observe_adapter_load("device", time.perf_counter() - started)
+            self.events.loaded("device", time.perf_counter() - started)
         with self._cond:
             for key, slot in slots.items():
                 self._pins[slot] += rows[key]
@@ -475,8 +467,7 @@ class AdapterCache(Generic[K]):
         except Exception:  # the slot is unmapped, so nobody reads it; the next load clears it
             log.exception("clearing device slot %d after a failed copy failed", slot)
         reason = failure_reason(exc)
-        if self._metrics is not None:
-            self._metrics.count_load_failure("device", reason)
+        self.events.load_failed("device", reason)
         if isinstance(exc, BankError):  # the set does not fit this bank: final
             error = AdapterLoadError(str(exc))
             with self._cond:
@@ -538,8 +529,8 @@ class AdapterCache(Generic[K]):
                 cpu_bytes=self._cpu_bytes,
                 cpu_budget_bytes=self.budget_bytes,
                 cpu_peak_bytes=self._cpu_peak,
-                cpu_loads=self._cpu_loads,
-                device_loads=self._device_loads,
+                cpu_loads=self.events.count("loads_cpu"),
+                device_loads=self.events.count("loads_device"),
                 failed=len(self._failed),
             )
 

@@ -13,6 +13,9 @@ Retry-After header (None when retrying cannot help).
     AdapterQuarantined 422  the version kept producing non-finite values and is refused until a
                             new version replaces it
     InvalidRequest     422  bad parameters (no adapter named, max_new_tokens out of range, ...)
+    InvalidImage       400  an empty, unreadable, truncated or corrupt image
+    ImageTooLarge      413  an image over max_image_pixels / max_image_side, or a bomb
+    UnsupportedImage   415  bytes that are not an accepted image format
     QueueFull          503  the bounded queue is full (Retry-After)
     Draining           503  the engine is shutting down and admits nothing new
     TenantLimit        429  the tenant has too many requests in flight (Retry-After)
@@ -74,6 +77,27 @@ class AdapterQuarantined(EngineError):
 
 class InvalidRequest(EngineError, ValueError):
     """The request's parameters are invalid; the message names the parameter."""
+
+
+class ImageError(EngineError):
+    """An uploaded image refused (service.images); `param` names the request field that
+    carried it, when the API says (OpenAI's error shape reports it)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class InvalidImage(ImageError):
+    pass
+
+
+class ImageTooLarge(ImageError):
+    pass
+
+
+class UnsupportedImage(ImageError):
+    pass
 
 
 class QueueFull(EngineError):

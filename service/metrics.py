@@ -45,12 +45,11 @@ OTHER_LABEL = "other"
 NO_ADAPTER_LABEL = "none"  # a request rejected before its adapter was resolved (401, 404, ...)
 PRIVATE_LABEL = "private"  # a tenant's own adapter, when private names are not shown
 
+# Requests refused: by admission (nothing was admitted) or at the HTTP edge (bad input, keys).
 REJECTION_REASONS = (
     "queue_full",
     "draining",
     "tenant_limit",
-    "deadline",
-    "cancelled",
     "bad_request",
     "unauthorized",
     "forbidden",
@@ -58,6 +57,9 @@ REJECTION_REASONS = (
     "too_large",
     "unsupported_media_type",
 )
+# How an admitted row ended (ctxpeft_rows_total): a caption, an error after admission, its
+# deadline, or its client cancelled it.
+ROW_OUTCOMES = ("completed", "failed", "deadline", "cancelled")
 # Stages of the engine where an exception is contained (ctxpeft_engine_faults_total).
 FAULT_STAGES = ("bind", "encode", "prefill", "decode", "deliver", "loop")
 SAMPLE_OUTCOMES = ("served", "rate_limited")  # GET /samples/random
@@ -154,8 +156,16 @@ class ServiceMetrics:
         )
         self.rejections = Counter(
             "ctxpeft_rejections",
-            "Requests refused or dropped, by reason.",
+            "Requests refused before anything was admitted: by admission (queue_full, "
+            "draining, tenant_limit) or at the edge (bad input, keys), by reason.",
             ["reason"],
+            registry=r,
+        )
+        self.rows = Counter(
+            "ctxpeft_rows",
+            "Admitted caption rows (one per adapter of a request) by how they ended: "
+            "completed, failed, deadline, cancelled.",
+            ["outcome"],
             registry=r,
         )
         self.inflight = Gauge(
@@ -290,6 +300,8 @@ class ServiceMetrics:
         # rate() see them before the first event.
         for reason in REJECTION_REASONS:
             self.rejections.labels(reason=reason)
+        for outcome in ROW_OUTCOMES:
+            self.rows.labels(outcome=outcome)
         for stage in FAULT_STAGES:
             self.engine_faults.labels(stage=stage)
         for outcome in SAMPLE_OUTCOMES:

@@ -1,11 +1,11 @@
 """The adapter registry: names to immutable versions, and the tiers that serve them.
 
-    registry = AdapterRegistry(store, backbone, bank, cpu_budget_bytes=256 << 20)
+    registry, cache = open_adapters(store, backbone, bank, budget_bytes=256 << 20)
     version = registry.resolve("acme", "news")      # acme/news, else public/news; newest version
     registry.list_adapters("acme")                   # own + public, with latest version
     ref = registry.add_version("acme", "news", config_bytes, weights_bytes, quota)  # validated
     registry.delete("acme", "news")
-    registry.cache                                   # device slots <- CPU LRU <- disk
+    cache                                            # its tiers: device slots <- CPU LRU <- disk
 
 Names are checked against the store's patterns and looked up in an in-memory index; the
 index entry of one adapter is trusted while its folder's (inode, mtime) is unchanged, so a
@@ -55,13 +55,13 @@ from adapters.format import (
     validate_folder,
 )
 from service.adapter_cache import AdapterCache
+from service.events import EngineEvents
 from service.exceptions import (
     AdapterLoadError,
     AdapterNotFound,
     AdapterQuarantined,
     InvalidRequest,
 )
-from service.metrics import ServiceMetrics
 from service.store import AdapterRef, AdapterStore, StoreQuota
 from service.tenancy import PUBLIC_TENANT, InvalidId, check_name, check_tenant, owners
 
@@ -117,20 +117,21 @@ class _Entry:
 
 
 class AdapterRegistry:
-    """Resolution, listing, upload and delete over an `AdapterStore`, plus the tier cache."""
+    """Resolution, listing, upload and delete over an `AdapterStore`; reads and checks a
+    version for the tiers (`load`). `tiers` (set by `open_adapters`) is told about uploads,
+    deletes and quarantines."""
 
     def __init__(
         self,
         store: AdapterStore,
         backbone: Backbone,
-        bank: AdapterBank,
-        cpu_budget_bytes: int,
-        metrics: ServiceMetrics | None = None,
+        max_rank: int,
         refresh_s: float = 2.0,
-        on_change: Callable[[], None] | None = None,
         probe: Probe | None = None,
+        events: EngineEvents | None = None,
     ) -> None:
         self.store = store
+        self.events = events
         self.probe = probe
         self._probed: OrderedDict[AdapterVersion, None] = OrderedDict()
         self._quarantined: OrderedDict[AdapterVersion, str] = OrderedDict()
@@ -138,23 +139,13 @@ class AdapterRegistry:
         self.fingerprint = backbone.fingerprint()
         self.vision_dim = backbone.vision_dim
         self.connector = connector_spec(backbone)
-        self.max_rank = bank.max_rank
+        self.max_rank = max_rank
         self.refresh_s = refresh_s
-        self._metrics = metrics
+        self.tiers: AdapterCache[AdapterVersion] | None = None
         self._index: dict[tuple[str, str], _Entry] = {}
         self._lock = threading.Lock()
         # One upload at a time per tenant: its quota check and write happen together.
         self._upload_locks: dict[str, threading.Lock] = {}
-        self.cache: AdapterCache[AdapterVersion] = AdapterCache(
-            bank,
-            load=self._load,
-            size_hint=self._size_hint,
-            budget_bytes=cpu_budget_bytes,
-            metrics=metrics,
-            on_change=on_change,
-            housekeeping=self.rescan,
-            housekeeping_s=refresh_s,
-        )
 
     # --- resolution ------------------------------------------------------------------------
     def resolve(self, tenant: str, name: str) -> AdapterVersion:
@@ -182,7 +173,8 @@ class AdapterRegistry:
             self._quarantined[version] = reason
             while len(self._quarantined) > _QUARANTINE_KEPT:
                 self._quarantined.popitem(last=False)
-        self.cache.fail(version, AdapterQuarantined(_quarantine_message(version, reason)))
+        if self.tiers is not None:
+            self.tiers.fail(version, AdapterQuarantined(_quarantine_message(version, reason)))
 
     def quarantined(self, version: AdapterVersion) -> bool:
         with self._lock:
@@ -232,9 +224,10 @@ class AdapterRegistry:
         with self._lock:
             for key in [k for k in self._index if k not in present]:
                 del self._index[key]
-        self.cache.forget(lambda v: (v.ref.tenant, v.ref.name) not in present)
-        if self._metrics is not None:
-            self._metrics.set_resident("disk", len(present))
+        if self.tiers is not None:
+            self.tiers.forget(lambda v: (v.ref.tenant, v.ref.name) not in present)
+        if self.events is not None:
+            self.events.resident("disk", len(present))
         return len(present)
 
     # --- listing and management ---------------------------------------------------------
@@ -282,7 +275,8 @@ class AdapterRegistry:
             raise AdapterNotFound(f"tenant {tenant!r} has no adapter named {name!r}")
         with self._lock:
             self._index.pop((tenant, name), None)
-        self.cache.forget(lambda v: v.ref.tenant == tenant and v.ref.name == name)
+        if self.tiers is not None:
+            self.tiers.forget(lambda v: v.ref.tenant == tenant and v.ref.name == name)
         return removed
 
     def add_version(
@@ -330,7 +324,8 @@ class AdapterRegistry:
         except FileNotFoundError:  # deleted again already
             return ref
         self._remember_probed(version)
-        self.cache.insert(version, validated[0])
+        if self.tiers is not None:
+            self.tiers.insert(version, validated[0])
         return ref
 
     # --- loading (loader thread) --------------------------------------------------------
@@ -347,7 +342,10 @@ class AdapterRegistry:
             stored=stored,
         )
 
-    def _load(self, version: AdapterVersion) -> AdapterSet:
+    def load(self, version: AdapterVersion) -> AdapterSet:
+        """Read and check one version from disk for the tiers (loader thread): VersionGone if
+        it was deleted or replaced, AdapterLoadError if invalid, AdapterUnservable if it fails
+        the probe, OSError for the tiers to retry."""
         folder = self.store.path(version.ref)
         if not _same(folder, version.stamp):
             raise VersionGone(f"{version.ref.label} was deleted or replaced")
@@ -380,14 +378,40 @@ class AdapterRegistry:
             while len(self._probed) > _PROBED_KEPT:
                 self._probed.popitem(last=False)
 
-    def _size_hint(self, version: AdapterVersion) -> int:
+    def size_hint(self, version: AdapterVersion) -> int:
         try:
             return os.stat(self.store.path(version.ref) / WEIGHTS_FILE).st_size
         except OSError:
             return 0
 
-    def close(self) -> None:
-        self.cache.close()
+
+def open_adapters(
+    store: AdapterStore,
+    backbone: Backbone,
+    bank: AdapterBank,
+    budget_bytes: int,
+    events: EngineEvents | None = None,
+    refresh_s: float = 2.0,
+    on_change: Callable[[], None] | None = None,
+    probe: Probe | None = None,
+) -> tuple[AdapterRegistry, AdapterCache[AdapterVersion]]:
+    """The registry and the tiers that serve its versions, built side by side: the tiers read
+    versions through the registry (load, size hint, the periodic rescan), and the registry
+    tells the tiers about uploads, deletes and quarantines. Close the tiers when done."""
+    events = events if events is not None else EngineEvents()
+    registry = AdapterRegistry(store, backbone, bank.max_rank, refresh_s, probe, events)
+    cache: AdapterCache[AdapterVersion] = AdapterCache(
+        bank,
+        load=registry.load,
+        size_hint=registry.size_hint,
+        budget_bytes=budget_bytes,
+        events=events,
+        on_change=on_change,
+        housekeeping=registry.rescan,
+        housekeeping_s=refresh_s,
+    )
+    registry.tiers = cache
+    return registry, cache
 
 
 def _quarantine_message(version: AdapterVersion, reason: str) -> str:

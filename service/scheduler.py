@@ -1,11 +1,9 @@
-"""The scheduler: admission control and the choice of rows to run, over per-adapter FIFO
-queues.
+"""The scheduler: per-adapter FIFO queues and the choice of rows to run next.
 
-    scheduler.admit("acme", rows=1)        # raises Draining / QueueFull / TenantLimit
-    scheduler.enqueue([row])               # now schedulable
+    scheduler.enqueue([row])               # now schedulable (the ledger admitted it)
     rows = scheduler.next_rows(is_ready, SlotBudget(free=3, present={...}), room=8, timeout=0)
-    ...                                    # they join the running batch (worker thread)
-    scheduler.finished("acme", rows=1)     # the tenant's in-flight count goes down
+    scheduler.discard(row)                 # a queued row ended (cancelled): out of line
+    scheduler.expired(now)                 # queued rows past their deadline, out of line
 
 Choosing rows: start from the oldest waiting row whose adapter is ready (on the device or the
 CPU tier), take more rows of that adapter (grouping: its rows are contiguous), then the
@@ -14,19 +12,13 @@ from the `SlotBudget` (a device slot it already holds, or a free one, within the
 distinct adapters); the first adapter refused ends the choice, so no younger row overtakes a
 row that waits for a slot. That makes it fair: however hot one adapter is, a cold adapter's
 row is the oldest after at most the rows that arrived before it, and from then on it waits
-only for one slot to be unpinned (a running row ends within max_new_tokens steps).
-`next_batch` is the static form: a whole batch (`max_batch_size` rows over at most `slots`
-adapters), waiting up to `max_wait_s` after the oldest ready row's arrival to fill.
+only for one slot to be unpinned (a running row ends within max_new_tokens steps). With
+`fill` (static scheduling) `next_rows` also waits up to `max_wait_s` after the oldest ready
+row's arrival for `room` rows.
 
-Admission: `queue_size` bounds rows waiting (admitted, not yet in a batch);
-`tenant_max_inflight` bounds a tenant's rows admitted and not yet finished. A request that
-names K adapters is K rows. Rows whose deadline passed or that were settled elsewhere
-(cancelled, timed out on the caller's side) are dropped while scanning, before any compute;
-`on_drop(row, reason)` is told about every dropped row: reason "deadline", or None for a
-row that was already settled. Rejections and the queue depth are reported to `events` (the
-engine's counters).
-
-Thread-safe: the event loop admits and enqueues, the engine's worker forms batches.
+Admission, counts and the end of rows are the row ledger's (service/engine/ledger.py); this
+module only keeps rows in line and chooses. Thread-safe: the event loop enqueues and
+discards, the engine's worker chooses.
 """
 
 from __future__ import annotations
@@ -34,12 +26,11 @@ from __future__ import annotations
 import bisect
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
-from service.exceptions import Draining, QueueFull, TenantLimit
+from service.exceptions import Draining
 
 
 class Schedulable(Protocol):
@@ -57,18 +48,8 @@ class Schedulable(Protocol):
     @property
     def deadline(self) -> float: ...  # time.monotonic() after which the row is dropped
 
-    def settled(self) -> bool: ...  # answered elsewhere (cancelled / timed out): skip it
-
 
 T = TypeVar("T", bound=Schedulable)
-
-
-class SchedulerEvents(Protocol):
-    """Where the scheduler reports what it counts (the engine's `EngineCounters`)."""
-
-    def rejected(self, reason: str) -> None: ...
-
-    def queue_depth(self, rows: int) -> None: ...
 
 
 class SlotBudget:
@@ -101,74 +82,15 @@ class _Queued(Generic[T]):
 class Scheduler(Generic[T]):
     """Per-adapter FIFO queues with oldest-first seeding, grouping and mixing."""
 
-    def __init__(
-        self,
-        max_batch_size: int,
-        max_wait_s: float,
-        queue_size: int,
-        tenant_max_inflight: int,
-        max_adapters_per_batch: int | None = None,
-        events: SchedulerEvents | None = None,
-        on_drop: Callable[[T, str | None], None] | None = None,
-    ) -> None:
-        self.max_batch_size = max_batch_size
+    def __init__(self, max_wait_s: float = 0.0) -> None:
         self.max_wait_s = max_wait_s
-        self.queue_size = queue_size
-        self.tenant_max_inflight = tenant_max_inflight
-        self.max_adapters_per_batch = max_adapters_per_batch
-        self._events = events
-        self._on_drop = on_drop
         self._cond = threading.Condition()
         self._queues: dict[Hashable, list[_Queued[T]]] = {}
         self._seq = 0
-        self._waiting = 0  # admitted rows not yet taken into a batch (reserved + queued)
-        self._inflight: Counter[str] = Counter()
-        self._draining = False
         self._closed = False
-        self._row_seconds = 0.0  # moving average of a row's run time, for Retry-After hints
+        self._draining = False  # static batches stop waiting to fill
 
-    # --- admission (event loop) ---------------------------------------------------------
-    def admit(self, tenant: str, rows: int = 1) -> None:
-        """Reserve room for `rows` rows of `tenant`, or raise why not (counted)."""
-        with self._cond:
-            if self._draining or self._closed:
-                raise self._reject(Draining("the service is draining; retry on another replica"))
-            if self._waiting + rows > self.queue_size:
-                raise self._reject(
-                    QueueFull(
-                        f"the queue is full ({self._waiting} of {self.queue_size} rows waiting)",
-                        retry_after_s=self._retry_after(),
-                    )
-                )
-            if self._inflight[tenant] + rows > self.tenant_max_inflight:
-                raise self._reject(
-                    TenantLimit(
-                        f"tenant {tenant!r} has {self._inflight[tenant]} rows in flight; the "
-                        f"limit is {self.tenant_max_inflight} (tenant_max_inflight)",
-                        retry_after_s=self._retry_after(),
-                    )
-                )
-            self._waiting += rows
-            self._inflight[tenant] += rows
-            self._publish()
-
-    def _reject(self, error: Draining | QueueFull | TenantLimit) -> Exception:
-        assert error.reason is not None
-        if self._events is not None:
-            self._events.rejected(error.reason)
-        return error
-
-    def _retry_after(self) -> float:
-        # Rows run max_batch_size at a time: the queue ahead clears in about this long.
-        rounds = max(1.0, self._waiting / self.max_batch_size)
-        return round(max(1.0, rounds * self._row_seconds), 1)
-
-    def withdraw(self, tenant: str, rows: int = 1) -> None:
-        """Give back an admission whose rows were never enqueued (e.g. a bad image)."""
-        with self._cond:
-            self._waiting -= rows
-            self._release(tenant, rows)
-
+    # --- in line ------------------------------------------------------------------------------
     def enqueue(self, rows: Sequence[T]) -> None:
         """Make admitted rows schedulable, in order (FIFO per adapter). Raises Draining if
         the scheduler was closed since their admission (nobody would run them)."""
@@ -182,24 +104,47 @@ class Scheduler(Generic[T]):
 
     def requeue(self, rows: Iterable[tuple[int, T]]) -> None:
         """Put rows back with their original sequence numbers (their place in line), e.g.
-        after their adapter was re-resolved; they count as waiting again."""
+        after their adapter was re-resolved."""
         with self._cond:
             for seq, row in rows:
                 bisect.insort(self._queues.setdefault(row.key, []), _Queued(seq, row))
-                self._waiting += 1
             self._cond.notify_all()
 
-    def finished(self, tenant: str, rows: int = 1) -> None:
-        """Rows taken into a batch are done (answered or failed)."""
+    def discard(self, row: T) -> bool:
+        """Take `row` out of line if it is there (it ended while waiting); False if it is
+        not (the worker took it, or it was never queued)."""
         with self._cond:
-            self._release(tenant, rows)
+            queue = self._queues.get(row.key)
+            if queue is None:
+                return False
+            for i, queued in enumerate(queue):
+                if queued.row is row:
+                    del queue[i]
+                    if not queue:
+                        del self._queues[row.key]
+                    return True
+            return False
 
-    def _release(self, tenant: str, rows: int) -> None:
-        self._inflight[tenant] -= rows
-        if self._inflight[tenant] <= 0:
-            del self._inflight[tenant]
-        self._publish()
-        self._cond.notify_all()
+    def expired(self, now: float) -> list[T]:
+        """Take every queued row whose deadline passed out of line."""
+        with self._cond:
+            gone: list[T] = []
+            for key in list(self._queues):
+                queue = self._queues[key]
+                kept = [q for q in queue if q.row.deadline > now]
+                if len(kept) < len(queue):
+                    gone.extend(q.row for q in queue if q.row.deadline <= now)
+                    if kept:
+                        self._queues[key] = kept
+                    else:
+                        del self._queues[key]
+            return gone
+
+    def take(self, key: Hashable) -> list[tuple[int, T]]:
+        """Take every queued row of `key` out of line (its adapter failed to load)."""
+        with self._cond:
+            queue = self._queues.pop(key, [])
+            return [(q.seq, q.row) for q in queue]
 
     # --- choosing rows (worker thread) ------------------------------------------------------
     def next_rows(
@@ -218,7 +163,6 @@ class Scheduler(Generic[T]):
         with self._cond:
             while not self._closed:
                 now = time.monotonic()
-                self._sweep(now)
                 ready = [k for k, q in self._queues.items() if is_ready(k)] if room > 0 else []
                 wake = give_up
                 if ready:
@@ -238,16 +182,7 @@ class Scheduler(Generic[T]):
     def ready_rows(self, is_ready: Callable[[Any], bool]) -> int:
         """Queued rows whose adapter is ready (the step loop's cue to prefill a group)."""
         with self._cond:
-            self._sweep(time.monotonic())
             return sum(len(q) for k, q in self._queues.items() if is_ready(k))
-
-    def next_batch(
-        self, is_ready: Callable[[Any], bool], slots: int, timeout: float
-    ) -> list[tuple[int, T]]:
-        """A static batch: up to `max_batch_size` rows over at most `slots` adapters (and
-        `max_adapters_per_batch`), waiting up to `max_wait_s` to fill."""
-        budget = SlotBudget(slots, self.max_adapters_per_batch)
-        return self.next_rows(is_ready, budget, self.max_batch_size, timeout, fill=True)
 
     def _take(self, ready: list[Hashable], budget: SlotBudget, room: int) -> list[tuple[int, T]]:
         order = sorted(ready, key=lambda k: self._queues[k][0].seq)
@@ -263,42 +198,7 @@ class Scheduler(Generic[T]):
                 del self._queues[key]
             if len(batch) >= room:
                 break
-        self._waiting -= len(batch)
-        self._publish()
         return batch
-
-    def _sweep(self, now: float) -> None:
-        """Drop rows that were settled elsewhere or whose deadline passed."""
-        for key in list(self._queues):
-            queue = self._queues[key]
-            kept = []
-            for q in queue:
-                row = q.row
-                if row.settled():
-                    self._drop(row, None)
-                elif now >= row.deadline:
-                    self._drop(row, "deadline")
-                else:
-                    kept.append(q)
-            if not kept:
-                del self._queues[key]
-            elif len(kept) < len(queue):
-                self._queues[key] = kept
-
-    def _drop(self, row: T, reason: str | None) -> None:
-        self._waiting -= 1
-        self._release(row.tenant, 1)
-        if self._on_drop is not None:
-            self._on_drop(row, reason)
-
-    def take(self, key: Hashable) -> list[tuple[int, T]]:
-        """Remove every queued row of `key` (its adapter failed to load): they stop waiting
-        but stay in flight until `finished`."""
-        with self._cond:
-            queue = self._queues.pop(key, [])
-            self._waiting -= len(queue)
-            self._publish()
-            return [(q.seq, q.row) for q in queue]
 
     def waiting_keys(self) -> list[Hashable]:
         with self._cond:
@@ -309,65 +209,25 @@ class Scheduler(Generic[T]):
         with self._cond:
             self._cond.notify_all()
 
-    def record_row(self, seconds: float) -> None:
-        """How long a finished row ran (joining to answer), for Retry-After hints."""
-        with self._cond:
-            self._row_seconds = 0.8 * self._row_seconds + 0.2 * seconds
-
-    def _publish(self) -> None:
-        if self._events is not None:
-            self._events.queue_depth(self._waiting)
-
     # --- lifecycle --------------------------------------------------------------------------
     @property
-    def waiting(self) -> int:
-        with self._cond:
-            return self._waiting
-
-    @property
     def queued(self) -> int:
-        """Rows in the queues (admitted rows still being preprocessed are not counted)."""
+        """Rows in the queues."""
         with self._cond:
             return sum(len(q) for q in self._queues.values())
 
-    @property
-    def inflight(self) -> int:
-        with self._cond:
-            return sum(self._inflight.values())
-
-    def inflight_of(self, tenant: str) -> int:
-        """The tenant's rows admitted and not yet finished."""
-        with self._cond:
-            return self._inflight[tenant]
-
     def drain(self) -> None:
-        """Admit nothing new; queued rows run without waiting to fill batches."""
+        """Queued rows run without waiting to fill static batches."""
         with self._cond:
             self._draining = True
             self._cond.notify_all()
 
-    @property
-    def draining(self) -> bool:
-        return self._draining
-
-    def wait_idle(self, timeout: float) -> bool:
-        """Wait until no row is in flight; False if `timeout` seconds passed first."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while sum(self._inflight.values()) > 0:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cond.wait(left)
-        return True
-
     def close(self) -> list[tuple[int, T]]:
-        """Stop: `next_batch` returns [] from now on. Returns the rows still queued."""
+        """Stop: `next_rows` returns [] from now on. Returns the rows still queued."""
         with self._cond:
             self._closed = True
             self._draining = True
             rows = [(q.seq, q.row) for queue in self._queues.values() for q in queue]
             self._queues.clear()
-            self._waiting -= len(rows)
             self._cond.notify_all()
             return rows

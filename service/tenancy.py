@@ -25,7 +25,7 @@ class InvalidId(ValueError):
 def check_tenant(tenant: str) -> str:
     if not isinstance(tenant, str) or not TENANT_PATTERN.fullmatch(tenant):
         raise InvalidId(
-            f"invalid tenant {tenant!r}: use 1-32 of a-z, 0-9, '_' and '-', starting with a "
+            f"invalid tenant name {tenant!r}: use 1-32 of a-z, 0-9, '_' and '-', starting with a "
             "letter or digit"
         )
     return tenant

@@ -27,24 +27,20 @@ import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-from PIL import Image
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from service.api.engine_errors import to_api_error
 from service.api.engine_port import EnginePort, SubmissionPort
-from service.api.errors import ApiError
-from service.api.images import ImageLimits, decode_image
+from service.api.errors import ApiError, to_api_error
 from service.api.state import ServiceState
 from service.engine import CaptionRequest, CaptionResult
 from service.exceptions import Cancelled, EngineError
 from service.metrics import ServiceMetrics
-from service.settings import Settings
 from service.store import AdapterRef
 
 POLL_S = 0.25  # how often a waiting handler checks for a gone client or an expired drain
@@ -60,6 +56,8 @@ _REJECTION = {
     415: "unsupported_media_type",
     422: "bad_request",
 }
+# Errors of admitted requests whose status is a 4xx but which refused nothing: not rejections.
+_NOT_REJECTIONS = frozenset({"adapter_unservable", "adapter_non_finite", "adapter_quarantined"})
 CLIENT_GONE = 499  # the status recorded for a request whose client left (nginx's convention)
 
 
@@ -69,30 +67,6 @@ async def cancel(task: asyncio.Future[Any]) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError, EngineError, ApiError):
         await task
-
-
-@dataclass(frozen=True)
-class ImageDecoder:
-    """Checks and decodes an uploaded image (ApiError 400 / 413 / 415, with `param` naming
-    the request field); the engine calls it after admission. A plain picklable object (the
-    bytes, the limits, the field), so that it can travel to an engine replica of the Ray
-    Serve deployment and be called there exactly as here."""
-
-    data: bytes = field(repr=False)
-    limits: ImageLimits
-    param: str | None = None
-
-    def __call__(self) -> Image.Image:
-        try:
-            return decode_image(self.data, self.limits).rgb
-        except ApiError as exc:
-            exc.param = exc.param or self.param
-            raise
-
-
-def image_decoder(settings: Settings, data: bytes, param: str | None = None) -> ImageDecoder:
-    """The decoder of one uploaded image under the service's image limits."""
-    return ImageDecoder(data, ImageLimits.from_settings(settings), param)
 
 
 class CaptionObservation:
@@ -118,12 +92,12 @@ class CaptionObservation:
         self._detached = True
         return self
 
-    def close(self, status: int) -> None:
+    def close(self, status: int, error_type: str | None = None) -> None:
         if not self._open:
             return
         self._open = False
         self.metrics.inflight.dec()
-        if status in _REJECTION:
+        if status in _REJECTION and error_type not in _NOT_REJECTIONS:
             self.metrics.reject(_REJECTION[status])
         seconds = time.perf_counter() - self._started
         if self.names and len(self.refs) == len(self.names):
@@ -143,9 +117,13 @@ class CaptionObservation:
     ) -> None:
         if exc is None and self._detached:
             return
+        if isinstance(exc, EngineError):  # answered by the app's one engine-error handler
+            exc = to_api_error(exc)
         if isinstance(exc, ApiError):
             self.refs = exc.refs
-        self.close(200 if exc is None else exc.status if isinstance(exc, ApiError) else 500)
+            self.close(exc.status, exc.type)
+        else:
+            self.close(200 if exc is None else 500)
 
 
 def _retrieve(task: asyncio.Future[list[CaptionResult]]) -> None:
@@ -268,6 +246,7 @@ class CaptionStream:
         self.results: list[CaptionResult] = []
         self.tails: list[str] = []
         self.status = CLIENT_GONE
+        self.error_type: str | None = None
         self.refs: tuple[AdapterRef, ...] = ()  # the resolved versions, once known
 
     async def __aiter__(self) -> AsyncIterator[TokenText | KeepAlive]:
@@ -290,7 +269,7 @@ class CaptionStream:
                 try:
                     self.results = self._task.result()
                 except ApiError as exc:
-                    self.status, self.refs = exc.status, exc.refs
+                    self.status, self.refs, self.error_type = exc.status, exc.refs, exc.type
                     raise
                 self.status, self.refs = 200, tuple(r.ref for r in self.results)
                 self.tails = [
@@ -354,4 +333,4 @@ class EventStreamResponse(StreamingResponse):
         finally:
             await self._stream.aclose()
             self._observed.refs = self._stream.refs
-            self._observed.close(self._stream.status)
+            self._observed.close(self._stream.status, self._stream.error_type)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import http
 import logging
+import math
 import re
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -29,7 +30,26 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from service.exceptions import RequestError
+from service.exceptions import (
+    AdapterLoadError,
+    AdapterNonFinite,
+    AdapterNotFound,
+    AdapterQuarantined,
+    AdapterUnservable,
+    Cancelled,
+    DeadlineExceeded,
+    Draining,
+    EngineError,
+    EngineFault,
+    EngineStopped,
+    ImageError,
+    ImageTooLarge,
+    InvalidImage,
+    InvalidRequest,
+    QueueFull,
+    RequestError,
+    TenantLimit,
+)
 from service.logging import current_request_id
 
 log = logging.getLogger(__name__)
@@ -275,8 +295,52 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
 def install_error_handlers(app: FastAPI) -> None:
     """Make every error `app` answers use the error shape."""
     app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(EngineError, _engine_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_exception)
     # Starlette runs this one in its outermost ServerErrorMiddleware, outside user middleware,
     # then re-raises for the server to see; error_response sets X-Request-ID itself for that.
     app.add_exception_handler(Exception, _unexpected)
+
+
+# --- the engine's typed errors as HTTP answers (one place) --------------------------------------
+# (status, error type) per engine error; the first matching class wins.
+_STATUS: tuple[tuple[type[EngineError], int, str], ...] = (
+    (AdapterNotFound, 404, "adapter_not_found"),
+    (InvalidRequest, 422, "invalid_parameter"),
+    (InvalidImage, 400, "invalid_image"),
+    (ImageTooLarge, 413, "image_too_large"),
+    (ImageError, 415, "unsupported_media_type"),
+    (AdapterUnservable, 422, "adapter_unservable"),
+    (AdapterNonFinite, 422, "adapter_non_finite"),
+    (AdapterQuarantined, 422, "adapter_quarantined"),
+    (TenantLimit, 429, "tenant_limit"),
+    (QueueFull, 503, "queue_full"),
+    (Draining, 503, "draining"),
+    (AdapterLoadError, 503, "adapter_unavailable"),
+    (EngineFault, 503, "engine_fault"),
+    (EngineStopped, 503, "engine_stopped"),
+    (DeadlineExceeded, 504, "deadline_exceeded"),
+    (Cancelled, 499, "cancelled"),
+)
+
+
+def to_api_error(exc: EngineError) -> ApiError:
+    for cls, status, kind in _STATUS:
+        if isinstance(exc, cls):
+            headers = None
+            retry = exc.retry_after_s
+            if retry is None and status == 503:
+                retry = 1.0
+            if retry is not None:
+                headers = {"Retry-After": str(max(1, math.ceil(retry)))}
+            param = exc.param if isinstance(exc, ImageError) else None
+            error = ApiError(status, kind, exc.message, headers=headers, param=param)
+            error.refs = exc.refs
+            return error
+    return ApiError(500, "internal", "internal error")
+
+
+async def _engine_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, EngineError)
+    return await _api_error(request, to_api_error(exc))

@@ -7,7 +7,7 @@ tenant (unless `encoder_cache_shared`), so one tenant's upload never hits anothe
 entry and no timing can tell a tenant whether someone else sent an image. Used by the
 engine's worker thread only (not thread-safe by itself).
 
-    cache = EncoderCache(entries=512, counters=counters)
+    cache = EncoderCache(entries=512, events=events)
     features = cache.encode(keys, pixels, backbone.encode_images)   # [N, n_img, d_vis]
 """
 
@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from service.engine.counters import EngineCounters
+from service.events import EngineEvents
 
 
 def content_key(pixels: torch.Tensor) -> str:
@@ -31,9 +31,9 @@ def content_key(pixels: torch.Tensor) -> str:
 class EncoderCache:
     """LRU of features per content key, bounded in entries (0 disables caching)."""
 
-    def __init__(self, entries: int, counters: EngineCounters) -> None:
+    def __init__(self, entries: int, events: EngineEvents) -> None:
         self.entries = entries
-        self._counters = counters
+        self._events = events
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
 
     def encode(
@@ -67,12 +67,12 @@ class EncoderCache:
                 own = feature.clone()
                 found[key] = own
                 self._remember(key, own)
-        self._counters.encoder(hits=hits, misses=len(todo))
+        self._events.encoder(hits=hits, misses=len(todo))
         return [found[key] for key in keys]
 
     def count_hits(self, n: int) -> None:
         """Images whose features the caller already held (a request's earlier batch)."""
-        self._counters.encoder(hits=n)
+        self._events.encoder(hits=n)
 
     def _remember(self, key: str, feature: torch.Tensor) -> None:
         if self.entries <= 0:

@@ -19,9 +19,9 @@ the worker thread's life. The HTTP layer uses this API and nothing below it.
 `caption()` raises the typed errors of `service.exceptions` (AdapterNotFound 404,
 InvalidRequest 422, TenantLimit 429, QueueFull / Draining / AdapterLoadError / EngineFault /
 EngineStopped 503, DeadlineExceeded 504, Cancelled 499; QueueFull and TenantLimit carry
-`retry_after_s`). `image` is a PIL image, encoded bytes, or a function that decodes: it runs
-after admission, in a small thread pool (`preprocess_threads`), so a refused request never
-decodes its image and at most that many decode at once.
+`retry_after_s`). `image` is a decoded PIL image or a function that decodes (the HTTP layer's
+`ImageDecoder`): it runs after admission, in a small thread pool (`preprocess_threads`), so a
+refused request never decodes its image and at most that many decode at once.
 
 Per request: every adapter name is resolved at admission (the tenant's own, then public;
 newest version) and the request keeps that version to the end. If that version is deleted
@@ -32,8 +32,8 @@ are cancelled at once and the first error is raised.
 
 Cancellation has no id: cancelling the task that awaits `caption()` (a client that went away)
 cancels exactly that request's rows, wherever they are; the client's request id is only a
-correlation id. The worker (`service.engine.loop.StepLoop`) removes a cancelled or expired row
-at its next step and releases its slot pin and its tenant's count.
+correlation id. Every row's life is the row ledger's (`service.engine.ledger`): it ends
+exactly once, whichever path ends it.
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
-import io
 import logging
 import threading
 import time
@@ -50,20 +49,22 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from adapters.backbone import DTYPES, Backbone, connector_spec, resolve_device
 from adapters.bank import AdapterBank
 from adapters.model import ContextPEFTModel
 from adapters.presets import PRESETS
-from service.engine.counters import EngineCounters
+from service.admission import Admission
 from service.engine.encoder_cache import EncoderCache, content_key
+from service.engine.join import Joiner
+from service.engine.ledger import RowLedger
 from service.engine.loop import StepLoop
 from service.engine.probe import ServabilityProbe
 from service.engine.rows import PreparedImage, Row, retrieve_error
 from service.engine.types import CaptionRequest, CaptionResult, EngineStats
+from service.events import EngineEvents
 from service.exceptions import (
-    Cancelled,
     DeadlineExceeded,
     Draining,
     EngineError,
@@ -72,7 +73,7 @@ from service.exceptions import (
     RequestError,
 )
 from service.metrics import ServiceMetrics
-from service.registry import AdapterRegistry, AdapterVersion
+from service.registry import AdapterVersion, open_adapters
 from service.scheduler import Scheduler
 from service.settings import EngineConfig, Settings
 from service.store import AdapterStore
@@ -117,18 +118,18 @@ class Submission:
                 futures, timeout=max(0.0, left), return_when=asyncio.FIRST_EXCEPTION
             )
         except asyncio.CancelledError:  # the caller cancelled this request
-            self._engine._abandon(rows, "cancelled")
+            self._engine.ledger.abandon(rows, "cancelled")
             raise
         refs = tuple(row.key.ref for row in rows)
         for future in futures:  # the first error in the order of the names
             error = future.exception() if future in done else None
             if error is not None:
-                self._engine._abandon(rows, "cancelled")  # its siblings stop at once
+                self._engine.ledger.abandon(rows, "cancelled")  # its siblings stop at once
                 if isinstance(error, EngineError):
                     error.refs = refs
                 raise error
         if pending:
-            self._engine._abandon(rows, "deadline")
+            self._engine.ledger.abandon(rows, "deadline")
             late = DeadlineExceeded(f"no answer within {self.timeout_s:g} s (request_timeout_s)")
             late.refs = refs
             raise late
@@ -136,7 +137,7 @@ class Submission:
 
     def cancel(self) -> None:
         """Cancel the rows that have not been answered yet (on the event loop's thread)."""
-        self._engine._abandon(self.rows, "cancelled")
+        self._engine.ledger.abandon(self.rows, "cancelled")
 
 
 class Engine:
@@ -155,7 +156,7 @@ class Engine:
         self.backbone = backbone
         self.model = ContextPEFTModel(backbone)
         self.metrics = metrics
-        self.counters = EngineCounters(metrics)
+        self.events = EngineEvents(metrics)
         self.bank = bank or AdapterBank(
             backbone.dims,
             connector_spec(backbone),
@@ -164,39 +165,37 @@ class Engine:
             device=backbone.device,
             dtype=backbone.dtype,
         )
-        self.registry = AdapterRegistry(
+        probe = (
+            ServabilityProbe(self.model, self.bank.connector_spec, config.max_rank)
+            if config.adapter_probe
+            else None
+        )
+        self.registry, self.cache = open_adapters(
             store,
             backbone,
             self.bank,
             config.cpu_cache_bytes,
-            metrics,
+            self.events,
             config.refresh_s,
             on_change=self._wake,
-            probe=(
-                ServabilityProbe(self.model, self.bank.connector_spec, config.max_rank)
-                if config.adapter_probe
-                else None
-            ),
+            probe=probe,
         )
-        self.scheduler: Scheduler[Row] = Scheduler(
-            config.max_batch_size,
-            config.max_wait_ms / 1000.0,
-            config.queue_size,
-            config.tenant_max_inflight,
-            config.max_adapters_per_batch,
-            self.counters,
-            on_drop=self._on_drop,
+        self.scheduler: Scheduler[Row] = Scheduler(config.max_wait_ms / 1000.0)
+        self.admission = Admission(
+            config.tenant_max_inflight, config.queue_size, self.events, config.max_batch_size
         )
-        self.encoder_cache = EncoderCache(config.encoder_cache_entries, self.counters)
-        self.loop = StepLoop(
+        self.ledger = RowLedger(self.admission, self.scheduler, self.cache, self.events)
+        self.encoder_cache = EncoderCache(config.encoder_cache_entries, self.events)
+        joiner = Joiner(
             self.model,
             self.bank,
-            self.registry,
-            self.scheduler,
+            self.cache,
+            self.ledger,
             self.encoder_cache,
-            self.counters,
+            self.events,
             config,
         )
+        self.loop = StepLoop(joiner, self.registry, self.cache, self.ledger, self.events, config)
         self._prep = ThreadPoolExecutor(config.preprocess_threads, "ctxpeft-preprocess")
         self._worker: threading.Thread | None = None
         self._closed = False
@@ -240,34 +239,34 @@ class Engine:
             self._worker is not None
             and not self._closed
             and self.alive
-            and not self.scheduler.draining
+            and not self.admission.draining
         )
 
     def begin_drain(self) -> None:
         """Stop admitting: new requests get Draining (503); in-flight rows go on."""
+        self.admission.drain()
         self.scheduler.drain()
 
     def drain(self, timeout_s: float) -> bool:
         """Stop admitting and wait for in-flight rows; True if all finished in time.
         Blocking: from async code use `await asyncio.to_thread(engine.drain, t)`."""
         self.begin_drain()
-        return self.scheduler.wait_idle(timeout_s)
+        return self.admission.wait_idle(timeout_s)
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         self.loop.stopping = True
-        queued = self.scheduler.close()  # the worker's next_rows returns at once
-        for _, row in queued:
-            row.unwant(self.registry.cache)
-            self.loop.answer(row, Draining("the service shut down before this request ran"))
+        self.admission.drain()
+        # The worker's next_rows returns at once; what is queued ends now.
+        self.ledger.close(Draining("the service shut down before this request ran"))
         worker = self._worker
         if worker is not None and threading.current_thread() is not worker:
             worker.join(timeout=_JOIN_S)
             if not worker.is_alive():
                 self.loop.fail_all(Draining("the service shut down before this request ended"))
-        self.registry.close()
+        self.cache.close()
         self._prep.shutdown(wait=False, cancel_futures=True)
 
     def _on_stop(self, reason: BaseException | None) -> None:
@@ -277,7 +276,7 @@ class Engine:
             return
         self.stopped = f"{type(reason).__name__}: {reason}"
         log.critical("the engine's worker stopped: %s", self.stopped)
-        self.scheduler.drain()
+        self.begin_drain()
         self.loop.fail_all(EngineStopped(f"the engine stopped ({self.stopped}); retry later"))
 
     # --- the asyncio side ---------------------------------------------------------------
@@ -316,7 +315,7 @@ class Engine:
         names = request.adapters
         loop = asyncio.get_running_loop()
         # Admission before any image work: a refused request never decodes its image.
-        self.scheduler.admit(request.tenant, len(names))
+        self.ledger.admit(request.tenant, len(names))
         # In the caller's context: what the decoder logs (a Pillow warning) names its request.
         prepare = functools.partial(
             contextvars.copy_context().run, self._prepare, request.image, request.tenant
@@ -324,7 +323,7 @@ class Engine:
         try:
             image = await loop.run_in_executor(self._prep, prepare)
         except BaseException:
-            self.scheduler.withdraw(request.tenant, len(names))
+            self.ledger.withdraw(request.tenant, len(names))
             raise
         rows = [
             Row(
@@ -345,13 +344,9 @@ class Engine:
         ]
         for row in rows:
             row.future.add_done_callback(retrieve_error)
-            row.want(self.registry.cache)
         try:
-            self.scheduler.enqueue(rows)
+            self.ledger.open(rows)
         except Draining:  # closed meanwhile: shutting down, or the worker stopped
-            for row in rows:
-                row.unwant(self.registry.cache)
-            self.scheduler.withdraw(request.tenant, len(names))
             if not self.alive:
                 raise EngineStopped(f"the engine stopped ({self.stopped}); retry later") from None
             raise
@@ -360,55 +355,26 @@ class Engine:
     def _resolve(self, tenant: str, names: Sequence[str]) -> list[AdapterVersion]:
         return [self.registry.resolve(tenant, name) for name in names]
 
-    def _abandon(self, rows: Sequence[Row], reason: str) -> int:
-        """Answer rows that are still open with Cancelled / DeadlineExceeded (counted). The
-        worker sees them settled: queued ones are dropped, running ones leave at its next
-        step, releasing their slot and tenant counts."""
-        error: EngineError = (
-            Cancelled("the request was cancelled")
-            if reason == "cancelled"
-            else DeadlineExceeded("the request's deadline passed")
-        )
-        # Count before delivering: whoever awaits the answer then sees the counters updated.
-        claimed = [row for row in rows if row.claim()]
-        if claimed:
-            self.counters.dropped(reason, len(claimed))
-            self.scheduler.notify()
-        for row in claimed:
-            row.deliver(error)
-        return len(claimed)
-
     def _prepare(
-        self, image: Image.Image | bytes | Callable[[], Image.Image], tenant: str
+        self, image: Image.Image | Callable[[], Image.Image], tenant: str
     ) -> PreparedImage:
-        """Decode (bytes, or the caller's decoder) and preprocess one image; runs in the
-        preprocessing pool. The content key is scoped by tenant unless the encoder cache is
-        shared."""
+        """Decode (the caller's decoder) and preprocess one image; runs in the preprocessing
+        pool. The content key is scoped by tenant unless the encoder cache is shared."""
         if callable(image):
-            image = image()  # the caller's errors (e.g. an HTTP 413) pass through unchanged
+            image = image()  # the decoder's typed errors pass through unchanged
         try:
-            if isinstance(image, bytes | bytearray):
-                with Image.open(io.BytesIO(image)) as opened:
-                    image = opened.convert("RGB")
             pixels = self.backbone.preprocess([image])[0]
-        except (UnidentifiedImageError, OSError, ValueError) as exc:
-            raise InvalidRequest(f"the image could not be decoded: {exc}") from None
+        except (OSError, ValueError) as exc:
+            raise InvalidRequest(f"the image could not be preprocessed: {exc}") from None
         key = content_key(pixels)
         return PreparedImage(pixels, key if self.config.encoder_cache_shared else f"{tenant}/{key}")
-
-    # --- bookkeeping ------------------------------------------------------------------------
-    def _on_drop(self, row: Row, reason: str | None) -> None:
-        # Called by the scheduler (its lock held) for a row leaving the queue unrun.
-        row.unwant(self.registry.cache)
-        if reason is not None and row.claim():
-            self.counters.dropped(reason)
-            row.deliver(DeadlineExceeded("the deadline passed while the request was queued"))
 
     def _wake(self) -> None:
         self.scheduler.notify()
 
     def stats(self) -> EngineStats:
-        c = self.counters.snapshot()
+        c = self.events.snapshot()
+        ended = self.events.by_prefix("ended_")
         return EngineStats(
             batches=c["batches"],
             rows=c["rows"],
@@ -416,19 +382,19 @@ class Engine:
             steps=c["steps"],
             step_rows=c["step_rows"],
             step_adapters=c["step_adapters"],
-            completed=c["completed"],
-            failed=c["failed"],
+            completed=ended.get("completed", 0),
+            failed=sum(n for outcome, n in ended.items() if outcome != "completed"),
             generated_tokens=c["tokens"],
             encoder_runs=c["encoder_misses"],
             encoder_hits=c["encoder_hits"],
             encoder_misses=c["encoder_misses"],
-            dropped=self.counters.by_prefix("dropped_"),
-            rejected=self.counters.by_prefix("rejected_"),
-            faults=self.counters.by_prefix("fault_"),
+            dropped={k: v for k, v in ended.items() if k in ("deadline", "cancelled")},
+            rejected=self.events.by_prefix("rejected_"),
+            faults=self.events.by_prefix("fault_"),
             non_finite=c["non_finite"],
             quarantined=c["quarantined"],
-            running=len(self.loop.rows),
-            tiers=self.registry.cache.stats(),
+            running=len(self.loop.batch),
+            tiers=self.cache.stats(),
         )
 
     def __enter__(self) -> Engine:

@@ -1,22 +1,21 @@
-"""A row: one (request, adapter) pair as it travels from admission through the scheduler
-into the running batch, and the one place that answers it. Internal to the engine.
+"""A row: one (request, adapter) pair as it travels from admission through the queue into the
+running batch until its one answer. Its life is the ledger's (`service.engine.ledger`): this
+module holds the row's data and the two ways it reaches its caller (tokens, the answer).
 
 Several rows of one request share one `PreparedImage`, so its features are computed once.
-A row is answered exactly once: `claim()` takes the right (first caller wins: the worker with
-a result, or the event loop with a deadline or a cancellation), `deliver()` resolves the
-awaiting future on its own event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import enum
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from service.adapter_cache import AdapterCache
 from service.engine.types import CaptionResult
 from service.registry import AdapterVersion
 
@@ -29,6 +28,15 @@ class PreparedImage:
     key: str  # content hash of the pixels
     features: torch.Tensor | None = None  # set by the first batch that encodes it
     error: str | None = None  # why the encoder failed on it, if it did (client-safe)
+
+
+class Place(enum.Enum):
+    """Who holds a row: the scheduler's queue, the worker (choosing, joining, running), or
+    nobody any more (ended). Only the ledger moves a row between places."""
+
+    QUEUE = "queue"
+    WORKER = "worker"
+    GONE = "gone"
 
 
 @dataclass(eq=False)
@@ -54,46 +62,15 @@ class Row:
     joined: float = 0.0  # time.monotonic() when it joined the running batch
     encode_s: float = 0.0  # the encoder time of the rows that joined with it
     first_token: float = 0.0  # time.monotonic() of its first generated token
-    _wanting: bool = False  # holds a want on its version's CPU copy (see want / unwant)
-    _flight_ended: bool = False  # its tenant's in-flight count was given back
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-    _done: bool = False
+    # The ledger's (under `lock`): where the row is, whether it was answered, what it holds.
+    place: Place = Place.QUEUE
+    answered: bool = False
+    wanting: bool = False  # holds a want on its version's CPU copy
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def settled(self) -> bool:
-        return self._done
-
-    def end_flight(self) -> bool:
-        """True the first time only: whoever gets True gives the tenant's count back."""
-        with self._lock:
-            if self._flight_ended:
-                return False
-            self._flight_ended = True
-            return True
-
-    def want(self, cache: AdapterCache[AdapterVersion]) -> None:
-        """Tell the cache that this queued row needs its version (pins the CPU copy)."""
-        with self._lock:
-            if self._wanting:
-                return
-            self._wanting = True
-        cache.want(self.key)
-
-    def unwant(self, cache: AdapterCache[AdapterVersion]) -> None:
-        """The row no longer needs the CPU copy (bound to a slot, dropped, failed). Safe to
-        call more than once and from any path that ends the row's wait."""
-        with self._lock:
-            if not self._wanting:
-                return
-            self._wanting = False
-        cache.unwant(self.key)
-
-    def claim(self) -> bool:
-        """Take the right to answer the row; False if it was answered already. Any thread."""
-        with self._lock:
-            if self._done:
-                return False
-            self._done = True
-            return True
+        """Answered already (by the worker, or by its caller: cancelled, deadline)."""
+        return self.answered
 
     def emit(self, token_ids: Sequence[int]) -> None:
         """Stream generated tokens to the caller's `on_token` (on its event loop, in order:
@@ -106,26 +83,15 @@ class Row:
         except RuntimeError:  # the event loop is closed: nobody is listening any more
             pass
 
-    def deliver(
-        self, outcome: CaptionResult | BaseException, before: Callable[[], None] | None = None
-    ) -> None:
-        """Resolve the awaiting future (after a successful `claim`), on its event loop.
-        `before` runs there first, e.g. ending the row's flight: whoever awaits the answer
-        then sees the tenant's in-flight count already lowered."""
-        try:
-            self.loop.call_soon_threadsafe(_resolve, self.future, outcome, before)
-        except RuntimeError:  # the event loop is closed: nobody is waiting any more
-            if before is not None:
-                before()
+    def deliver(self, outcome: CaptionResult | BaseException) -> None:
+        """Resolve the awaiting future with `outcome`, on its event loop (the ledger calls
+        this once per row)."""
+        # A closed event loop (RuntimeError) means nobody is waiting any more.
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(_resolve, self.future, outcome)
 
 
-def _resolve(
-    future: asyncio.Future[CaptionResult],
-    outcome: CaptionResult | BaseException,
-    before: Callable[[], None] | None,
-) -> None:
-    if before is not None:
-        before()
+def _resolve(future: asyncio.Future[CaptionResult], outcome: CaptionResult | BaseException) -> None:
     if future.done():
         return
     if isinstance(outcome, BaseException):

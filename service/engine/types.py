@@ -22,10 +22,10 @@ FinishReason = Literal["stop", "length"]
 class CaptionRequest:
     """One image and one or more adapter names (one encoder pass, one result per name)."""
 
-    # A decoded image, encoded bytes, or a function that decodes (called after admission, in
-    # the engine's preprocessing pool, so that a refused request never decodes its image;
-    # whatever it raises reaches the caller of caption() unchanged).
-    image: Image.Image | bytes | Callable[[], Image.Image]
+    # A decoded image, or a function that decodes (called after admission, in the engine's
+    # preprocessing pool, so that a refused request never decodes its image; whatever it
+    # raises reaches the caller of caption() unchanged).
+    image: Image.Image | Callable[[], Image.Image]
     adapters: tuple[str, ...]
     tenant: str = DEFAULT_TENANT
     max_new_tokens: int | None = None  # None: EngineConfig.default_max_new_tokens

@@ -38,7 +38,7 @@ class RowCall:
     name: str
     # The image: a picklable decoder (service.api.captioning.ImageDecoder: bytes + limits),
     # called by the replica's engine after admission; or bytes / an image (benchmarks).
-    image: Image.Image | bytes | Callable[[], Image.Image] = field(repr=False)
+    image: Image.Image | Callable[[], Image.Image] = field(repr=False)
     max_new_tokens: int | None
     timeout_s: float | None
     request_id: str

@@ -116,7 +116,7 @@ class EngineReplica:
             version = self.engine.registry.resolve(call.tenant, call.name)
         except EngineError:
             return False
-        return self.engine.registry.cache.is_ready(version)
+        return self.engine.cache.is_ready(version)
 
     async def caption(self, call: RowCall) -> AsyncIterator[Any]:
         """One row: its admission answer, its tokens (when streamed), then its result."""

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from adapters.adapter_set import AdapterSet
-from adapters.decoding import DecodeState
+from adapters.decoding import DecodeState, generate
 from adapters.model import ContextPEFTModel
 from tests.adapters.test_decoding import LIMITS, ROWS, SLOTS, _bank, _drive, _features
 
@@ -37,8 +37,8 @@ def test_float32_on_cuda_generates_the_cpu_tokens(
     bank_gpu = _bank(gpu, adapter_factory, torch.float32)
     features = _features(model, ROWS)
     with torch.no_grad():
-        cpu = model.generate(features, bank_cpu, SLOTS, LIMITS)
-        on_gpu = gpu.generate(features, bank_gpu, SLOTS, LIMITS)
+        cpu = generate(model, features, bank_cpu, SLOTS, LIMITS)
+        on_gpu = generate(gpu, features, bank_gpu, SLOTS, LIMITS)
     assert on_gpu == cpu
 
 
@@ -51,7 +51,7 @@ def test_half_precision_rows_joining_late_match_their_run_alone(
     features = _features(model, ROWS)
     with torch.no_grad():
         alone = [
-            tuple(gpu.generate(features[i : i + 1], bank, SLOTS[i : i + 1], LIMITS[i])[0])
+            tuple(generate(gpu, features[i : i + 1], bank, SLOTS[i : i + 1], LIMITS[i])[0])
             for i in range(ROWS)
         ]
         joined, _ = _drive(gpu, bank, features, {0: [0, 1, 2, 3, 4], 3: [5, 6, 7, 8, 9]})

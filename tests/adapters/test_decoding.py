@@ -12,7 +12,7 @@ import torch
 
 from adapters.adapter_set import AdapterSet
 from adapters.bank import AdapterBank
-from adapters.decoding import DecodeState
+from adapters.decoding import DecodeState, generate
 from adapters.model import ContextPEFTModel
 from tests.adapters.conftest import bank_of
 
@@ -53,7 +53,7 @@ def _alone(
     model: ContextPEFTModel, bank: AdapterBank, features: torch.Tensor
 ) -> list[tuple[int, ...]]:
     return [
-        tuple(model.generate(features[i : i + 1], bank, SLOTS[i : i + 1], LIMITS[i])[0])
+        tuple(generate(model, features[i : i + 1], bank, SLOTS[i : i + 1], LIMITS[i])[0])
         for i in range(features.shape[0])
     ]
 
@@ -119,7 +119,7 @@ def test_rows_joining_k_steps_late_generate_what_they_generate_alone(
     features = _features(model, ROWS)
     with torch.no_grad():
         alone = _alone(model, bank, features)
-        static = [tuple(ids) for ids in model.generate(features, bank, SLOTS, LIMITS)]
+        static = [tuple(ids) for ids in generate(model, features, bank, SLOTS, LIMITS)]
         early, late_rows = [0, 1, 2, 3, 4, 5], [6, 7, 8, 9]
         joined, widths = _drive(model, bank, features, {0: early, late: late_rows})
     assert static == alone
@@ -149,7 +149,7 @@ def test_rows_with_different_image_prefix_lengths_share_a_batch(
     features = [full[i, : 2 + i % 3] for i in range(ROWS)]  # 2, 3 or 4 image tokens
     with torch.no_grad():
         alone = [
-            tuple(model.generate(features[i][None], bank, SLOTS[i : i + 1], LIMITS[i])[0])
+            tuple(generate(model, features[i][None], bank, SLOTS[i : i + 1], LIMITS[i])[0])
             for i in range(ROWS)
         ]
         by_length: dict[int, list[int]] = defaultdict(list)

@@ -8,6 +8,7 @@ import torch
 
 from adapters.adapter_set import AdapterSet
 from adapters.data.synthetic import SyntheticCaptions
+from adapters.decoding import generate
 from adapters.evaluation import bleu4_cider, evaluate, exact_match, generate_captions, normalise
 from adapters.model import ContextPEFTModel
 from adapters.training import (
@@ -85,6 +86,6 @@ def test_generated_captions_match_the_models_greedy_ids(tiny_model, tiny_data) -
     model, adapter = tiny_model
     captions = generate_captions(model, adapter, tiny_data.features, batch_size=4, max_new_tokens=3)
     slots = torch.zeros(tiny_data.num_images, dtype=torch.long)
-    ids = model.generate(tiny_data.features, adapter, slots, 3)
+    ids = generate(model, tiny_data.features, adapter, slots, 3)
     assert captions == [model.decode(row) for row in ids]
     assert all(len(c.split()) <= 3 for c in captions)

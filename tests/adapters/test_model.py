@@ -14,6 +14,7 @@ import torch
 from adapters.adapter_set import AdapterSet
 from adapters.bank import AdapterBank
 from adapters.config import IMAGE, TEXT
+from adapters.decoding import generate
 from adapters.model import ContextPEFTModel
 from adapters.routing import Path as RoutePath
 from adapters.routing import Routing
@@ -124,10 +125,11 @@ def test_generate_identical_alone_and_mixed(
     features = _features(model, ROWS, seed=2)
     # Different per-row limits make rows leave the batch at different steps.
     limits = [3 + r % 6 for r in range(ROWS)]
-    mixed = model.generate(features, bank, slots, limits)
+    mixed = generate(model, features, bank, slots, limits)
     assert [len(ids) for ids in mixed] != [0] * ROWS
     for row in range(ROWS):
-        alone = model.generate(
+        alone = generate(
+            model,
             features[row : row + 1],
             sets[int(slots[row])],
             torch.zeros(1, dtype=torch.long),
@@ -137,7 +139,9 @@ def test_generate_identical_alone_and_mixed(
         assert len(mixed[row]) <= limits[row]
     others: tuple[tuple[RoutePath, RoutePath], ...] = (("segment", "token"), ("token", "row"))
     for path, decode in others:
-        assert model.generate(features, bank, slots, limits, path=path, decode_path=decode) == mixed
+        assert (
+            generate(model, features, bank, slots, limits, path=path, decode_path=decode) == mixed
+        )
 
 
 def test_generate_stops_at_eos_and_limit(
@@ -147,7 +151,7 @@ def test_generate_stops_at_eos_and_limit(
     # One image four times: the rows differ only by their token limits.
     features = _features(model, 1, seed=3).expand(4, -1, -1)
     slots = torch.zeros(4, dtype=torch.long)
-    out = model.generate(features, adapter, slots, max_new_tokens=[0, 1, 5, 12])
+    out = generate(model, features, adapter, slots, max_new_tokens=[0, 1, 5, 12])
     eos = model.tokenizer.eos_token_id
     assert all(eos not in ids for ids in out)
     assert [len(ids) for ids in out[:3]] == [0, 1, 5]

@@ -32,6 +32,7 @@ from adapters.config import (
     ConnectorSpec,
     resolve_targets,
 )
+from adapters.decoding import generate
 from adapters.format import import_peft_lora
 from adapters.model import ContextPEFTModel
 from adapters.presets import get_preset
@@ -230,7 +231,7 @@ def test_greedy_generation_without_adapter_equals_hugging_face_generate(
 ) -> None:
     source = ConnectorOnly(_connector_set(model.backbone, seed=3))
     slots = torch.zeros(len(features), dtype=torch.long)
-    ours = model.generate(features, source, slots, 16)
+    ours = generate(model, features, source, slots, 16)
     tok = model.tokenizer
     with torch.no_grad():
         prefix, _ = model.prefix(source.connect(features, slots))
@@ -330,10 +331,10 @@ def test_mixed_batch_of_four_adapters_gives_each_row_its_own_tokens(
     for slot, adapter in enumerate(sets):
         bank.load(slot, adapter)
     slots = torch.tensor([0, 1, 2, 3])
-    mixed = model.generate(features, bank, slots, 8)
+    mixed = generate(model, features, bank, slots, 8)
     one = torch.zeros(1, dtype=torch.long)
     for row in range(4):
-        alone = model.generate(features[row : row + 1], sets[row], one, 8)
+        alone = generate(model, features[row : row + 1], sets[row], one, 8)
         assert alone[0] == mixed[row], row
     assert len({tuple(ids) for ids in mixed}) >= 3  # the four adapters really differ
     assert max(len(ids) for ids in mixed) >= 4

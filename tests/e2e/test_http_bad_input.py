@@ -331,5 +331,5 @@ def test_server_is_still_healthy_after_all_bad_input(
     body = response.json()
     assert body["adapter"] == "news" and body["adapter_version"] == 1
     assert body["tokens"] == 3  # random weights never pick EOS in 3 steps on this seed
-    assert service.engine.scheduler.inflight == 0
+    assert service.engine.admission.inflight == 0
     assert service.engine.stats().failed == 0  # no admitted request failed inside the engine

@@ -87,7 +87,7 @@ def test_two_tenants_share_a_request_id_and_one_leaves_the_other_answers(
     assert answer.json()["adapter"] == "secret" and answer.json()["tokens"] >= 1
     after = engine.stats()
     assert after.completed == before.completed + 2  # gamma's and beta's; acme's never ran
-    assert engine.scheduler.inflight == 0
+    assert engine.admission.inflight == 0
 
 
 def test_another_tenants_image_is_an_encoder_cache_miss(service: Service) -> None:

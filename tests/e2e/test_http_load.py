@@ -110,9 +110,9 @@ def test_burst_over_capacity_is_answered_200_429_or_503(service: Service) -> Non
 def test_server_is_idle_and_serving_after_the_burst(service: Service) -> None:
     engine = service.engine
     deadline = time.monotonic() + 5
-    while engine.scheduler.inflight and time.monotonic() < deadline:
+    while engine.admission.inflight and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert engine.scheduler.inflight == 0 and engine.scheduler.waiting == 0
+    assert engine.admission.inflight == 0 and engine.admission.waiting == 0
     assert engine.stats().failed == 0
     assert scrape(service.url).value("ctxpeft_inflight_requests") == 0
     response = httpx.post(

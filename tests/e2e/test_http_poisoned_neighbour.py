@@ -172,7 +172,7 @@ def test_a_poisoned_neighbour_changes_no_caption(trusted: Service) -> None:
         assert stats.non_finite == 2 * ROUNDS and stats.quarantined == 0
         metrics = client.get("/metrics", headers=bearer(METRICS_TOKEN)).text
         assert f"ctxpeft_non_finite_rows_total {2.0 * ROUNDS}" in metrics
-        assert trusted.engine.scheduler.inflight == 0
+        assert trusted.engine.admission.inflight == 0
 
 
 def test_a_version_that_keeps_overflowing_is_quarantined_until_replaced(

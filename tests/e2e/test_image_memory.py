@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.api.images import ImageLimits
+from service.images import ImageLimits
 from service.settings import Settings
 from tests.e2e.conftest import ACME_ADMIN, bearer, fresh_store, image_file, noise_png
 

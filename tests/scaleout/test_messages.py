@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import pickle
 
-from service.api.captioning import ImageDecoder, image_decoder
-from service.api.engine_errors import to_api_error
-from service.api.errors import ApiError
+from service.api.errors import ApiError, to_api_error
 from service.exceptions import AdapterNotFound, EngineFault, TenantLimit
+from service.images import ImageDecoder, image_decoder
 from service.scaleout.messages import RemoteError, adapter_id
 from service.settings import Settings
 from tests.e2e.conftest import noise_png

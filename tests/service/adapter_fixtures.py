@@ -12,6 +12,8 @@ from adapters.adapter_set import AdapterSet
 from adapters.backbone import Backbone, connector_spec
 from adapters.config import AdapterConfig, BackboneConfig, resolve_targets
 from adapters.format import save_adapter
+from service.adapter_cache import AdapterCache
+from service.registry import AdapterRegistry, AdapterVersion
 from service.store import AdapterRef, AdapterStore
 
 TINY = BackboneConfig(
@@ -83,3 +85,9 @@ def put(store: AdapterStore, tenant: str, name: str, adapter: AdapterSet) -> Ada
 def noise_image(seed: int, size: int = 32) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8), "RGB")
+
+
+def tiers(registry: AdapterRegistry) -> AdapterCache[AdapterVersion]:
+    """The tiers `open_adapters` attached to a registry."""
+    assert registry.tiers is not None
+    return registry.tiers

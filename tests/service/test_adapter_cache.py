@@ -23,11 +23,12 @@ from adapters.bank import AdapterBank, BankError
 from adapters.format import CONFIG_FILE
 from service.adapter_cache import AdapterCache, failure_reason, set_nbytes
 from service.engine import CaptionRequest, Engine, EngineConfig
+from service.events import EngineEvents
 from service.exceptions import AdapterLoadError
 from service.metrics import ServiceMetrics
-from service.registry import AdapterRegistry, AdapterVersion, VersionGone
+from service.registry import AdapterRegistry, AdapterVersion, VersionGone, open_adapters
 from service.store import AdapterStore
-from tests.service.adapter_fixtures import noise_image, put, random_adapter, tiny_backbone
+from tests.service.adapter_fixtures import noise_image, put, random_adapter, tiers, tiny_backbone
 
 
 class FaultyBank(AdapterBank):
@@ -76,15 +77,15 @@ def registries(store: AdapterStore) -> Iterator[Callable[..., AdapterRegistry]]:
         metrics: ServiceMetrics | None = None,
         bank: AdapterBank | None = None,
     ) -> AdapterRegistry:
-        registry = AdapterRegistry(
-            store, tiny_backbone(), bank or make_bank(slots), budget, metrics, refresh_s=0.2
+        registry, _ = open_adapters(
+            store, tiny_backbone(), bank or make_bank(slots), budget, EngineEvents(metrics), 0.2
         )
         made.append(registry)
         return registry
 
     yield make
     for registry in made:
-        registry.close()
+        tiers(registry).close()
 
 
 def eventually(check: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -98,7 +99,7 @@ def eventually(check: Callable[[], bool], timeout: float = 10.0) -> None:
 def loaded(registry: AdapterRegistry, store: AdapterStore, count: int) -> list[AdapterVersion]:
     """`count` adapters a0.. on the CPU tier (from disk, through the loader)."""
     versions = loaded_without_waiting(registry, store, count)
-    eventually(lambda: all(registry.cache.is_ready(v) for v in versions))
+    eventually(lambda: all(tiers(registry).is_ready(v) for v in versions))
     return versions
 
 
@@ -143,7 +144,7 @@ def test_a_failing_copy_fails_that_version_alone_and_leaves_its_slot_empty(
 ) -> None:
     metrics = ServiceMetrics()
     registry = registries(slots=3, metrics=metrics)
-    cache, bank = registry.cache, registry.cache.bank
+    cache, bank = tiers(registry), tiers(registry).bank
     assert isinstance(bank, FaultyBank)
     a0, a1, a2, a3, a4 = loaded(registry, store, 5)
     # Earlier steps: a0 in slot 0, then a2 and a3 in slots 1 and 2; nothing pins them now.
@@ -191,7 +192,7 @@ def test_a_slot_whose_clear_also_fails_is_never_mapped(
     registries: Callable[..., AdapterRegistry], store: AdapterStore
 ) -> None:
     registry = registries(slots=2)
-    cache, bank = registry.cache, registry.cache.bank
+    cache, bank = tiers(registry), tiers(registry).bank
     assert isinstance(bank, FaultyBank)
     a0, a1 = loaded(registry, store, 2)
     bank.fail_for[id(cpu_copy(cache, a0))] = RuntimeError("copy failed")
@@ -212,7 +213,7 @@ def test_a_resident_key_is_never_the_victim_of_another_key_of_the_same_call(
     registries: Callable[..., AdapterRegistry], store: AdapterStore
 ) -> None:
     registry = registries(slots=2)
-    cache = registry.cache
+    cache = tiers(registry)
     a0, a1, a2 = loaded(registry, store, 3)
     for keys in ([a0], [a1]):  # a0 is the least recently used slot
         slots, _, _ = cache.bind(keys)
@@ -228,7 +229,7 @@ def test_no_free_slot_sends_the_key_back_instead_of_raising(
     registries: Callable[..., AdapterRegistry], store: AdapterStore
 ) -> None:
     registry = registries(slots=1)
-    cache = registry.cache
+    cache = tiers(registry)
     a0, a1 = loaded(registry, store, 2)
     slots, _, _ = cache.bind([a0])  # a running row pins the only slot
     second, failed, missing = cache.bind([a1])
@@ -270,11 +271,11 @@ def test_rows_of_a_failing_copy_answer_503_and_the_others_their_own_tokens(
     try:
         versions = {n: engine.registry.resolve("acme", n) for n in adapters}
         for v in versions.values():
-            engine.registry.cache.want(v)
-        eventually(lambda: all(engine.registry.cache.is_ready(v) for v in versions.values()))
+            engine.cache.want(v)
+        eventually(lambda: all(engine.cache.is_ready(v) for v in versions.values()))
         for v in versions.values():
-            engine.registry.cache.unwant(v)
-        bank.fail_for[id(engine.registry.cache._cpu[versions["a1"]].adapter)] = RuntimeError(
+            engine.cache.unwant(v)
+        bank.fail_for[id(engine.cache._cpu[versions["a1"]].adapter)] = RuntimeError(
             "device copy failed"
         )
         got = asyncio.run(run(engine, names))
@@ -322,7 +323,7 @@ def test_a_transient_read_failure_is_retried_and_the_version_serves_afterwards(
 ) -> None:
     metrics = ServiceMetrics()
     registry = registries(metrics=metrics)
-    cache = registry.cache
+    cache = tiers(registry)
     cache.retry_base_s = 0.01
     flaky = FlakyLoad(cache._load, error, times=2)
     cache._load = flaky
@@ -344,7 +345,7 @@ def test_a_persistent_read_failure_is_reported_for_a_cool_down_then_retried(
 ) -> None:
     metrics = ServiceMetrics()
     registry = registries(metrics=metrics)
-    cache = registry.cache
+    cache = tiers(registry)
     cache.retry_base_s, cache.load_retries, cache.cool_down_s = 0.01, 2, 0.3
     flaky = FlakyLoad(cache._load, OSError(errno.EIO, "Input/output error: '/srv/x'"), times=3)
     cache._load = flaky
@@ -368,7 +369,7 @@ def test_a_validation_failure_stays_final(
 ) -> None:
     metrics = ServiceMetrics()
     registry = registries(metrics=metrics)
-    cache = registry.cache
+    cache = tiers(registry)
     cache.cool_down_s = 0.05
     flaky = FlakyLoad(cache._load, OSError(errno.EIO, "unused"), times=0)
     cache._load = flaky
@@ -396,13 +397,13 @@ def test_a_version_deleted_while_reading_is_gone_not_retried(
 ) -> None:
     metrics = ServiceMetrics()
     registry = registries(metrics=metrics)
-    cache = registry.cache
+    cache = tiers(registry)
     put(store, "acme", "news", random_adapter(tiny_backbone(), 1))
     version = registry.resolve("acme", "news")
 
     def delete_then_read(v: AdapterVersion) -> AdapterSet:
         store.delete("acme", "news")
-        return AdapterRegistry._load(registry, v)
+        return AdapterRegistry.load(registry, v)
 
     cache._load = delete_then_read
     cache.want(version)
@@ -428,7 +429,7 @@ def test_an_upload_evicts_the_coldest_unpinned_entry_not_a_hot_one(
     backbone = tiny_backbone()
     size = set_nbytes(random_adapter(backbone, 0))
     registry = registries(slots=2, budget=3 * size + size // 2)
-    cache = registry.cache
+    cache = tiers(registry)
     # beta/cold loaded first, then acme/hot and gamma/pinned.
     for seed, tenant in enumerate(["beta", "acme", "gamma"]):
         put(store, tenant, "x", random_adapter(backbone, seed))
@@ -468,7 +469,7 @@ def test_want_and_ready_checks_touch_the_entry(
     registries: Callable[..., AdapterRegistry], store: AdapterStore
 ) -> None:
     registry = registries()
-    cache = registry.cache
+    cache = tiers(registry)
     a0, a1, a2 = loaded(registry, store, 3)
     assert list(cache._cpu) == [a0, a1, a2]
     assert cache.is_ready(a0)
@@ -484,7 +485,7 @@ def test_the_loader_survives_a_burst_of_failures(
 ) -> None:
     """Many versions failing at once, differently, never stop the loader thread."""
     registry = registries()
-    cache = registry.cache
+    cache = tiers(registry)
     cache.retry_base_s, cache.load_retries, cache.cool_down_s = 0.001, 1, 60.0
     real = cache._load
     calls: list[str] = []
@@ -518,5 +519,5 @@ def loaded_without_waiting(
         put(store, "acme", f"a{i}", random_adapter(backbone, i))
     versions = [registry.resolve("acme", f"a{i}") for i in range(count)]
     for version in versions:
-        registry.cache.want(version)
+        tiers(registry).want(version)
     return versions

@@ -20,6 +20,7 @@ from PIL import Image
 from adapters.adapter_set import AdapterSet
 from adapters.backbone import connector_spec
 from adapters.bank import AdapterBank
+from adapters.decoding import generate
 from adapters.format import save_adapter
 from adapters.model import ContextPEFTModel
 from service.adapter_cache import set_nbytes
@@ -32,7 +33,9 @@ from service.exceptions import (
     InvalidRequest,
     QueueFull,
     TenantLimit,
+    UnsupportedImage,
 )
+from service.images import ImageDecoder, ImageLimits
 from service.metrics import ServiceMetrics
 from service.registry import AdapterVersion
 from service.settings import Settings
@@ -83,19 +86,23 @@ def references(
     adapter.eval()
     features = backbone.encode_images(backbone.preprocess(images))
     slots = torch.zeros(len(images), dtype=torch.long)
-    return [tuple(ids) for ids in model.generate(features, adapter, slots, tokens)]
+    return [tuple(ids) for ids in generate(model, features, adapter, slots, tokens)]
 
 
 def reference(adapter: AdapterSet, image: Image.Image, tokens: int = TOKENS) -> tuple[int, ...]:
     return references(adapter, [image], tokens)[0]
 
 
-def ask(image: Image.Image | bytes, *names: str, **kwargs: Any) -> CaptionRequest:
+def ask(image: Image.Image | ImageDecoder, *names: str, **kwargs: Any) -> CaptionRequest:
     return CaptionRequest(image, adapters=names, tenant=kwargs.pop("tenant", "acme"), **kwargs)
 
 
 def rejections(metrics: ServiceMetrics, reason: str) -> float | None:
     return metrics.registry.get_sample_value("ctxpeft_rejections_total", {"reason": reason})
+
+
+def rows_ended(metrics: ServiceMetrics, outcome: str) -> float | None:
+    return metrics.registry.get_sample_value("ctxpeft_rows_total", {"outcome": outcome})
 
 
 # --- correctness of mixed batches --------------------------------------------------------------
@@ -113,7 +120,7 @@ def test_caption_is_identical_alone_and_in_a_mixed_batch_of_32_rows_over_16_adap
         engine = make_engine(start=False, max_batch_size=32, max_prefill_rows=32, device_slots=16)
         tasks = [asyncio.create_task(engine.caption(r)) for r in requests]
         await until(lambda: engine.scheduler.queued == 32)
-        await until(lambda: engine.registry.cache.stats().cpu_loads == 16)
+        await until(lambda: engine.cache.stats().cpu_loads == 16)
         engine.start()
         mixed = [(await t)[0] for t in tasks]
         return alone, mixed, engine
@@ -146,7 +153,8 @@ def test_one_image_for_k_adapters_runs_the_vision_encoder_once(
 
     # Five adapters through two slots: at least three groups join one after another as
     # slots free up, and one encoder pass even with no cache.
-    results = asyncio.run(engine.caption(ask(buffer.getvalue(), *names)))
+    decoder = ImageDecoder(buffer.getvalue(), ImageLimits())
+    results = asyncio.run(engine.caption(ask(decoder, *names)))
     stats = engine.stats()
     assert [r.adapter for r in results] == names
     assert [r.ref.name for r in results] == names
@@ -283,7 +291,7 @@ def test_a_version_deleted_before_its_weights_were_read_moves_to_the_newest(
 
     async def run() -> CaptionResult:
         first = asyncio.create_task(engine.caption(ask(noise_image(1), "hold")))
-        await until(lambda: engine.registry.cache.stats().cpu_loads == 1)
+        await until(lambda: engine.cache.stats().cpu_loads == 1)
         news = asyncio.create_task(engine.caption(ask(noise_image(2), "news")))
         await until(lambda: engine.scheduler.queued == 2)
         engine.registry.delete("acme", "news")  # v1 goes before anyone read it ...
@@ -307,7 +315,7 @@ class CheckedBank(AdapterBank):
     violations: int = 0
 
     def load(self, slot: int, adapter: AdapterSet) -> None:
-        if self.engine is not None and self.engine.registry.cache.pins(slot) > 0:
+        if self.engine is not None and self.engine.cache.pins(slot) > 0:
             self.violations += 1
         self.writes += 1
         super().load(slot, adapter)
@@ -372,12 +380,14 @@ def test_deadline_expiry_drops_before_compute_and_is_counted(
         with pytest.raises(DeadlineExceeded):
             await engine.caption(ask(noise_image(1), "news", timeout_s=0.05))
         engine.start()
-        await until(lambda: engine.scheduler.inflight == 0)
+        await until(lambda: engine.admission.inflight == 0)
 
     asyncio.run(run())
     stats = engine.stats()
     assert stats.dropped == {"deadline": 1}
-    assert rejections(metrics, "deadline") == 1.0
+    # A row that ended is not a refused admission: counted by its outcome, once.
+    assert rows_ended(metrics, "deadline") == 1.0
+    assert rejections(metrics, "deadline") is None
     assert stats.batches == 0 and stats.encoder_runs == 0
 
 
@@ -406,9 +416,10 @@ def test_cancellation_drops_before_compute_and_is_counted(
     stats = engine.stats()
     assert result.tokens == TOKENS
     assert stats.dropped == {"cancelled": 2}
-    assert rejections(metrics, "cancelled") == 2.0
+    assert rows_ended(metrics, "cancelled") == 2.0
+    assert rejections(metrics, "cancelled") is None
     assert (stats.rows, stats.encoder_runs) == (1, 1)  # only the kept request ran
-    assert engine.scheduler.inflight == 0
+    assert engine.admission.inflight == 0
 
 
 def test_full_queue_rejects_with_retry_after_and_is_counted(
@@ -453,14 +464,16 @@ def test_tenant_limit_and_invalid_requests(
             await engine.caption(ask(noise_image(3), "news", tenant="b", max_new_tokens=9))
         with pytest.raises(InvalidRequest):
             await engine.caption(ask(noise_image(3), tenant="b"))
-        with pytest.raises(InvalidRequest):
-            await engine.caption(ask(b"not an image", "news", tenant="b"))
+        with pytest.raises(UnsupportedImage):
+            await engine.caption(
+                ask(ImageDecoder(b"not an image", ImageLimits()), "news", tenant="b")
+            )
         engine.start()
         assert [len(r) for r in await asyncio.gather(*tasks)] == [1, 1, 1]
 
     asyncio.run(run())
     assert engine.stats().rejected == {"tenant_limit": 1}
-    assert engine.scheduler.inflight == 0 and engine.scheduler.waiting == 0
+    assert engine.admission.inflight == 0 and engine.admission.waiting == 0
 
 
 def test_an_invalid_adapter_version_fails_only_its_requests(

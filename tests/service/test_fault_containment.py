@@ -124,10 +124,10 @@ def check_contained(
 
 def assert_no_leaks(engine: Engine) -> None:
     deadline = time.monotonic() + 10
-    while engine.scheduler.inflight and time.monotonic() < deadline:
+    while engine.admission.inflight and time.monotonic() < deadline:
         time.sleep(0.01)  # a row cancelled by a failed sibling leaves at the worker's next step
-    cache = engine.registry.cache
-    assert engine.scheduler.inflight == 0 and engine.scheduler.waiting == 0
+    cache = engine.cache
+    assert engine.admission.inflight == 0 and engine.admission.waiting == 0
     assert [cache.pins(s) for s in range(engine.bank.num_slots)] == [0] * engine.bank.num_slots
     assert cache.wanted() == 0
     assert engine.stats().running == 0
@@ -135,7 +135,7 @@ def assert_no_leaks(engine: Engine) -> None:
 
 def bad_slot(engine: Engine) -> int | None:
     version = engine.registry.resolve("beta", "bad")
-    return engine.registry.cache.slot_of(version)
+    return engine.cache.slot_of(version)
 
 
 def involves_bad(names: tuple[str, ...], image: int) -> bool:
@@ -204,10 +204,10 @@ def test_delivery_fault_ends_that_request_at_its_deadline_and_leaks_nothing(
 ) -> None:
     deliver = Row.deliver
 
-    def faulty(self: Row, outcome: Any, before: Callable[[], None] | None = None) -> None:
+    def faulty(self: Row, outcome: Any) -> None:
         if self.name == "bad" and isinstance(outcome, CaptionResult):
             raise RuntimeError("injected delivery fault")
-        deliver(self, outcome, before)
+        deliver(self, outcome)
 
     monkeypatch.setattr(Row, "deliver", faulty)
     outcomes = run_load(engine, timeout_s=5.0)
@@ -266,7 +266,7 @@ def test_a_stopped_worker_turns_readiness_off_and_fails_queued_rows_at_once(
         assert isinstance(queued, EngineStopped) and time.monotonic() - started < 60
         assert "SystemExit" in str(later)
         assert not engine.alive and not engine.ready
-        assert engine.scheduler.inflight == 0
+        assert engine.admission.inflight == 0
     finally:
         engine.close()
 

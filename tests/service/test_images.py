@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import io
 import struct
@@ -17,8 +16,9 @@ import pytest
 from fastapi import FastAPI, File, UploadFile
 from PIL import Image, ImageFile
 
-from service.api.errors import ApiError, install_error_handlers
-from service.api.images import DecodedImage, ImageLimits, decode_image, sniff_format
+from service.api.errors import install_error_handlers, to_api_error
+from service.exceptions import ImageError
+from service.images import DecodedImage, ImageLimits, decode_image, sniff_format
 from service.settings import Settings
 from tests.service.live_server import live_server
 
@@ -82,9 +82,11 @@ def loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 def expect_error(
     data: bytes, status: int, error_type: str, limits: ImageLimits | None = None
 ) -> str:
-    with pytest.raises(ApiError) as info:
+    """`data` is refused with a typed image error that answers `status` / `error_type`."""
+    with pytest.raises(ImageError) as info:
         decode_image(data, limits)
-    assert (info.value.status, info.value.type) == (status, error_type)
+    answer = to_api_error(info.value)
+    assert (answer.status, answer.type) == (status, error_type)
     return info.value.message
 
 
@@ -324,7 +326,7 @@ def test_alpha_and_palette_transparency_are_flattened_like_before() -> None:
 def test_at_most_max_concurrent_decodes_run_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """Eight threads decode at once with a limit of 3: three decode, the others wait; every
     decode finishes once they are let go. Counted, not timed."""
-    import service.api.images as images
+    import service.images as images
 
     release = threading.Event()
     lock = threading.Lock()
@@ -361,40 +363,6 @@ def test_at_most_max_concurrent_decodes_run_at_once(monkeypatch: pytest.MonkeyPa
         thread.join(timeout=30)
     assert len(results) == 8 and peak[0] == 3
     assert all(r.rgb.size == (48, 32) for r in results)
-
-
-def test_async_callers_wait_on_the_loop_not_in_worker_threads(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Eight async decodes with a limit of 2: only two ever enter a worker thread until they
-    finish, so a flood cannot occupy the thread pool other endpoints use."""
-    import service.api.images as images
-
-    entered: list[int] = []
-    release = threading.Event()
-    real = images.decode_image
-
-    def counting(data: bytes, limits: ImageLimits | None = None) -> DecodedImage:
-        entered.append(1)
-        release.wait(timeout=30)
-        return real(data, limits)
-
-    monkeypatch.setattr(images, "decode_image", counting)
-    limits = ImageLimits(max_concurrent_decodes=2)
-    data = encode(sample(), "PNG")
-
-    async def flood() -> list[DecodedImage]:
-        tasks = [asyncio.create_task(images.decode_image_async(data, limits)) for _ in range(8)]
-        deadline = time.monotonic() + 30
-        while len(entered) < 2 and time.monotonic() < deadline:
-            await asyncio.sleep(0.001)
-        await asyncio.sleep(0.05)  # every chance for a third to enter a thread (it must not)
-        assert len(entered) == 2
-        release.set()
-        return await asyncio.gather(*tasks)
-
-    results = asyncio.run(flood())
-    assert len(entered) == 8 and all(r.rgb.size == (48, 32) for r in results)
 
 
 def test_a_failed_decode_gives_its_place_back() -> None:

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from service.engine import CaptionRequest, Engine, EngineConfig
-from service.engine.counters import EngineCounters
 from service.engine.encoder_cache import EncoderCache
+from service.events import EngineEvents
 from service.exceptions import AdapterLoadError, EngineFault
 from service.registry import AdapterVersion, VersionGone
 from service.store import AdapterStore
@@ -59,7 +59,7 @@ async def settle() -> None:
 async def loaded(e: Engine, *names: str) -> None:
     for name in names:
         version = e.registry.resolve("acme", name)
-        while not e.registry.cache.is_ready(version):
+        while not e.cache.is_ready(version):
             await asyncio.sleep(0.005)
 
 
@@ -80,7 +80,7 @@ def test_a_store_error_while_re_resolving_a_deleted_version_answers_the_row(
         while e.scheduler.queued < 1:
             await asyncio.sleep(0.005)
         version: AdapterVersion = e.registry.resolve("acme", "a0")
-        e.registry.cache.fail(version, VersionGone("acme/a0@v1 was deleted"))
+        e.cache.fail(version, VersionGone("acme/a0@v1 was deleted"))
 
         def unreadable(tenant: str, name: str) -> AdapterVersion:
             raise PermissionError(13, "Permission denied", "/store/acme/a0")
@@ -94,8 +94,8 @@ def test_a_store_error_while_re_resolving_a_deleted_version_answers_the_row(
     error = asyncio.run(run())
     assert isinstance(error, AdapterLoadError)
     assert "could not be read now" in error.message and "/store" not in error.message
-    assert e.scheduler.inflight == 0 and e.scheduler.waiting == 0
-    assert e.registry.cache.wanted() == 0
+    assert e.admission.inflight == 0 and e.admission.waiting == 0
+    assert e.cache.wanted() == 0
 
 
 def test_a_row_put_back_in_line_is_not_failed_with_the_rows_that_joined(
@@ -104,7 +104,7 @@ def test_a_row_put_back_in_line_is_not_failed_with_the_rows_that_joined(
     """Was: when joining raised after `_bind` put a row back in line, that row was failed too,
     then dropped from the queue again: its tenant's count was given back twice."""
     e = engine(max_prefill_rows=2, prefill_min_rows=1)
-    cache = e.registry.cache
+    cache = e.cache
     bind = cache.bind
     deferred = e.registry.resolve("acme", "a1")
 
@@ -113,7 +113,7 @@ def test_a_row_put_back_in_line_is_not_failed_with_the_rows_that_joined(
         slots, failed, missing = bind([k for k in keys if k != deferred])
         return slots, failed, missing + [k for k in keys if k == deferred]
 
-    encode = e.loop._encode
+    encode = e.loop.joiner._encode
 
     def failing_encode(rows: Any) -> Any:
         raise RuntimeError("injected: joining fails after the bind")
@@ -126,14 +126,14 @@ def test_a_row_put_back_in_line_is_not_failed_with_the_rows_that_joined(
             await asyncio.sleep(0.005)
         await loaded(e, "a0", "a1")
         monkeypatch.setattr(cache, "bind", bind_all_but_a1)
-        monkeypatch.setattr(e.loop, "_encode", failing_encode)
+        monkeypatch.setattr(e.loop.joiner, "_encode", failing_encode)
         e.loop.iterate()
         await settle()
         assert first.done() and isinstance(first.exception(), EngineFault)
         assert not second.done()  # back in line, still its own to finish
-        assert e.scheduler.inflight_of("acme") == 1 and e.scheduler.queued == 1
+        assert e.admission.inflight_of("acme") == 1 and e.scheduler.queued == 1
         monkeypatch.setattr(cache, "bind", bind)
-        monkeypatch.setattr(e.loop, "_encode", encode)
+        monkeypatch.setattr(e.loop.joiner, "_encode", encode)
         while not second.done():
             e.loop.iterate()
             await settle()
@@ -143,13 +143,13 @@ def test_a_row_put_back_in_line_is_not_failed_with_the_rows_that_joined(
     assert results[0].token_ids == reference(
         random_adapter(tiny_backbone(), 1), noise_image(2), TOKENS
     )
-    assert e.scheduler.inflight == 0 and e.scheduler.waiting == 0
+    assert e.admission.inflight == 0 and e.admission.waiting == 0
 
 
 def test_encoder_cache_entries_hold_their_own_features_not_the_batch() -> None:
     """Was: each entry was a view into the batch's output, so one entry kept the whole batch
     alive and the entry bound did not bound memory."""
-    cache = EncoderCache(entries=8, counters=EngineCounters())
+    cache = EncoderCache(entries=8, events=EngineEvents())
     backbone = tiny_backbone()
     pixels = backbone.preprocess([noise_image(i) for i in range(6)])
     found = cache.encode([f"k{i}" for i in range(6)], list(pixels), backbone.encode_images)

@@ -127,7 +127,7 @@ def test_a_version_placed_in_the_store_from_elsewhere_is_probed_before_it_first_
         "ctxpeft_adapter_load_failures_total", {"tier": "cpu", "reason": "invalid"}
     )
     assert failures == 1
-    assert e.scheduler.inflight == 0
+    assert e.admission.inflight == 0
 
 
 def test_a_version_is_probed_once_however_often_it_is_read_from_disk(

@@ -16,11 +16,12 @@ from adapters.backbone import connector_spec
 from adapters.bank import AdapterBank
 from adapters.format import CONFIG_FILE, AdapterFormatError
 from service.adapter_cache import set_nbytes
+from service.events import EngineEvents
 from service.exceptions import AdapterLoadError, AdapterNotFound, InvalidRequest
 from service.metrics import ServiceMetrics
-from service.registry import AdapterRegistry, AdapterVersion
+from service.registry import AdapterRegistry, AdapterVersion, open_adapters
 from service.store import AdapterRef, AdapterStore
-from tests.service.adapter_fixtures import put, random_adapter, tiny_backbone
+from tests.service.adapter_fixtures import put, random_adapter, tiers, tiny_backbone
 
 
 def upload_bytes(seed: int, **changes: object) -> tuple[bytes, bytes]:
@@ -44,14 +45,15 @@ def make_registry(
 ) -> AdapterRegistry:
     backbone = tiny_backbone()
     bank = AdapterBank(backbone.dims, connector_spec(backbone), slots, max_rank=8)
-    return AdapterRegistry(store, backbone, bank, budget, metrics, refresh_s=0.2)
+    registry, _ = open_adapters(store, backbone, bank, budget, EngineEvents(metrics), 0.2)
+    return registry
 
 
 @pytest.fixture
 def registry(store: AdapterStore) -> Iterator[AdapterRegistry]:
     reg = make_registry(store)
     yield reg
-    reg.close()
+    tiers(reg).close()
 
 
 def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -113,8 +115,8 @@ def test_add_version_validates_before_the_version_becomes_visible(
     ref = registry.add_version("acme", "news", config, weights)
     assert ref == AdapterRef("acme", "news", 1)
     # Straight to the CPU tier: no disk load needed to serve it.
-    assert registry.cache.is_ready(registry.resolve("acme", "news"))
-    assert registry.cache.stats().cpu_loads == 0
+    assert tiers(registry).is_ready(registry.resolve("acme", "news"))
+    assert tiers(registry).stats().cpu_loads == 0
 
     bad_uploads = {
         "fingerprint": upload_bytes(2, base_fingerprint="0" * 32),
@@ -175,7 +177,7 @@ def test_disk_loads_run_on_the_loader_and_bind_pins_slots(
     for i in range(3):
         put(store, "acme", f"a{i}", random_adapter(backbone, i))
     versions = [registry.resolve("acme", f"a{i}") for i in range(3)]
-    cache = registry.cache
+    cache = tiers(registry)
     for v in versions:
         cache.want(v)
     eventually(lambda: all(cache.is_ready(v) for v in versions))
@@ -186,7 +188,7 @@ def test_disk_loads_run_on_the_loader_and_bind_pins_slots(
     assert cache.pins(slots[versions[0]]) == 2 and cache.pins(slots[versions[2]]) == 1
     cache.release(slots, keys)
     assert cache.pins(slots[versions[0]]) == 0
-    assert registry.cache.stats().device_loads == 2
+    assert tiers(registry).stats().device_loads == 2
 
 
 def test_cpu_tier_stays_within_its_byte_budget(store: AdapterStore) -> None:
@@ -197,7 +199,7 @@ def test_cpu_tier_stays_within_its_byte_budget(store: AdapterStore) -> None:
         for i in range(6):
             put(store, "acme", f"a{i}", random_adapter(backbone, i))
         versions = [registry.resolve("acme", f"a{i}") for i in range(6)]
-        cache = registry.cache
+        cache = tiers(registry)
         for v in versions:
             cache.want(v)
         served: list[AdapterVersion] = []
@@ -219,7 +221,7 @@ def test_cpu_tier_stays_within_its_byte_budget(store: AdapterStore) -> None:
         assert stats.cpu_peak_bytes <= 2 * size + size // 2
         assert stats.cpu_resident <= 2
     finally:
-        registry.close()
+        tiers(registry).close()
 
 
 def test_an_invalid_version_on_disk_fails_its_load_with_the_reason(
@@ -232,12 +234,12 @@ def test_an_invalid_version_on_disk_fails_its_load_with_the_reason(
 
     store.write_version("acme", "broken", corrupt)
     version = registry.resolve("acme", "broken")
-    registry.cache.want(version)
-    eventually(lambda: registry.cache.failure(version) is not None)
-    error = registry.cache.failure(version)
+    tiers(registry).want(version)
+    eventually(lambda: tiers(registry).failure(version) is not None)
+    error = tiers(registry).failure(version)
     assert isinstance(error, AdapterLoadError)
     assert "acme/broken@v1 is invalid" in str(error)
-    assert not registry.cache.is_ready(version)
+    assert not tiers(registry).is_ready(version)
 
 
 def test_rescan_publishes_the_adapters_on_disk(store: AdapterStore) -> None:
@@ -251,7 +253,7 @@ def test_rescan_publishes_the_adapters_on_disk(store: AdapterStore) -> None:
         value = metrics.registry.get_sample_value("ctxpeft_adapters_resident", {"tier": "disk"})
         assert value == 2.0
     finally:
-        registry.close()
+        tiers(registry).close()
 
 
 def test_adapter_version_orders_and_hashes_by_ref_and_identity() -> None:
@@ -278,12 +280,12 @@ def test_a_version_stored_by_an_older_build_keeps_serving_and_listing(
     info = registry.describe("acme", "old")
     assert info.config is not None and info.config.description == '{"note": 5}'
     version = registry.resolve("acme", "old")
-    registry.cache.want(version)
-    eventually(lambda: registry.cache.is_ready(version))
-    slots, failed, _ = registry.cache.bind([version])
+    tiers(registry).want(version)
+    eventually(lambda: tiers(registry).is_ready(version))
+    slots, failed, _ = tiers(registry).bind([version])
     assert failed == {} and version in slots
-    registry.cache.release(slots, [version])
-    registry.cache.unwant(version)
+    tiers(registry).release(slots, [version])
+    tiers(registry).unwant(version)
     with pytest.raises(AdapterFormatError) as error:
         registry.add_version("acme", "old", legacy, weights)
     assert error.value.field == "connector_dropout"  # the first of the two, in field order

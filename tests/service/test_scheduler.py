@@ -1,18 +1,16 @@
 """Scheduler: oldest-first seeding, grouping, mixing up to the free slots, fairness, waiting to
-fill, admission control and drops. Pure data structure: no model involved."""
+fill, rows leaving the line (expired, discarded, taken). Pure data structure: no model
+involved. Admission (tenant limits, the queue bound, the drain) is tests/service/test_admission.py."""
 
 from __future__ import annotations
 
 import math
-import threading
 import time
 from dataclasses import dataclass, field
 
 import pytest
 
-from service.engine.counters import EngineCounters
-from service.exceptions import Draining, QueueFull, TenantLimit
-from service.metrics import ServiceMetrics
+from service.exceptions import Draining
 from service.scheduler import Scheduler, SlotBudget
 
 
@@ -22,28 +20,32 @@ class Row:
     tenant: str = "t"
     arrival: float = field(default_factory=time.monotonic)
     deadline: float = math.inf
-    done: bool = False
     label: str = ""
 
-    def settled(self) -> bool:
-        return self.done
+
+class Static:
+    """A scheduler used the way static scheduling uses it: whole batches of up to
+    `max_batch` rows over at most `slots` adapters (and the `adapters` cap), waiting to fill."""
+
+    def __init__(self, max_batch: int = 8, wait_s: float = 0.0, adapters: int | None = None):
+        self.scheduler: Scheduler[Row] = Scheduler(wait_s)
+        self.max_batch = max_batch
+        self.adapters = adapters
+
+    def next_batch(self, is_ready: object, slots: int, timeout: float) -> list[tuple[int, Row]]:
+        budget = SlotBudget(slots, self.adapters)
+        return self.scheduler.next_rows(is_ready, budget, self.max_batch, timeout, fill=True)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.scheduler, name)
 
 
-def make(
-    max_batch: int = 8,
-    wait_s: float = 0.0,
-    queue: int = 1000,
-    tenant_limit: int = 1000,
-    adapters: int | None = None,
-    **kwargs: object,
-) -> Scheduler[Row]:
-    return Scheduler(max_batch, wait_s, queue, tenant_limit, adapters, **kwargs)  # type: ignore[arg-type]
+def make(max_batch: int = 8, wait_s: float = 0.0, adapters: int | None = None) -> Static:
+    return Static(max_batch, wait_s, adapters)
 
 
-def submit(s: Scheduler[Row], rows: list[Row]) -> None:
-    for row in rows:
-        s.admit(row.tenant)
-    s.enqueue(rows)
+def submit(s: Static | Scheduler[Row], rows: list[Row]) -> None:
+    s.enqueue(rows)  # type: ignore[union-attr]
 
 
 def always(_key: object) -> bool:
@@ -62,7 +64,7 @@ def test_batch_starts_from_oldest_groups_its_adapter_then_mixes_by_age() -> None
     assert keys(batch) == ["b", "b", "b", "a", "a", "c"]
     assert [seq for seq, _ in batch] == [1, 3, 6, 2, 5, 4]
     assert keys(s.next_batch(always, slots=3, timeout=0)) == ["c", "d"]
-    assert s.waiting == 0
+    assert s.queued == 0
 
 
 def test_distinct_adapters_per_batch_never_exceed_slots_or_the_cap() -> None:
@@ -81,7 +83,7 @@ def test_hot_adapter_cannot_starve_a_cold_one() -> None:
     submit(s, [Row("cold")])
     submit(s, [Row("hot") for _ in range(100)])
     order = []
-    while s.waiting:
+    while s.queued:
         order.append(keys(s.next_batch(always, slots=16, timeout=0)))
     cold_batch = next(i for i, b in enumerate(order) if "cold" in b)
     # 100 older hot rows fill 12.5 batches; batch 13 (index 12) tops up with younger hot
@@ -98,7 +100,7 @@ def test_hot_adapter_cannot_starve_a_cold_one_in_the_step_loop(
     room = free running places, the running rows' adapters present in the slot budget), with
     rows of different lengths leaving at different steps. Counted in steps."""
     max_batch = 8
-    s = make(max_batch=max_batch, adapters=adapters)
+    s = make(max_batch=max_batch, adapters=adapters).scheduler
     submit(s, [Row("hot") for _ in range(40)])
     submit(s, [Row("cold")])
     submit(s, [Row("hot") for _ in range(40)])
@@ -119,7 +121,7 @@ def test_hot_adapter_cannot_starve_a_cold_one_in_the_step_loop(
                 cold_joined = step
         if any(seq < cold_seq for seq, _ in taken) and not any(seq == cold_seq for seq, _ in taken):
             last_older_joined = step
-        if not s.waiting and not running:
+        if not s.queued and not running:
             break
     assert cold_joined is not None and last_older_joined is not None
     # No younger hot row joins at a later step than the last older one while the cold row
@@ -135,7 +137,7 @@ def test_rows_of_adapters_not_ready_wait_and_trigger_nothing_else() -> None:
     submit(s, [Row("cold"), Row("warm"), Row("warm")])
     batch = s.next_batch(lambda k: k == "warm", slots=4, timeout=0)
     assert keys(batch) == ["warm", "warm"]
-    assert s.waiting == 1
+    assert s.queued == 1
     assert s.next_batch(lambda k: k == "warm", slots=4, timeout=0.01) == []
     assert keys(s.next_batch(always, slots=4, timeout=0)) == ["cold"]
 
@@ -155,7 +157,7 @@ def test_waits_up_to_max_wait_to_fill_but_not_when_full() -> None:
     first.arrival -= 3600  # the oldest row has now waited max_wait_s
     batch = s.next_batch(always, slots=4, timeout=0)
     assert keys(batch) == ["a", "b"]  # the row that came within max_wait joined
-    assert s.waiting == 0
+    assert s.queued == 0
 
     submit(s, [Row("c")])
     assert s.next_batch(always, slots=4, timeout=0) == []
@@ -163,52 +165,19 @@ def test_waits_up_to_max_wait_to_fill_but_not_when_full() -> None:
     assert keys(s.next_batch(always, slots=4, timeout=0)) == ["c"]
 
 
-def test_admission_bounds_queue_and_tenant_and_counts_rejections() -> None:
-    metrics = ServiceMetrics()
-    counters = EngineCounters(metrics)
-    s = make(queue=3, tenant_limit=2, events=counters)
-    s.admit("acme", 2)
-    with pytest.raises(TenantLimit) as limit:
-        s.admit("acme")
-    assert limit.value.retry_after_s is not None
-    s.admit("other")
-    with pytest.raises(QueueFull):
-        s.admit("third")
-    s.withdraw("other")
-    s.admit("third")
-    s.drain()
-    with pytest.raises(Draining):
-        s.admit("fourth")
-    assert counters.by_prefix("rejected_") == {"tenant_limit": 1, "queue_full": 1, "draining": 1}
-    for reason in ("tenant_limit", "queue_full", "draining"):
-        value = metrics.registry.get_sample_value("ctxpeft_rejections_total", {"reason": reason})
-        assert value == 1.0
-    assert metrics.registry.get_sample_value("ctxpeft_queue_depth") == 3.0
-
-
-def test_tenant_inflight_lasts_until_finished_not_until_batched() -> None:
-    s = make(tenant_limit=1)
-    submit(s, [Row("a", tenant="acme")])
-    assert len(s.next_batch(always, slots=1, timeout=0)) == 1
-    with pytest.raises(TenantLimit):
-        s.admit("acme")
-    s.finished("acme")
-    s.admit("acme")
-
-
-def test_expired_and_settled_rows_are_dropped_before_batching() -> None:
-    drops: list[tuple[str, str | None]] = []
-    s = make(on_drop=lambda row, reason: drops.append((row.label, reason)))
+def test_expired_rows_and_discarded_rows_leave_the_line() -> None:
+    s = make()
     now = time.monotonic()
     expired = Row("a", deadline=now - 1, label="expired")
     cancelled = Row("a", label="cancelled")
     submit(s, [expired, cancelled, Row("a", label="ok")])
-    cancelled.done = True
+    assert [row.label for row in s.expired(now)] == ["expired"]
+    assert s.discard(cancelled) is True
+    assert s.discard(cancelled) is False  # once
     batch = s.next_batch(always, slots=1, timeout=0)
     assert [row.label for _, row in batch] == ["ok"]
-    assert drops == [("expired", "deadline"), ("cancelled", None)]
-    s.finished("t")
-    assert s.inflight == 0 and s.waiting == 0
+    assert s.discard(batch[0][1]) is False  # taken rows are not in line
+    assert s.queued == 0
 
 
 def test_requeue_keeps_the_place_in_line() -> None:
@@ -223,24 +192,17 @@ def test_take_removes_an_adapters_rows_and_close_returns_the_rest() -> None:
     s = make()
     submit(s, [Row("bad"), Row("good"), Row("bad")])
     assert len(s.take("bad")) == 2
-    assert s.waiting == 1 and s.inflight == 3
+    assert s.queued == 1
     left = s.close()
     assert keys(left) == ["good"]
     assert s.next_batch(always, slots=1, timeout=0) == []
-
-
-def test_wait_idle_returns_when_the_last_row_finishes() -> None:
-    s = make()
-    submit(s, [Row("a")])
-    s.next_batch(always, slots=1, timeout=0)
-    assert s.wait_idle(0.01) is False
-    threading.Timer(0.05, s.finished, args=("t",)).start()
-    assert s.wait_idle(2) is True
+    with pytest.raises(Draining):
+        submit(s, [Row("late")])
 
 
 # --- step admission (continuous batching) ------------------------------------------------------
 def test_rows_join_within_room_and_only_adapters_that_get_a_slot() -> None:
-    s = make(max_batch=32)
+    s = make(max_batch=32).scheduler
     submit(s, [Row(k) for k in ["a", "b", "a", "c", "a", "d"]])
     # "a" holds a pinned slot, one slot is free: a's rows and b's join, c must wait for a slot.
     taken = s.next_rows(always, SlotBudget(free=1, present={"a"}), room=8, timeout=0)
@@ -256,7 +218,7 @@ def test_a_cold_adapter_joins_within_the_bound_while_a_hot_one_keeps_arriving() 
     """One slot, pinned by a hot adapter whose rows keep arriving and each run 3 steps: once
     the cold row is the oldest, no more hot rows join, the hot rows drain and the cold one
     gets the slot: it waits for the hot rows older than it plus one row lifetime."""
-    s = make(max_batch=32)
+    s = make(max_batch=32).scheduler
     lifetime = 3
     running: list[tuple[str, int]] = []  # (key, steps left)
     submit(s, [Row("hot") for _ in range(4)])

@@ -68,7 +68,7 @@ async def step(engine: Engine, times: int = 1) -> None:
 
 async def until_ready(engine: Engine, adapters: int) -> None:
     deadline = time.monotonic() + 30
-    while engine.registry.cache.stats().cpu_loads < adapters:
+    while engine.cache.stats().cpu_loads < adapters:
         assert time.monotonic() < deadline, "adapters did not load"
         await asyncio.sleep(0.01)
 
@@ -104,7 +104,7 @@ def test_rows_joining_k_steps_late_get_their_tokens_alone_while_others_leave(
         await until_ready(e, 4)
         while e.stats().batches < 2:
             await step(e)
-        joined_beside.update(row.name for row in e.loop.rows)
+        joined_beside.update(row.name for row in e.loop.batch.rows)
         while not (first.done() and second.done()):
             await step(e)
         return await first, await second
@@ -116,8 +116,8 @@ def test_rows_joining_k_steps_late_get_their_tokens_alone_while_others_leave(
     stats = e.stats()
     assert stats.batches == 2 and stats.running == 0
     assert stats.steps < max(r.tokens for r in long_rows) + late + 2  # no batch-to-batch wait
-    assert e.scheduler.inflight == 0
-    assert all(e.registry.cache.pins(s) == 0 for s in range(e.bank.num_slots))
+    assert e.admission.inflight == 0
+    assert all(e.cache.pins(s) == 0 for s in range(e.bank.num_slots))
 
 
 def test_a_cancelled_row_stops_at_the_next_step_and_releases_everything(
@@ -138,11 +138,11 @@ def test_a_cancelled_row_stops_at_the_next_step_and_releases_everything(
         cancelled.cancel()
         with pytest.raises(asyncio.CancelledError):
             await cancelled
-        slot = e.registry.cache.slot_of(next(r.key for r in e.loop.rows if r.name == "a0"))
+        slot = e.cache.slot_of(next(r.key for r in e.loop.batch.rows if r.name == "a0"))
         await step(e)  # the row leaves before this step computes anything for it
         assert e.stats().running == 1 and len(streamed) == 3
-        assert slot is not None and e.registry.cache.pins(slot) == 0
-        assert e.scheduler.inflight == 1  # only the kept row's
+        assert slot is not None and e.cache.pins(slot) == 0
+        assert e.admission.inflight == 1  # only the kept row's
         while not kept.done():
             await step(e)
         assert (await kept)[0].token_ids == expected(1, 4)
@@ -150,7 +150,7 @@ def test_a_cancelled_row_stops_at_the_next_step_and_releases_everything(
     asyncio.run(run())
     stats = e.stats()
     assert stats.dropped == {"cancelled": 1} and stats.completed == 1
-    assert e.scheduler.inflight == 0
+    assert e.admission.inflight == 0
 
 
 def test_a_row_past_its_deadline_stops_at_the_next_step(engine: Callable[..., Engine]) -> None:
@@ -161,7 +161,7 @@ def test_a_row_past_its_deadline_stops_at_the_next_step(engine: Callable[..., En
         await settle()
         await until_ready(e, 1)
         await step(e)
-        row = e.loop.rows[0]
+        row = e.loop.batch.rows[0]
         row.deadline = time.monotonic()  # the deadline passes while the row runs
         steps = e.stats().steps
         await step(e)
@@ -171,7 +171,7 @@ def test_a_row_past_its_deadline_stops_at_the_next_step(engine: Callable[..., En
 
     asyncio.run(run())
     assert e.stats().dropped == {"deadline": 1}
-    assert e.scheduler.inflight == 0
+    assert e.admission.inflight == 0
 
 
 def test_a_burst_never_stalls_running_rows_beyond_the_prefill_budget(
@@ -231,8 +231,8 @@ def test_no_slot_is_evicted_while_a_running_row_uses_it(engine: Callable[..., En
         await until_ready(e, 1)
         await step(e)
         assert e.stats().running == 1
-        key = e.loop.rows[0].key
-        slot = e.registry.cache.slot_of(key)
+        key = e.loop.batch.rows[0].key
+        slot = e.cache.slot_of(key)
         assert slot is not None
         others = [asyncio.create_task(e.caption(ask(30 + i, f"a{i}"))) for i in (1, 2, 3)]
         await settle()
@@ -240,13 +240,13 @@ def test_no_slot_is_evicted_while_a_running_row_uses_it(engine: Callable[..., En
         tasks = [first, *others]
         holders: list[str] = []
         while not all(t.done() for t in tasks):
-            names = {row.name for row in e.loop.rows}
+            names = {row.name for row in e.loop.batch.rows}
             assert len(names) <= 1, names  # one slot: never two adapters running together
             if names:
                 (name,) = names
-                holder = e.loop.rows[0].key
-                assert e.registry.cache.slot_of(holder) == slot
-                assert e.registry.cache.pins(slot) == len(e.loop.rows)
+                holder = e.loop.batch.rows[0].key
+                assert e.cache.slot_of(holder) == slot
+                assert e.cache.pins(slot) == len(e.loop.batch.rows)
                 if not holders or holders[-1] != name:
                     holders.append(name)
             await step(e)
@@ -257,7 +257,7 @@ def test_no_slot_is_evicted_while_a_running_row_uses_it(engine: Callable[..., En
 
     results = asyncio.run(run())
     assert [r.token_ids for r in results] == [expected(i, 30 + i) for i in range(4)]
-    assert e.registry.cache.pins(0) == 0 and e.scheduler.inflight == 0
+    assert e.cache.pins(0) == 0 and e.admission.inflight == 0
 
 
 def test_static_scheduling_runs_a_batch_to_its_end_before_the_next(

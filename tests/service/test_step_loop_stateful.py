@@ -260,7 +260,7 @@ class StepLoopMachine(RuleBasedStateMachine):
     def wait_loaded(self, version: AdapterVersion) -> None:
         """The queued row's adapter load (on the loader thread) has ended, either way: the
         rules then do not depend on how fast that thread is."""
-        cache = self.engine.registry.cache
+        cache = self.engine.cache
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if cache.is_ready(version) or cache.failure(version) is not None:
@@ -282,7 +282,7 @@ class StepLoopMachine(RuleBasedStateMachine):
             return None
         names = tuple(s.name for s in specs)
         request = CaptionRequest(noise_image(image), names, tenant)
-        before = self.engine.scheduler.inflight_of(tenant)
+        before = self.engine.admission.inflight_of(tenant)
         try:
             submission = self.run(self.engine.submit(request))
         except TenantLimit:
@@ -305,7 +305,7 @@ class StepLoopMachine(RuleBasedStateMachine):
         self.all.append(record)
         return record
 
-    @precondition(lambda self: self.engine.scheduler.inflight > 0)
+    @precondition(lambda self: self.engine.admission.inflight > 0)
     @rule(times=st.integers(1, 4))
     def step(self, times: int) -> None:
         for _ in range(times):
@@ -329,7 +329,7 @@ class StepLoopMachine(RuleBasedStateMachine):
         if request is None or request.task.done():
             return
         request.expired = True
-        for row in self.engine.loop.rows + self.queued_rows():
+        for row in self.engine.loop.batch.rows + self.queued_rows():
             if row.future in request.futures:
                 row.deadline = 0.0
 
@@ -346,7 +346,7 @@ class StepLoopMachine(RuleBasedStateMachine):
             for request in self.all
             for index, future in enumerate(request.futures)
         }
-        for row in self.engine.loop.rows:
+        for row in self.engine.loop.batch.rows:
             request, index = by_future[row.future]
             expected = solo(request.specs[index], request.image)
             seen = tuple(row.token_ids)
@@ -417,10 +417,10 @@ class StepLoopMachine(RuleBasedStateMachine):
     @invariant()
     def tenant_counts_cover_their_rows(self) -> None:
         """A count below the rows still queued or running was given back twice."""
-        live: Counter[str] = Counter(row.tenant for row in self.engine.loop.rows)
+        live: Counter[str] = Counter(row.tenant for row in self.engine.loop.batch.rows)
         live.update(row.tenant for row in self.queued_rows())
         for tenant, rows in live.items():
-            assert self.engine.scheduler.inflight_of(tenant) >= rows, (tenant, rows)
+            assert self.engine.admission.inflight_of(tenant) >= rows, (tenant, rows)
 
     def teardown(self) -> None:
         try:
@@ -435,7 +435,7 @@ class StepLoopMachine(RuleBasedStateMachine):
 
     def drain_to_idle(self) -> None:
         for _ in range(500):
-            if not self.open_requests() and self.engine.scheduler.inflight == 0:
+            if not self.open_requests() and self.engine.admission.inflight == 0:
                 break
             self.engine.loop.iterate()
             self.steps += 1
@@ -449,12 +449,12 @@ class StepLoopMachine(RuleBasedStateMachine):
             for future in request.futures:
                 assert future.done() and RESOLVED[id(future)] <= 1
         engine = self.engine
-        cache = engine.registry.cache
-        assert engine.scheduler.inflight == 0 and engine.scheduler.waiting == 0
+        cache = engine.cache
+        assert engine.admission.inflight == 0 and engine.admission.waiting == 0
         assert engine.scheduler.queued == 0
         assert [cache.pins(s) for s in range(engine.bank.num_slots)] == [0] * 4
         assert cache.wanted() == 0
-        assert engine.loop.rows == [] and engine.loop.state is None
+        assert engine.loop.batch.rows == [] and engine.loop.batch.state is None
 
 
 # --- fault injection ------------------------------------------------------------------------------
@@ -489,7 +489,7 @@ def _bomb_slots(engine: Engine, phase: str) -> set[int]:
                 version: AdapterVersion = engine.registry.resolve(spec.tenant, spec.name)
             except EngineError:
                 continue
-            slot = engine.registry.cache.slot_of(version)
+            slot = engine.cache.slot_of(version)
             if slot is not None:
                 slots.add(slot)
     return slots
@@ -510,9 +510,9 @@ def faults(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
     resolve = rows_module._resolve
 
-    def counted(future: Any, outcome: Any, before: Any) -> None:
+    def counted(future: Any, outcome: Any) -> None:
         RESOLVED[id(future)] += 1
-        resolve(future, outcome, before)
+        resolve(future, outcome)
 
     monkeypatch.setattr(ContextLinear, "forward", faulty)
     monkeypatch.setattr(rows_module, "_resolve", counted)

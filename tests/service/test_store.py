@@ -16,7 +16,7 @@ from safetensors.torch import save as save_safetensors
 from adapters.backbone import connector_spec
 from adapters.bank import AdapterBank
 from adapters.format import CONFIG_FILE, WEIGHTS_FILE, AdapterFormatError
-from service.registry import AdapterRegistry
+from service.registry import AdapterRegistry, open_adapters
 from service.store import (
     ABANDONED_AFTER_S,
     AdapterRef,
@@ -37,9 +37,9 @@ def store(tmp_path: Path) -> AdapterStore:
 def registry(store: AdapterStore) -> Iterator[AdapterRegistry]:
     backbone = tiny_backbone()
     bank = AdapterBank(backbone.dims, connector_spec(backbone), 2, max_rank=8)
-    reg = AdapterRegistry(store, backbone, bank, 1 << 30, refresh_s=0.2)
+    reg, cache = open_adapters(store, backbone, bank, 1 << 30, refresh_s=0.2)
     yield reg
-    reg.close()
+    cache.close()
 
 
 def upload(seed: int, **config_changes: object) -> tuple[bytes, bytes]:

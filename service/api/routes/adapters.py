@@ -15,10 +15,8 @@ from starlette.concurrency import run_in_threadpool
 from adapters.config import MAX_CONFIG_BYTES
 from adapters.format import PICKLE_SUFFIXES, AdapterFormatError
 from service.api.deps import AnyPrincipal, ManagePrincipal, ReadyEngine, State
-from service.api.engine_errors import to_api_error
 from service.api.errors import ApiError, error_responses
 from service.api.schemas import AdapterList, AdapterOut, Deleted, VersionCreated
-from service.exceptions import EngineError
 from service.registry import AdapterInfo
 from service.store import QuotaExceeded, StoreQuota
 from service.tenancy import NAME_PATTERN, InvalidId, check_name
@@ -82,10 +80,7 @@ async def get_adapter(
     name: AdapterName, engine: ReadyEngine, principal: AnyPrincipal
 ) -> AdapterOut:
     _valid(name)
-    try:
-        info = await run_in_threadpool(engine.registry.describe, principal.tenant, name)
-    except EngineError as exc:
-        raise to_api_error(exc) from None
+    info = await run_in_threadpool(engine.registry.describe, principal.tenant, name)
     return _out(info)
 
 
@@ -156,8 +151,6 @@ async def upload_version(
         raise ApiError(422, "invalid_adapter", str(exc)) from None
     except QuotaExceeded as exc:
         raise ApiError(413, "quota_exceeded", str(exc)) from None
-    except EngineError as exc:
-        raise to_api_error(exc) from None
     return VersionCreated(name=name, version=ref.version)
 
 
@@ -171,8 +164,5 @@ async def delete_adapter(
     name: AdapterName, engine: ReadyEngine, principal: ManagePrincipal
 ) -> Deleted:
     _valid(name)
-    try:
-        removed = await run_in_threadpool(engine.registry.delete, principal.tenant, name)
-    except EngineError as exc:
-        raise to_api_error(exc) from None
+    removed = await run_in_threadpool(engine.registry.delete, principal.tenant, name)
     return Deleted(name=name, deleted_versions=removed)

@@ -17,7 +17,6 @@ from service.api.captioning import (
     CaptionStream,
     EventStreamResponse,
     KeepAlive,
-    image_decoder,
     run_caption,
     sse,
     start_stream,
@@ -26,6 +25,7 @@ from service.api.deps import CaptionPrincipal, ReadyEngine, State
 from service.api.errors import ApiError, error_content, error_responses, request_id_from_scope
 from service.api.schemas import CaptionOut, MultiCaptionOut, Timings
 from service.engine import CaptionRequest, CaptionResult
+from service.images import image_decoder
 from service.tenancy import InvalidId, check_name
 
 router = APIRouter(tags=["caption"])

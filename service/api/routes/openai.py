@@ -27,15 +27,13 @@ from service.api.captioning import (
     CaptionStream,
     EventStreamResponse,
     KeepAlive,
-    image_decoder,
     run_caption,
     sse,
     start_stream,
 )
 from service.api.deps import AnyPrincipal, CaptionPrincipal, ReadyEngine, State
-from service.api.engine_errors import to_api_error
 from service.api.engine_port import EnginePort
-from service.api.errors import ApiError, error_responses, request_id_from_scope
+from service.api.errors import ApiError, error_responses, request_id_from_scope, to_api_error
 from service.api.openai_schemas import (
     OPENAI_PREFIX,
     AssistantMessage,
@@ -52,6 +50,7 @@ from service.api.openai_schemas import (
 )
 from service.engine import CaptionRequest, CaptionResult
 from service.exceptions import EngineError
+from service.images import image_decoder
 from service.registry import AdapterInfo
 from service.tenancy import InvalidId, check_name
 

@@ -1,9 +1,12 @@
-"""Checks an uploaded image by its content and decodes it to RGB, or says why not.
+"""Checks an uploaded image by its content and decodes it to RGB, or says why not. Below the
+HTTP layer: the engine calls the decoder after admission, in one process or in a Ray replica,
+and its typed errors (`service.exceptions.ImageError`: 400 / 413 / 415) are mapped to HTTP
+answers in one place with every other engine error.
 
     limits = ImageLimits.from_settings(settings)
-    image = decode_image(raw_bytes, limits)   # raises ApiError 400 / 413 / 415
-    image = await decode_image_async(raw_bytes, limits)   # the same, from async code
+    image = decode_image(raw_bytes, limits)   # raises InvalidImage / ImageTooLarge / UnsupportedImage
     image.rgb, image.format, image.width, image.height, image.sha256
+    decoder = ImageDecoder(raw_bytes, limits, param="image")   # what a CaptionRequest carries
 
 The client's Content-Type and file name are ignored: the format is sniffed from magic bytes.
 Sizes are checked from the header before any pixel is decoded (Pillow's `Image.open` reads
@@ -12,9 +15,8 @@ only the header), with this call's limits rather than Pillow's process-wide
 
 Decoding memory is bounded twice over:
 - at most `max_concurrent_decodes` images decode at once in the process (one gate per value
-  of that limit; callers beyond it wait in `decode_image`). From async code use
-  `decode_image_async`: it waits for its turn on the event loop, so that a flood of uploads
-  does not occupy the worker-thread pool other endpoints need;
+  of that limit; callers beyond it wait in `decode_image`);
+  the engine's preprocessing pool (`preprocess_threads`) bounds the threads that wait;
 - an image is reduced to what the encoder needs while it decodes: a JPEG by DCT scaling
   (`draft`), every format by an integer box reduction per axis (`reduce`) before any mode
   conversion or alpha flattening, so that no full-size RGB copy is ever made. Each axis keeps
@@ -34,20 +36,17 @@ that (`ImageLimits.decode_bound_bytes`, docs/OPERATIONS.md).
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
 import ctypes.util
 import hashlib
 import io
 import threading
-import weakref
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 from PIL import Image
-from starlette.concurrency import run_in_threadpool
 
-from service.api.errors import ApiError
+from service.exceptions import ImageTooLarge, InvalidImage, UnsupportedImage
 from service.settings import IMAGE_FORMATS, Settings
 
 # The most bytes per pixel one decode holds at once (an RGBA image: decoded plus premultiplied).
@@ -148,37 +147,16 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
-# Per event loop (a semaphore belongs to one loop) and per limit: where requests wait.
-_ASYNC_GATES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[int, asyncio.Semaphore]]
-_ASYNC_GATES = weakref.WeakKeyDictionary()
-
-
-async def decode_image_async(data: bytes, limits: ImageLimits | None = None) -> DecodedImage:
-    """`decode_image` in a worker thread, entered only when a decode place is free: callers
-    beyond `max_concurrent_decodes` wait on the event loop, not in a thread."""
-    limits = limits or ImageLimits()
-    gates = _ASYNC_GATES.setdefault(asyncio.get_running_loop(), {})
-    gate = gates.get(limits.max_concurrent_decodes)
-    if gate is None:
-        gate = gates[limits.max_concurrent_decodes] = asyncio.Semaphore(
-            limits.max_concurrent_decodes
-        )
-    async with gate:
-        return await run_in_threadpool(decode_image, data, limits)
-
-
 def decode_image(data: bytes, limits: ImageLimits | None = None) -> DecodedImage:
     """Validate and decode `data`, reduced for the encoder (see the module docstring). Waits
     while `limits.max_concurrent_decodes` other decodes run."""
     limits = limits or ImageLimits()
     if not data:
-        raise ApiError(400, "invalid_image", "the image is empty")
+        raise InvalidImage("the image is empty")
     image_format = sniff_format(data)
     if image_format is None or image_format not in limits.formats:
-        raise ApiError(
-            415,
-            "unsupported_media_type",
-            f"the upload is not an image in an accepted format ({_formats(limits.formats)})",
+        raise UnsupportedImage(
+            f"the upload is not an image in an accepted format ({_formats(limits.formats)})"
         )
     try:
         # formats=[...]: only the sniffed plugin may parse it. Reads the header, no pixels.
@@ -188,7 +166,7 @@ def decode_image(data: bytes, limits: ImageLimits | None = None) -> DecodedImage
         # unless a warnings filter turns its warning into an error).
         raise _too_large(f"the image is a decompression bomb ({exc})") from exc
     except (OSError, SyntaxError, ValueError) as exc:
-        raise ApiError(400, "invalid_image", f"the {image_format} image is unreadable") from exc
+        raise InvalidImage(f"the {image_format} image is unreadable") from exc
     with image:
         _check_size(image.width, image.height, limits)
         with decode_gate(limits.max_concurrent_decodes):
@@ -197,9 +175,7 @@ def decode_image(data: bytes, limits: ImageLimits | None = None) -> DecodedImage
             except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
                 raise _too_large(f"the image is a decompression bomb ({exc})") from exc
             except (OSError, SyntaxError, ValueError, EOFError) as exc:
-                raise ApiError(
-                    400, "invalid_image", f"the {image_format} image is truncated or corrupt"
-                ) from exc
+                raise InvalidImage(f"the {image_format} image is truncated or corrupt") from exc
             finally:
                 image.close()  # frees the full-size pixels before the next decode starts
                 if image.width * image.height >= TRIM_AFTER_PIXELS:
@@ -277,7 +253,7 @@ def _flatten_palette(image: Image.Image) -> Image.Image:
 
 def _check_size(width: int, height: int, limits: ImageLimits) -> None:
     if width <= 0 or height <= 0:
-        raise ApiError(400, "invalid_image", f"the image has no pixels ({width}x{height})")
+        raise InvalidImage(f"the image has no pixels ({width}x{height})")
     if width > limits.max_side or height > limits.max_side:
         raise _too_large(
             f"the image is {width}x{height}; each side must be at most {limits.max_side} "
@@ -302,9 +278,33 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _too_large(message: str) -> ApiError:
-    return ApiError(413, "image_too_large", message)
+def _too_large(message: str) -> ImageTooLarge:
+    return ImageTooLarge(message)
 
 
 def _formats(formats: Collection[str]) -> str:
     return ", ".join(fmt for fmt in IMAGE_FORMATS if fmt in formats)
+
+
+@dataclass(frozen=True)
+class ImageDecoder:
+    """Checks and decodes an uploaded image (ImageError 400 / 413 / 415, with `param` naming
+    the request field); the engine calls it after admission. A plain picklable object (the
+    bytes, the limits, the field), so that it can travel to an engine replica of the Ray
+    Serve deployment and be called there exactly as here."""
+
+    data: bytes = field(repr=False)
+    limits: ImageLimits
+    param: str | None = None
+
+    def __call__(self) -> Image.Image:
+        try:
+            return decode_image(self.data, self.limits).rgb
+        except (InvalidImage, ImageTooLarge, UnsupportedImage) as exc:
+            exc.param = exc.param or self.param
+            raise
+
+
+def image_decoder(settings: Settings, data: bytes, param: str | None = None) -> ImageDecoder:
+    """The decoder of one uploaded image under the service's image limits."""
+    return ImageDecoder(data, ImageLimits.from_settings(settings), param)

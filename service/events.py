@@ -1,17 +1,21 @@
-"""The engine's one counting system: every event is counted once, here. `snapshot()` feeds
-`Engine.stats()`, and the Prometheus families of a `ServiceMetrics` (when the engine has
-one) move with the same calls, so the two can never disagree.
+"""The engine's one event sink: every event is counted once, here, under one name per
+outcome. `snapshot()` feeds `Engine.stats()`, the Prometheus families of a `ServiceMetrics`
+(when the engine has one) move with the same calls, and the adapter tiers and the encoder
+cache report into it too, so no two counts of one event can disagree.
 
-    counters = EngineCounters(metrics)            # metrics may be None (tests, benchmarks)
-    counters.rejected("queue_full")               # admission refused
-    counters.dropped("deadline", rows=2)          # admitted rows that ended unanswered
-    counters.joined(rows=[...], adapters=3, waits=[...])   # one prefill
-    counters.step(rows=12, adapters=5)            # one decode step
-    counters.completed("describe", ref, tokens=9)      # one row answered with a caption
-    counters.fault("decode")                      # an exception contained at a stage
-    counters.non_finite()                         # a row stopped: its logits were NaN/inf
+    events = EngineEvents(metrics)                 # metrics may be None (tests, benchmarks)
+    events.rejected("queue_full")                  # an admission refused
+    events.ended("deadline")                       # a row ended: completed, failed, deadline,
+    events.completed("describe", ref, tokens=9)    #   cancelled (completed with its tokens)
+    events.joined(rows=4, adapters=3, waits=[...]) # one prefill
+    events.step(rows=12, adapters=5)               # one decode step
+    events.fault("decode")                         # an exception contained at a stage
+    events.non_finite(); events.quarantined()      # numeric containment
+    events.loaded("cpu", seconds); events.load_failed("device", "io"); events.resident("cpu", 3)
 
-Thread-safe: the event loop counts admissions, the worker thread everything else.
+A *rejection* is an admission refused (nothing was admitted); an *ended* row was admitted,
+and its outcome says how it ended. Thread-safe: the event loop counts admissions and
+cancellations, the worker thread the steps, the loader thread the loads.
 """
 
 from __future__ import annotations
@@ -20,11 +24,11 @@ import threading
 from collections import Counter
 from collections.abc import Sequence
 
-from service.metrics import ServiceMetrics
+from service.metrics import ROW_OUTCOMES, ServiceMetrics
 from service.store import AdapterRef
 
 
-class EngineCounters:
+class EngineEvents:
     def __init__(self, metrics: ServiceMetrics | None = None) -> None:
         self.metrics = metrics
         self._counts: Counter[str] = Counter()
@@ -38,11 +42,15 @@ class EngineCounters:
         with self._lock:
             return Counter(self._counts)
 
+    def count(self, name: str) -> int:
+        with self._lock:
+            return self._counts[name]
+
     def by_prefix(self, prefix: str) -> dict[str, int]:
-        """{suffix: count} of the counts named `<prefix><suffix>`, e.g. dropped_deadline."""
+        """{suffix: count} of the counts named `<prefix><suffix>`, e.g. ended_deadline."""
         return {k[len(prefix) :]: v for k, v in self.snapshot().items() if k.startswith(prefix)}
 
-    # --- admission (event loop) ----------------------------------------------------------
+    # --- admission -------------------------------------------------------------------------
     def rejected(self, reason: str) -> None:
         """An admission refused (queue_full, tenant_limit, draining)."""
         self._add(**{f"rejected_{reason}": 1})
@@ -54,19 +62,19 @@ class EngineCounters:
             self.metrics.queue_depth.set(rows)
 
     # --- rows ending ----------------------------------------------------------------------
-    def dropped(self, reason: str, rows: int = 1) -> None:
-        """Admitted rows that ended without a caption: deadline or cancelled."""
-        self._add(**{f"dropped_{reason}": rows, "failed": rows})
+    def ended(self, outcome: str, rows: int = 1) -> None:
+        """Admitted rows ended: `completed` (use `completed()`), `failed` (an error after
+        admission: a load failure, a contained fault, non-finite values, shutdown),
+        `deadline` or `cancelled`."""
+        if outcome not in ROW_OUTCOMES:
+            raise ValueError(f"unknown row outcome {outcome!r}; expected {ROW_OUTCOMES}")
+        self._add(**{f"ended_{outcome}": rows})
         if self.metrics is not None:
-            for _ in range(rows):
-                self.metrics.reject(reason)
-
-    def failed(self, rows: int = 1) -> None:
-        """Admitted rows answered with an error (load failure, contained fault, shutdown)."""
-        self._add(failed=rows)
+            self.metrics.rows.labels(outcome=outcome).inc(rows)
 
     def completed(self, adapter: str, ref: AdapterRef, tokens: int) -> None:
-        self._add(completed=1, tokens=tokens)
+        self.ended("completed")
+        self._add(tokens=tokens)
         if self.metrics is not None:
             self.metrics.add_generated_tokens(adapter, ref, tokens)
 
@@ -93,8 +101,14 @@ class EngineCounters:
         if self.metrics is not None:
             self.metrics.time_to_first_token.observe(seconds)
 
+    def fault(self, stage: str) -> None:
+        """An exception contained at `stage` (see service.metrics.FAULT_STAGES)."""
+        self._add(**{f"fault_{stage}": 1})
+        if self.metrics is not None:
+            self.metrics.engine_faults.labels(stage=stage).inc()
+
     def non_finite(self) -> None:
-        """A row stopped because its logits were not finite (numeric containment)."""
+        """A row stopped because its logits were NaN or infinite (numeric containment)."""
         self._add(non_finite=1)
         if self.metrics is not None:
             self.metrics.non_finite_rows.inc()
@@ -104,12 +118,6 @@ class EngineCounters:
         self._add(quarantined=1)
         if self.metrics is not None:
             self.metrics.quarantines.inc()
-
-    def fault(self, stage: str) -> None:
-        """An exception contained at `stage` (see service.metrics.FAULT_STAGES)."""
-        self._add(**{f"fault_{stage}": 1})
-        if self.metrics is not None:
-            self.metrics.engine_faults.labels(stage=stage).inc()
 
     def worker_up(self, up: bool) -> None:
         if self.metrics is not None:
@@ -123,3 +131,19 @@ class EngineCounters:
             self.metrics.encoder_cache_hits.inc(hits)
             self.metrics.encoder_cache_misses.inc(misses)
             self.metrics.encoder_runs.inc(misses)
+
+    # --- the adapter tiers -----------------------------------------------------------------
+    def loaded(self, tier: str, seconds: float) -> None:
+        """An adapter set loaded into a tier (cpu: from disk; device: into a bank slot)."""
+        self._add(**{f"loads_{tier}": 1})
+        if self.metrics is not None:
+            self.metrics.observe_adapter_load(tier, seconds)
+
+    def load_failed(self, tier: str, reason: str) -> None:
+        self._add(**{f"load_failures_{tier}": 1})
+        if self.metrics is not None:
+            self.metrics.count_load_failure(tier, reason)
+
+    def resident(self, tier: str, count: int) -> None:
+        if self.metrics is not None:
+            self.metrics.set_resident(tier, count)
