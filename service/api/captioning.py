@@ -268,7 +268,7 @@ class CaptionStream:
         self.results: list[CaptionResult] = []
         self.tails: list[str] = []
         self.status = CLIENT_GONE
-        self.refs: tuple[AdapterRef, ...] = ()  # the resolved versions, once known
+        self.refs: tuple[AdapterRef, ...] = submission.refs  # what the request resolved to
 
     async def __aiter__(self) -> AsyncIterator[TokenText | KeepAlive]:
         try:

@@ -76,7 +76,7 @@ from service.metrics import ServiceMetrics
 from service.registry import AdapterRegistry, AdapterVersion, connector_spec
 from service.scheduler import Scheduler
 from service.settings import EngineConfig, Settings
-from service.store import AdapterStore
+from service.store import AdapterRef, AdapterStore
 
 log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -135,6 +135,11 @@ class Submission:
             late.refs = refs
             raise late
         return [future.result() for future in futures]
+
+    @property
+    def refs(self) -> tuple[AdapterRef, ...]:
+        """The adapter versions the request resolved to (for the metrics' labels)."""
+        return tuple(row.key.ref for row in self.rows)
 
     def cancel(self) -> None:
         """Cancel the rows that have not been answered yet (on the event loop's thread)."""

@@ -245,6 +245,7 @@ class RemoteSubmission:
         self._deadline = deadline
         self._timeout_s = timeout_s
         self._released = False
+        self.refs: tuple[AdapterRef, ...] = ()
 
     async def results(self) -> list[CaptionResult]:
         tasks = [asyncio.ensure_future(self._row(i, s)) for i, s in enumerate(self._streams)]
@@ -360,6 +361,11 @@ class RemoteEngine:
         self._admission.admit(request.tenant, len(request.adapters))
         streams: list[Any] = []
         submission = RemoteSubmission(self._admission, request, streams, deadline, timeout)
+        # Which adapters the request resolved to, as far as the ingress knows (the owner; the
+        # version is the replica's to choose): what the metrics may label.
+        submission.refs = tuple(
+            AdapterRef(owner, name, 0) for owner, name in zip(owners, request.adapters, strict=True)
+        )
         try:
             for owner, name in zip(owners, request.adapters, strict=True):
                 call = RowCall(
