@@ -67,7 +67,8 @@ class Ingress:
     async def drain(self, timeout_s: float) -> bool:
         """Refuse new requests (503 draining) and wait for those in flight; True if all
         finished in time (else the waiting ones answer 503 at once)."""
-        assert self._service_app is not None
+        if self._service_app is None:
+            return True  # the app is not built yet: nothing was admitted
         return bool(await asyncio.to_thread(self._service_app.state.service.drain, timeout_s))
 
     def inflight(self) -> int:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from contextlib import nullcontext
@@ -87,26 +88,34 @@ class StopSignals:
 
 
 def serve_on_ray(settings: Settings, scale: ScaleOut) -> int:
-    """Run the scaled-out service until stopped; the exit status. Raises StartupError for a
-    plan the cluster cannot place (nothing deployed)."""
+    """Run the scaled-out service until stopped, then leave the process with its exit status
+    (os._exit, see below). Raises StartupError for a plan the cluster cannot place (nothing
+    deployed, nothing started but a joined cluster's connection, closed)."""
     with JsonStderr() if settings.log_json else nullcontext():
-        launch = _Launch(settings, scale)
-        code = launch.run()
-    if launch.abandoned:
-        # The stop outlived its bound inside Ray: leave without the interpreter's shutdown,
-        # whose atexit ray.shutdown could wait on the same thing. Ray's local processes die
-        # with this one (they were started to share its fate).
-        _exit_now(code)
-    return code
+        code = _Launch(settings, scale).run()
+    # Leave without the interpreter's own exit: once Ray is stopped, what is left of it is
+    # Ray's native teardown (3 s measured on 2 cores) with nothing of ours to flush, and
+    # after an abandoned stop its atexit ray.shutdown could wait on what the stop waited on.
+    # Ray's local processes end with this one (they were started to share its fate).
+    _exit_now(code)
+    return code  # not reached
 
 
 class _Launch:
+    """The main thread starts the cluster, then watches (`_watch`) while a worker thread does
+    the rest with Ray (`_serve`: deploy, wait for the signal, drain, stop): a Ray call that
+    blocks (its GCS gone, say) blocks only the worker, never the signal handling or the
+    bound on the stop."""
+
     def __init__(self, settings: Settings, scale: ScaleOut) -> None:
         self.settings = settings
         self.scale = scale
         self.signals = StopSignals()
-        self.serving = False
-        self.abandoned = False
+        # Set once the application is handed to Serve: from then on its ingress may take
+        # requests (it answers /readyz as soon as one engine replica runs), so a stop drains.
+        self.deployed = False
+        self.code: int | None = None  # the worker's exit status, once it is done
+        self.done = threading.Event()
 
     def run(self) -> int:
         self.signals.install()  # before Ray starts: a stop during start-up is remembered
@@ -116,21 +125,76 @@ class _Launch:
             cluster.loopback_environment()  # before Ray is imported: it reads them at import
         started = time.monotonic()
         plan = self._start_cluster()
-        self.signals.install()  # ray.init replaced them (cluster.py keeps SIGTERM's; SIGINT too)
-        try:
-            try:
-                self.serving = self._deploy(plan, started)
-            except _DeployFailed as exc:
-                log.error(
-                    "the application could not be deployed",
-                    extra={"serve_status": str(exc), "exit_code": DEPLOY_FAILED},
+        self.signals.install()  # after ray.init (cluster.py keeps SIGTERM's; SIGINT's too)
+        worker = threading.Thread(
+            target=self._serve, args=(plan, started), name="ctxpeft-ray", daemon=True
+        )
+        worker.start()
+        return self._watch()
+
+    def _watch(self) -> int:
+        """Wait for the worker; leave without it when the stop outlives its bound, on a second
+        signal, or when our local cluster's processes are gone (then Ray calls could wait a
+        minute for a GCS that will not come back)."""
+        from service.scaleout import cluster
+
+        signals = self.signals
+        while not self.done.wait(POLL_S):
+            lost = self.scale.own_cluster and not cluster.local_alive()
+            if lost and signals.stop.is_set():
+                log.warning(
+                    "leaving without waiting for Ray",
+                    extra={
+                        "reason": "the signal also stopped Ray's own processes (it was sent to "
+                        "the whole process group): nothing is left to drain or stop. Send it "
+                        "to this process alone for a drain",
+                    },
                 )
-                return DEPLOY_FAILED
-            self.signals.stop.wait()
-            return self._stop()
+                return 0
+            if lost:
+                log.error(
+                    "the local Ray cluster stopped",
+                    extra={"reason": "one of Ray's own processes (GCS, raylet) exited"},
+                )
+                return 1
+            if signals.now.is_set():
+                log.warning("leaving without waiting for Ray", extra={"reason": "second signal"})
+                return 0
+            if signals.at is not None and time.monotonic() >= signals.at + self._stop_bound():
+                log.warning(
+                    "leaving without waiting for Ray",
+                    extra={"reason": f"the stop took over {self._stop_bound():g} s"},
+                )
+                return 0
+        assert self.code is not None
+        return self.code
+
+    def _stop_bound(self) -> float:
+        """The longest a stop may take from the signal: the drain, then Serve's and Ray's."""
+        return (self.settings.drain_timeout_s if self.deployed else 0.0) + STOP_GRACE_S
+
+    def _serve(self, plan: Plan, started: float) -> None:
+        """The worker: deploy, serve until the first signal, drain, stop Ray."""
+        code = 0
+        try:
+            self._deploy(plan, started)
+        except _DeployFailed as exc:
+            log.error(
+                "the application could not be deployed",
+                extra={"serve_status": str(exc), "exit_code": DEPLOY_FAILED},
+            )
+            code = DEPLOY_FAILED
+        except Exception:
+            log.exception("the application could not be deployed")
+            code = DEPLOY_FAILED
+        try:
+            if code == 0:
+                self.signals.stop.wait()
+                self._drain_on_stop()
+            self._stop_ray()
         finally:
-            if not self.abandoned:
-                self._teardown_bounded()
+            self.code = code
+            self.done.set()
 
     # --- start ------------------------------------------------------------------------------
     def _start_cluster(self) -> Plan:
@@ -175,15 +239,15 @@ class _Launch:
         )
         return plan
 
-    def _deploy(self, plan: Plan, started: float) -> bool:
-        """Deploy and wait until the application runs: True; False when stopped first.
-        Raises _DeployFailed with Serve's reason."""
+    def _deploy(self, plan: Plan, started: float) -> None:
+        """Deploy, then wait until the application runs or a stop signal comes. Raises
+        _DeployFailed with Serve's reason."""
         from ray import serve
 
         from service.scaleout.application import APP_NAME, build_app
 
         if self.signals.stop.is_set():
-            return False
+            return
         app = build_app(
             self.settings,
             plan.replicas,
@@ -195,6 +259,7 @@ class _Launch:
             wait_for_ingress_deployment_creation=False,
             wait_for_applications_running=False,
         )
+        self.deployed = True
         said = time.monotonic()
         while not self.signals.stop.wait(POLL_S):
             status = serve.status().applications.get(APP_NAME)
@@ -210,101 +275,50 @@ class _Launch:
                         "startup_s": round(time.monotonic() - started, 1),
                     },
                 )
-                return True
+                return
             if status.status in ("DEPLOY_FAILED", "UNHEALTHY"):
                 raise _DeployFailed(_status_line(status))
             if time.monotonic() - said >= PROGRESS_EVERY_S:
                 said = time.monotonic()
                 log.warning("still starting", extra={"serve_status": _status_line(status)})
-        return False
 
     # --- stop -------------------------------------------------------------------------------
-    def _stop(self) -> int:
-        """After the first signal: drain (bounded), within the watchdog's bound."""
-        from service.scaleout import cluster
-
+    def _drain_on_stop(self) -> None:
+        """After the first signal: the ingress's drain, like the single-process service's."""
         signals, settings = self.signals, self.settings
-        if not self.serving:
+        if not self.deployed:
             log.info("stopped during start-up", extra={"signal": signals.signal})
-            return 0
-        if self.scale.own_cluster and not cluster.local_alive():
-            log.warning(
-                "drain skipped",
-                extra={
-                    "signal": signals.signal,
-                    "reason": "the signal also stopped Ray's own processes (it was sent to the "
-                    "whole process group): nothing is left to drain. Send it to this process "
-                    "alone for a drain",
-                },
-            )
-            return 0
+            return
         budget = max(0.5, settings.drain_timeout_s - ANSWER_GRACE_S)
         log.info("drain started", extra={"signal": signals.signal, "timeout_s": budget})
         finished = self._drain(budget)
         log.info("drain finished", extra={"all_finished": finished})
         if not finished:
             time.sleep(ANSWER_GRACE_S)  # waiting handlers notice the expired drain: 503
-        return 0
 
     def _drain(self, budget_s: float) -> bool:
         """The ingress's drain: True when every request in flight finished in time."""
         from ray import serve
 
-        from service.scaleout import cluster
         from service.scaleout.application import APP_NAME
 
         try:
             ingress = serve.get_deployment_handle("Ingress", APP_NAME)
-            response = ingress.drain.remote(budget_s)
-        except Exception as exc:  # the ingress is gone
+            return bool(ingress.drain.remote(budget_s).result(timeout_s=budget_s + 2.0))
+        except Exception as exc:  # the ingress is gone, or did not answer in time
             log.warning("no drain: %s", exc)
             return False
-        deadline = time.monotonic() + budget_s + 2 * POLL_S
-        while time.monotonic() < deadline and not self.signals.now.is_set():
-            try:
-                return bool(response.result(timeout_s=POLL_S))
-            except TimeoutError:
-                if self.scale.own_cluster and not cluster.local_alive():
-                    log.warning("no drain: Ray's own processes stopped")
-                    return False
-            except Exception as exc:
-                log.warning("no drain: %s", exc)
-                return False
-        response.cancel()
-        return False
 
-    def _teardown_bounded(self) -> None:
-        """cluster.stop() beside a watchdog: it gets what is left of drain_timeout_s +
-        STOP_GRACE_S since the signal (STOP_GRACE_S without one), or until a second signal."""
+    def _stop_ray(self) -> None:
         from service.scaleout import cluster
 
-        signals = self.signals
-        began = signals.at if signals.at is not None else time.monotonic()
-        deadline = began + (self.settings.drain_timeout_s if signals.at else 0.0) + STOP_GRACE_S
-        done = threading.Event()
-
-        def teardown() -> None:
-            try:
-                cluster.stop(own=self.scale.own_cluster)
-            except Exception as exc:
-                log.warning("Ray stopped with an error: %s", exc)
-            finally:
-                done.set()
-
-        threading.Thread(target=teardown, name="ctxpeft-ray-stop", daemon=True).start()
-        while not done.wait(POLL_S):
-            if signals.now.is_set() or time.monotonic() >= deadline:
-                self.abandoned = True
-                log.warning(
-                    "leaving without waiting for Ray",
-                    extra={
-                        "reason": "second signal"
-                        if signals.now.is_set()
-                        else f"its stop took over {STOP_GRACE_S:g} s beyond the drain",
-                    },
-                )
-                return
-        log.info("stopped", extra={"stop_s": round(time.monotonic() - began, 1)})
+        began = time.monotonic()
+        try:
+            cluster.stop(own=self.scale.own_cluster)
+        except Exception as exc:
+            log.warning("Ray stopped with an error: %s", exc)
+        since = self.signals.at if self.signals.at is not None else began
+        log.info("stopped", extra={"stop_s": round(time.monotonic() - since, 1)})
 
 
 class _DeployFailed(Exception):
@@ -332,4 +346,5 @@ def _status_line(status: Any) -> str:
 def _exit_now(code: int) -> None:
     for handler in logging.getLogger().handlers:
         handler.flush()
+    sys.stdout.flush()
     os._exit(code)
