@@ -125,10 +125,19 @@ def run(args: argparse.Namespace) -> int:
         return CONFIG_ERROR
     configure_logging(settings.log_level, settings.log_json)
     log.info("starting", extra={"pid": os.getpid(), "uid": os.getuid()})
+    plan = None
     try:
         ray_problem = _check_ray_options(**scale)
         if ray_problem:
             raise StartupError(ray_problem)
+        if scale["ray"]:
+            from service.scaleout.launch import ScaleOut, local_plan
+
+            scale_out = ScaleOut(
+                scale["replicas"] or DEFAULT_REPLICAS, scale["cpus_per_replica"], scale["address"]
+            )
+            if scale_out.own_cluster:  # first: this machine's CPUs say in a second
+                plan = local_plan(scale_out)
         check_files(settings)
         keys = _load_keys(settings)
         check_backbone(settings)
@@ -136,18 +145,11 @@ def run(args: argparse.Namespace) -> int:
         log.error("%s", exc, extra={"exit_code": CONFIG_ERROR})
         return CONFIG_ERROR
     if scale["ray"]:
-        from service.scaleout.launch import ScaleOut, serve_on_ray
+        from service.scaleout.launch import serve_on_ray
 
         try:
-            return serve_on_ray(
-                settings,
-                ScaleOut(
-                    scale["replicas"] or DEFAULT_REPLICAS,
-                    scale["cpus_per_replica"],
-                    scale["address"],
-                ),
-            )
-        except StartupError as exc:  # a plan the cluster cannot place: nothing was deployed
+            return serve_on_ray(settings, scale_out, plan)
+        except StartupError as exc:  # a plan the joined cluster cannot place: nothing deployed
             log.error("%s", exc, extra={"exit_code": CONFIG_ERROR})
             return CONFIG_ERROR
 

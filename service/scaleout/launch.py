@@ -87,12 +87,23 @@ class StopSignals:
         self.stop.set()
 
 
-def serve_on_ray(settings: Settings, scale: ScaleOut) -> int:
+def local_plan(scale: ScaleOut) -> Plan:
+    """The plan for a local cluster, from the CPUs Ray would give it on this machine: checked
+    first thing (ray imports in a second; the backbone checks take longer), so that flags
+    this machine cannot place fail in seconds. Raises StartupError naming what to pass."""
+    from service.scaleout import cluster
+
+    cluster.loopback_environment()  # before Ray is imported: it reads them at import
+    return _plan([float(cluster.local_cpus())], scale)
+
+
+def serve_on_ray(settings: Settings, scale: ScaleOut, plan: Plan | None = None) -> int:
     """Run the scaled-out service until stopped, then leave the process with its exit status
-    (os._exit, see below). Raises StartupError for a plan the cluster cannot place (nothing
-    deployed, nothing started but a joined cluster's connection, closed)."""
+    (os._exit, see below). `plan`: local_plan's, for a local cluster (made here if None).
+    Raises StartupError for a plan the cluster cannot place (nothing deployed, nothing
+    started but a joined cluster's connection, closed)."""
     with JsonStderr() if settings.log_json else nullcontext():
-        code = _Launch(settings, scale).run()
+        code = _Launch(settings, scale, plan).run()
     # Leave without the interpreter's own exit: once Ray is stopped, what is left of it is
     # Ray's native teardown (3 s measured on 2 cores) with nothing of ours to flush, and
     # after an abandoned stop its atexit ray.shutdown could wait on what the stop waited on.
@@ -107,9 +118,10 @@ class _Launch:
     blocks (its GCS gone, say) blocks only the worker, never the signal handling or the
     bound on the stop."""
 
-    def __init__(self, settings: Settings, scale: ScaleOut) -> None:
+    def __init__(self, settings: Settings, scale: ScaleOut, plan: Plan | None) -> None:
         self.settings = settings
         self.scale = scale
+        self.plan = plan
         self.signals = StopSignals()
         # Set once the application is handed to Serve: from then on its ingress may take
         # requests (it answers /readyz as soon as one engine replica runs), so a stop drains.
@@ -206,9 +218,10 @@ class _Launch:
 
         route_ray_loggers()
         if scale.own_cluster:
-            cpus = cluster.local_cpus()
-            plan = _plan([float(cpus)], scale)  # before anything starts: fails in seconds
-            cluster.start_local(num_cpus=cpus, http_host=settings.host, http_port=settings.port)
+            plan = self.plan or local_plan(scale)  # before anything starts
+            cluster.start_local(
+                num_cpus=plan.cluster_cpus, http_host=settings.host, http_port=settings.port
+            )
         else:
             assert scale.address is not None
             try:
