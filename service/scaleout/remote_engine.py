@@ -434,7 +434,6 @@ class RemoteEngine:
             raise
         return submission
 
-
     def _share(self, image: Image.Image | bytes | Callable[[], Image.Image]) -> SharedImage:
         """Decode the request's image and put its pixels in the object store, once each (a
         worker thread: decoding takes the process-wide decode gate of the HTTP layer)."""

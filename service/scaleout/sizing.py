@@ -106,10 +106,15 @@ def place(
 
 def describe(nodes: Sequence[float]) -> str:
     """'2 CPUs (1 node)', '20 CPUs (3 nodes: 8+8+4)'."""
-    total = f"{sum(nodes):g} CPUs"
+    total = cpus_text(sum(nodes))
     if len(nodes) == 1:
         return f"{total} (1 node)"
     return f"{total} ({len(nodes)} nodes: {'+'.join(f'{n:g}' for n in nodes)})"
+
+
+def cpus_text(cpus: float) -> str:
+    """'0.5 CPU', '1 CPU', '2 CPUs'."""
+    return f"{cpus:g} CPU{'s' if cpus > 1 else ''}"
 
 
 def _to_units(cpus: float) -> int:
@@ -139,8 +144,8 @@ def _too_big(nodes: Sequence[float], replicas: int, asked: float, ingress_cpus: 
     except Unplaceable:
         options = "Pass fewer --replicas"
     return (
-        f"cannot place {replicas} engine replicas of {asked:g} CPUs each and the ingress "
-        f"({ingress_cpus:g} CPU): the Ray cluster has {describe(nodes)}, room for {fit} such "
+        f"cannot place {replicas} engine replicas of {cpus_text(asked)} each and the ingress "
+        f"({cpus_text(ingress_cpus)}): the Ray cluster has {describe(nodes)}, room for {fit} such "
         f"replicas. {options} or run on a bigger cluster (--address; docs/OPERATIONS.md, "
         '"Scaling out")'
     )
