@@ -14,10 +14,12 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -70,7 +72,8 @@ def test_the_readme_command_gets_ready_with_its_defaults_and_stops_cleanly_on_si
     env = {**saved.env(), "CTXPEFT_DRAIN_TIMEOUT_S": str(DRAIN_TIMEOUT_S)}
     command = [*ctxpeft(), *README_COMMAND.split()[1:]]
     with serve_process(tmp_path, env, command=command) as served:
-        served.wait_ready(timeout_s=RAY_START_TIMEOUT_S)
+        served.wait_ready(timeout_s=RAY_START_TIMEOUT_S)  # /readyz: the first replica runs
+        served.wait_for_log("serving on Ray", timeout_s=RAY_START_TIMEOUT_S)  # and the second
         (plan,) = [e for e in served.json_lines() if e["msg"] == "Ray cluster started"]
         # The defaults fit the machine: the replicas share what the ingress leaves of it.
         assert plan["replicas"] == 2 and plan["cpus_per_replica_derived"] is True, plan
@@ -137,6 +140,8 @@ def test_a_joined_cluster_too_small_for_the_flags_is_refused_before_deploying(
         "RAY_USAGE_STATS_ENABLED": "0",
     }
     ray_start = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block"]
+    # Short: Ray's socket paths under it must stay within the 107 bytes allowed.
+    ray_tmp = tempfile.mkdtemp(prefix="ray-")
     head = subprocess.Popen(
         [
             *ray_start,
@@ -144,7 +149,7 @@ def test_a_joined_cluster_too_small_for_the_flags_is_refused_before_deploying(
             "--num-cpus=1",
             "--node-ip-address=127.0.0.1",
             "--include-dashboard=false",
-            f"--temp-dir={tmp_path / 'ray'}",
+            f"--temp-dir={ray_tmp}",
         ],
         env=ray_env,
         stdout=subprocess.DEVNULL,
@@ -176,8 +181,10 @@ def test_a_joined_cluster_too_small_for_the_flags_is_refused_before_deploying(
         ), error
         assert head.poll() is None  # the operator's cluster is left as it was
     finally:
-        os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops its cluster
+        # The whole cluster (ray start, its GCS and raylet; the workers follow the raylet).
+        os.killpg(head.pid, signal.SIGKILL)
         head.wait(timeout=60)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def _wait_listening(port: int, process: subprocess.Popen[bytes]) -> None:
