@@ -115,9 +115,12 @@ def start_local(
     serve.start(http_options={"host": http_host, "port": http_port})
 
 
-def connect(address: str, http_host: str = "127.0.0.1", http_port: int = 8000) -> None:
+def connect(
+    address: str, http_host: str = "127.0.0.1", http_port: int = 8000
+) -> tuple[str, int] | None:
     """Join a running cluster (`ray start --head` / `ray start --address` on each node) and
-    start Serve's HTTP proxy there (a Serve already running keeps its own host and port)."""
+    start Serve's HTTP proxy there. Returns the (host, port) Serve's proxies listen on when
+    that is not what was asked (a Serve already running there keeps its own), else None."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
     from ray import serve
@@ -125,6 +128,17 @@ def connect(address: str, http_host: str = "127.0.0.1", http_port: int = 8000) -
     with _own_sigterm_handler():
         ray.init(address=address, namespace="ctxpeft", log_to_driver=False)
     serve.start(http_options={"host": http_host, "port": http_port})
+    try:
+        from ray.serve.context import _get_global_client
+
+        client = _get_global_client()
+        if client is None:
+            return None
+        config = client.http_config
+        actual = (str(config.host), int(config.port))
+    except Exception:  # a Ray without this helper: trust the request
+        return None
+    return None if actual == (http_host, http_port) else actual
 
 
 def node_cpus() -> list[float]:
@@ -149,7 +163,9 @@ def local_alive() -> bool:
 
 def stop(own: bool = True) -> None:
     """Our cluster: shut Serve down (its replicas stop gracefully) and the cluster with it.
-    A joined cluster (`own=False`): delete our application and disconnect."""
+    A joined cluster (`own=False`): delete our application, and Serve itself (its controller
+    and HTTP proxies) when no other application is left, so that the next `ctxpeft serve
+    --ray --address` starts the proxy with its own host and port; then disconnect."""
     import ray
     from ray import serve
 
@@ -162,6 +178,8 @@ def stop(own: bool = True) -> None:
             from service.scaleout.application import APP_NAME
 
             serve.delete(APP_NAME)
+            if not serve.status().applications:
+                serve.shutdown()
     finally:
         ray.shutdown()
 

@@ -225,7 +225,9 @@ class _Launch:
         else:
             assert scale.address is not None
             try:
-                cluster.connect(scale.address, http_host=settings.host, http_port=settings.port)
+                listening = cluster.connect(
+                    scale.address, http_host=settings.host, http_port=settings.port
+                )
             except (ConnectionError, ValueError, RuntimeError) as exc:
                 raise StartupError(
                     f"cannot join the Ray cluster at {scale.address!r}: {exc}. Start it with "
@@ -233,6 +235,14 @@ class _Launch:
                     "or leave --address out for a local cluster"
                 ) from None
             try:
+                if listening is not None:
+                    host, port = listening
+                    raise StartupError(
+                        f"Ray Serve on the cluster at {scale.address!r} already listens on "
+                        f"{host}:{port}, not {settings.host}:{settings.port} (another "
+                        f"application started it): pass --host {host} --port {port}, or shut "
+                        "that Serve down first (`serve shutdown -a http://<head>:8265`)"
+                    )
                 plan = _plan(cluster.node_cpus(), scale)
             except StartupError:
                 ray.shutdown()  # disconnect: the cluster is the operator's
