@@ -113,7 +113,7 @@ class JsonStderr:
             return
         sys.stderr.flush()
         os.dup2(self._real, 2)
-        os.write(self._end, _END)
+        os.write(self._end, b"\n" + _END)  # the newline ends a line left unfinished
         os.close(self._end)
         self._thread.join(timeout_s)
         self._real = self._end = self._thread = None
