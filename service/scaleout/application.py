@@ -8,8 +8,8 @@ or, from a shell with a Ray cluster running (settings from CTXPEFT_* variables):
     serve run service.scaleout.application:app_builder replicas=2
 
 Replica sizing (see sizing.py and docs/OPERATIONS.md, "Scaling out"): each engine replica
-takes `cpus_per_replica` Ray CPUs (and `gpus_per_replica` GPUs) and one torch thread per whole
-CPU, the ingress `ingress_cpus`; `ctxpeft serve --ray` and `app_builder` derive the replicas'
+takes `cpus_per_replica` Ray CPUs (and `gpus_per_replica` GPUs) and that many torch threads
+(rounded to the nearest whole, at least 1), the ingress `ingress_cpus`; `ctxpeft serve --ray` and `app_builder` derive the replicas'
 share from the cluster unless told. `max_ongoing_requests` is what one replica's engine can hold (queue + running batch), so Ray's
 router spills a hot adapter to another replica only when its replicas are full, and
 `max_queued_requests` bounds what waits in the router beyond that (503 queue_full).

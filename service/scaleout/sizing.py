@@ -3,15 +3,15 @@
     plan = place([2.0], replicas=2)                       # the CLI's default: fit the cluster
     plan.cpus_per_replica, plan.torch_threads             # (0.75, 1)
     place([2.0], replicas=2, cpus_per_replica=2.0)        # raises Unplaceable (what to pass)
-    place([8.0, 8.0, 8.0], replicas=6)                    # 3.75 CPUs each, 3 torch threads
+    place([8.0, 8.0, 8.0], replicas=6)                    # 3.75 CPUs each, 4 torch threads
 
 Ray places every actor whole on one node: each engine replica asks for `cpus_per_replica`
 CPUs, the ingress for INGRESS_CPUS; Serve's controller and HTTP proxies ask for none. A plan
 fits when, with the ingress on some node, the replicas that fit on the nodes (each node's
 CPUs left, divided by a replica's, rounded down) add up to `replicas`. Asked for no size, each
 replica gets the largest one (in hundredths of a CPU) that fits: the replicas share what the
-ingress leaves. Each replica's engine runs the whole CPUs of its share as torch threads (at
-least one). Sizes are logical CPUs, Ray's bookkeeping: Ray does not pin cores.
+ingress leaves. Each replica's engine runs its share, rounded to whole CPUs, as torch threads
+(at least one). Sizes are logical CPUs, Ray's bookkeeping: Ray does not pin cores.
 
 Pure arithmetic, no Ray import: the CLI checks a local cluster before it starts one, and the
 tests read the figures of docs/OPERATIONS.md ("Scaling out") from here.
@@ -59,8 +59,11 @@ class Plan:
 
 
 def threads_for(cpus_per_replica: float) -> int:
-    """Torch threads of one engine replica: the whole CPUs of its share, at least one."""
-    return max(1, math.floor(cpus_per_replica + 1e-9))
+    """Torch threads of one engine replica: its share rounded to the nearest whole CPU, at
+    least one. Nearest, not down: a derived share is whole CPUs less a part of the ingress's
+    half, and the ingress mostly waits on sockets, so 1.75 CPUs run 2 threads rather than
+    leave most of a core idle."""
+    return max(1, math.floor(cpus_per_replica + 0.5))
 
 
 def place(

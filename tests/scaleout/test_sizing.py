@@ -13,12 +13,12 @@ from service.scaleout.sizing import INGRESS_CPUS, Unplaceable, place
     [
         ([2], 2, 0.75, 1),  # this machine: the README's command
         ([1], 2, 0.25, 1),
-        ([4], 2, 1.75, 1),
-        ([8], 2, 3.75, 3),
-        ([16], 4, 3.87, 3),
-        ([8, 8, 8], 6, 3.75, 3),  # three nodes: two replicas each, the ingress beside two
-        ([8, 8, 4], 5, 3.75, 3),  # the small node takes one
-        ([64], 8, 7.93, 7),
+        ([4], 2, 1.75, 2),
+        ([8], 2, 3.75, 4),
+        ([16], 4, 3.87, 4),
+        ([8, 8, 8], 6, 3.75, 4),  # three nodes: two replicas each, the ingress beside two
+        ([8, 8, 4], 5, 3.75, 4),  # the small node takes one
+        ([64], 8, 7.93, 8),
     ],
 )
 def test_the_replicas_share_what_the_ingress_leaves(
@@ -39,6 +39,7 @@ def test_the_replicas_share_what_the_ingress_leaves(
 def test_a_size_that_fits_is_kept_as_asked() -> None:
     plan = place([8, 8], 4, cpus_per_replica=2)
     assert (plan.cpus_per_replica, plan.torch_threads, plan.derived) == (2, 2, False)
+    assert place([8], 4, cpus_per_replica=0.5).torch_threads == 1  # at least one
 
 
 def test_replicas_are_whole_on_a_node() -> None:
