@@ -67,7 +67,8 @@ class ScaleOut:
 
 class StopSignals:
     """SIGTERM/SIGINT: the first asks for a drain, a second for an immediate stop. The handler
-    only records; the main thread logs (once) and acts."""
+    only records: the worker thread logs the drain (once) and runs it, the watchdog acts on a
+    second signal."""
 
     def __init__(self) -> None:
         self.stop = threading.Event()

@@ -4,6 +4,8 @@
   script, the CLI's own defaults; settings only for the port, the test backbone and keys, and
   a short drain), gets ready on this machine, serves, and stops on SIGTERM: exit 0 within
   `drain_timeout_s + STOP_GRACE_S`, one drain, every stderr line JSON, Ray's processes gone;
+- a SIGTERM to its whole process group (which stops Ray's own processes too) ends it at once,
+  status 0, no 60 s wait for a GCS that is gone;
 - flags this machine cannot place fail in seconds, before anything starts, with one line
   naming what was asked and what the cluster has;
 - so does a joined cluster (`--address`, a `ray start --head` of 1 CPU) too small for them.
@@ -102,6 +104,25 @@ def test_the_readme_command_gets_ready_with_its_defaults_and_stops_cleanly_on_si
     # The cluster it started went with it.
     _, alive = psutil.wait_procs(ray_processes, timeout=60)
     assert alive == [], alive
+
+
+def test_a_signal_to_the_whole_process_group_exits_at_once_without_waiting_for_ray(
+    tmp_path: Path,
+) -> None:
+    """`timeout`, `kill -- -PGID` or systemd's default stop signal Ray's own processes (GCS,
+    raylet) with ours: nothing is left to drain, and Ray's core worker would wait 60 s for
+    the GCS, then exit 1. The process says so and leaves, status 0, within STOP_GRACE_S."""
+    from service.scaleout.launch import STOP_GRACE_S
+
+    saved = saved_tiny_service(tmp_path)
+    command = [*ctxpeft(), *README_COMMAND.split()[1:]]
+    with serve_process(tmp_path, saved.env(), command=command, new_group=True) as served:
+        served.wait_ready(timeout_s=RAY_START_TIMEOUT_S)
+        os.killpg(served.process.pid, signal.SIGTERM)
+        assert served.process.wait(timeout=STOP_GRACE_S) == 0
+        lines = served.json_lines()  # every stderr line is JSON
+    (left,) = [e for e in lines if e["msg"] == "leaving without waiting for Ray"]
+    assert "whole process group" in left["reason"], left
 
 
 def test_flags_this_machine_cannot_place_fail_in_seconds_before_anything_starts() -> None:
