@@ -144,8 +144,6 @@ class AdapterRegistry:
         self.tiers: AdapterCache[AdapterVersion] | None = None
         self._index: dict[tuple[str, str], _Entry] = {}
         self._lock = threading.Lock()
-        # One upload at a time per tenant: its quota check and write happen together.
-        self._upload_locks: dict[str, threading.Lock] = {}
 
     # --- resolution ------------------------------------------------------------------------
     def resolve(self, tenant: str, name: str) -> AdapterVersion:
@@ -309,14 +307,11 @@ class AdapterRegistry:
                 self.probe(adapter, f"{tenant}/{name} (upload)")
             validated.append(adapter)
 
-        with self._lock:
-            upload_lock = self._upload_locks.setdefault(tenant, threading.Lock())
-        with upload_lock:
-            if quota is not None:
-                new_adapter = not self.store.versions(tenant, name)
-                usage = self.store.usage(tenant)
-                quota.check(usage, new_adapter, len(config_bytes) + len(weights_bytes))
-            ref = self.store.write_version(tenant, name, write)
+        # The quota check and the write happen under the tenant's lock in the store, which
+        # holds across the replicas and processes sharing it (issue 25).
+        ref = self.store.write_version(
+            tenant, name, write, quota, new_bytes=len(config_bytes) + len(weights_bytes)
+        )
         with self._lock:
             self._index.pop((tenant, name), None)
         try:

@@ -247,7 +247,7 @@ class CaptionStream:
         self.tails: list[str] = []
         self.status = CLIENT_GONE
         self.error_type: str | None = None
-        self.refs: tuple[AdapterRef, ...] = ()  # the resolved versions, once known
+        self.refs: tuple[AdapterRef, ...] = submission.refs  # what the request resolved to
 
     async def __aiter__(self) -> AsyncIterator[TokenText | KeepAlive]:
         try:

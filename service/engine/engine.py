@@ -76,7 +76,7 @@ from service.metrics import ServiceMetrics
 from service.registry import AdapterVersion, open_adapters
 from service.scheduler import Scheduler
 from service.settings import EngineConfig, Settings
-from service.store import AdapterStore
+from service.store import AdapterRef, AdapterStore
 
 log = logging.getLogger(__name__)
 _JOIN_S = 30.0  # how long close() waits for the worker to finish its step
@@ -134,6 +134,11 @@ class Submission:
             late.refs = refs
             raise late
         return [future.result() for future in futures]
+
+    @property
+    def refs(self) -> tuple[AdapterRef, ...]:
+        """The adapter versions the request resolved to (for the metrics' labels)."""
+        return tuple(row.key.ref for row in self.rows)
 
     def cancel(self) -> None:
         """Cancel the rows that have not been answered yet (on the event loop's thread)."""

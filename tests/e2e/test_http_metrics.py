@@ -23,6 +23,7 @@ import pytest
 from service import __version__
 from tests.e2e.conftest import (
     ACME_ADMIN,
+    METRICS_TOKEN,
     Scrape,
     Service,
     bearer,
@@ -34,8 +35,6 @@ from tests.e2e.conftest import (
 from tests.service.test_metrics import FAMILIES as METRIC_FAMILIES
 
 MAX_BODY = 64 * 1024
-# With a scrape token the tenants' own adapter names (acme/news, acme/sports) are labels.
-METRICS_TOKEN = "scrape-token-000000000001"
 # The families and types the service promises: one table, shared with the unit test.
 FAMILIES = METRIC_FAMILIES
 
@@ -43,9 +42,9 @@ FAMILIES = METRIC_FAMILIES
 @pytest.fixture(scope="module")
 def service(tiny_store: Path) -> Iterator[Service]:
     # Read-only use of the shared store; a 64 KiB body limit keeps the 413 cheap to send.
-    with running_service(
-        tiny_store, max_body_bytes=MAX_BODY, metrics_token=METRICS_TOKEN
-    ) as running:
+    # running_service protects /metrics with METRICS_TOKEN: the tenants' own adapter names
+    # (acme/news, acme/sports) are label values.
+    with running_service(tiny_store, max_body_bytes=MAX_BODY) as running:
         yield running
 
 
@@ -82,7 +81,7 @@ def traffic(service: Service) -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def metrics(service: Service, traffic: dict[str, int]) -> Scrape:
-    return scrape(service.url, METRICS_TOKEN)
+    return scrape(service.url)
 
 
 def test_metrics_endpoint_serves_the_prometheus_text_format(service: Service) -> None:
