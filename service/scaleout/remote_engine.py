@@ -313,12 +313,11 @@ class ImageCounts:
     shared: int = 0
 
 
-def decode_once(image: Image.Image | bytes | Callable[[], Image.Image]) -> np.ndarray:
-    """The request's image as RGB pixels [height, width, 3]: the HTTP layer's decoder is
-    called (its 400/413/415 pass through unchanged); a decoded image is taken as it is."""
-    if isinstance(image, bytes | bytearray):
-        # Only the HTTP layer's decoder applies the service's image limits: raw bytes would
-        # bypass them, so the Ray path does not take them.
+def decode_once(image: Image.Image | Callable[[], Image.Image]) -> np.ndarray:
+    """The request's image as RGB pixels [height, width, 3]: the decoder is called (its typed
+    400/413/415 errors pass through unchanged); a decoded image is taken as it is."""
+    if not callable(image) and not isinstance(image, Image.Image):
+        # Only the decoder applies the service's image limits: raw bytes would bypass them.
         raise InvalidRequest("the Ray path takes a decoded image or an image decoder")
     decoded = image() if callable(image) else image
     return np.asarray(decoded if decoded.mode == "RGB" else decoded.convert("RGB"))
@@ -432,7 +431,7 @@ class RemoteEngine:
             raise
         return submission
 
-    def _share(self, image: Image.Image | bytes | Callable[[], Image.Image]) -> SharedImage:
+    def _share(self, image: Image.Image | Callable[[], Image.Image]) -> SharedImage:
         """Decode the request's image and put its pixels in the object store, once each (a
         worker thread: decoding takes the process-wide decode gate of the HTTP layer)."""
         pixels = decode_once(image)

@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 
 from service.api.errors import ApiError, to_api_error
-from service.exceptions import AdapterNotFound, EngineFault, InvalidRequest, TenantLimit
+from service.exceptions import (
+    AdapterNotFound,
+    EngineFault,
+    ImageTooLarge,
+    InvalidRequest,
+    TenantLimit,
+)
 from service.images import image_decoder
 from service.scaleout.messages import RemoteError, adapter_id
 from service.scaleout.remote_engine import decode_once
@@ -57,9 +63,9 @@ def test_the_ingress_decodes_once_with_the_http_layers_limits() -> None:
     pixels = decode_once(decoder)
     assert pixels.dtype == np.uint8 and pixels.shape == (32, 32, 3)
     assert pixels.tobytes() == decoder().tobytes()
-    with pytest.raises(ApiError) as too_large:
+    with pytest.raises(ImageTooLarge) as too_large:
         decode_once(image_decoder(Settings(max_image_side=16), noise_png(5)))
-    assert too_large.value.status == 413
+    assert to_api_error(too_large.value).status == 413
     with pytest.raises(InvalidRequest, match="decoded image or an image decoder"):
         decode_once(noise_png(5))
 

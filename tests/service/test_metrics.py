@@ -41,6 +41,7 @@ FAMILIES = {
     "ctxpeft_encoder_cache_misses": "counter",
     "ctxpeft_encoder_runs": "counter",
     "ctxpeft_rejections": "counter",
+    "ctxpeft_rows": "counter",
     "ctxpeft_queue_depth": "gauge",
     "ctxpeft_inflight_requests": "gauge",
     "ctxpeft_samples": "counter",
