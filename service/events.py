@@ -147,3 +147,19 @@ class EngineEvents:
     def resident(self, tier: str, count: int) -> None:
         if self.metrics is not None:
             self.metrics.set_resident(tier, count)
+
+    # --- scale-out (the Ray ingress and replicas) -----------------------------------------
+    def image(self, what: str) -> None:
+        """A request image at the ingress (`decoded`, `shared`: put in the object store) or
+        at a replica (`read` from the object store)."""
+        self._add(**{f"images_{what}": 1})
+
+    def routed(self, result: str) -> None:
+        """A row reached a replica that held its adapter (`hit`) or not (`miss`)."""
+        self._add(**{f"routed_{result}": 1})
+        if self.metrics is not None:
+            self.metrics.count_routing(result)
+
+    def upload(self) -> None:
+        """An adapter upload this replica took (accepted or refused)."""
+        self._add(uploads=1)

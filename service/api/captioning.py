@@ -39,6 +39,7 @@ from service.api.engine_port import EnginePort, SubmissionPort
 from service.api.errors import ApiError, to_api_error
 from service.api.state import ServiceState
 from service.engine import CaptionRequest, CaptionResult
+from service.engine.answers import pump
 from service.exceptions import Cancelled, EngineError
 from service.metrics import ServiceMetrics
 from service.store import AdapterRef
@@ -251,32 +252,18 @@ class CaptionStream:
 
     async def __aiter__(self) -> AsyncIterator[TokenText | KeepAlive]:
         try:
-            while True:
-                getter = asyncio.ensure_future(self._queue.get())
-                done, _ = await asyncio.wait(
-                    {getter, self._task}, timeout=KEEPALIVE_S, return_when=asyncio.FIRST_COMPLETED
-                )
-                if getter in done:
-                    yield self._token(*getter.result())
-                    continue
-                getter.cancel()
-                if not done:
-                    yield KeepAlive()
-                    continue
-                # Tokens reach the queue before their result is delivered: drain them first.
-                while not self._queue.empty():
-                    yield self._token(*self._queue.get_nowait())
-                try:
-                    self.results = self._task.result()
-                except ApiError as exc:
-                    self.status, self.refs, self.error_type = exc.status, exc.refs, exc.type
-                    raise
-                self.status, self.refs = 200, tuple(r.ref for r in self.results)
-                self.tails = [
-                    text.finish(result.caption)
-                    for text, result in zip(self._texts, self.results, strict=True)
-                ]
-                return
+            async for event in pump(self._task, self._queue, idle_s=KEEPALIVE_S):
+                yield KeepAlive() if event is None else self._token(event.index, event.token_id)
+            try:
+                self.results = self._task.result()
+            except ApiError as exc:
+                self.status, self.refs, self.error_type = exc.status, exc.refs, exc.type
+                raise
+            self.status, self.refs = 200, tuple(r.ref for r in self.results)
+            self.tails = [
+                text.finish(result.caption)
+                for text, result in zip(self._texts, self.results, strict=True)
+            ]
         finally:
             await self.aclose()
 

@@ -56,6 +56,7 @@ from adapters.bank import AdapterBank
 from adapters.model import ContextPEFTModel
 from adapters.presets import PRESETS
 from service.admission import Admission
+from service.engine.answers import gather_answers
 from service.engine.encoder_cache import EncoderCache, content_key
 from service.engine.join import Joiner
 from service.engine.ledger import RowLedger
@@ -111,29 +112,21 @@ class Submission:
         """The results in the order of the names, or the first error among them (its
         siblings are cancelled at once)."""
         rows = self.rows
-        futures = [row.future for row in rows]
         try:
-            left = rows[0].deadline - time.monotonic()
-            done, pending = await asyncio.wait(
-                futures, timeout=max(0.0, left), return_when=asyncio.FIRST_EXCEPTION
+            return await gather_answers(
+                [row.future for row in rows], rows[0].deadline, self.timeout_s
             )
         except asyncio.CancelledError:  # the caller cancelled this request
             self._engine.ledger.abandon(rows, "cancelled")
             raise
-        refs = tuple(row.key.ref for row in rows)
-        for future in futures:  # the first error in the order of the names
-            error = future.exception() if future in done else None
-            if error is not None:
-                self._engine.ledger.abandon(rows, "cancelled")  # its siblings stop at once
-                if isinstance(error, EngineError):
-                    error.refs = refs
-                raise error
-        if pending:
+        except DeadlineExceeded as late:
             self._engine.ledger.abandon(rows, "deadline")
-            late = DeadlineExceeded(f"no answer within {self.timeout_s:g} s (request_timeout_s)")
-            late.refs = refs
-            raise late
-        return [future.result() for future in futures]
+            late.refs = self.refs
+            raise
+        except EngineError as error:
+            self._engine.ledger.abandon(rows, "cancelled")  # its siblings stop at once
+            error.refs = self.refs
+            raise
 
     @property
     def refs(self) -> tuple[AdapterRef, ...]:
@@ -378,29 +371,7 @@ class Engine:
         self.scheduler.notify()
 
     def stats(self) -> EngineStats:
-        c = self.events.snapshot()
-        ended = self.events.by_prefix("ended_")
-        return EngineStats(
-            batches=c["batches"],
-            rows=c["rows"],
-            adapters_in_batches=c["adapters"],
-            steps=c["steps"],
-            step_rows=c["step_rows"],
-            step_adapters=c["step_adapters"],
-            completed=ended.get("completed", 0),
-            failed=sum(n for outcome, n in ended.items() if outcome != "completed"),
-            generated_tokens=c["tokens"],
-            encoder_runs=c["encoder_misses"],
-            encoder_hits=c["encoder_hits"],
-            encoder_misses=c["encoder_misses"],
-            dropped={k: v for k, v in ended.items() if k in ("deadline", "cancelled")},
-            rejected=self.events.by_prefix("rejected_"),
-            faults=self.events.by_prefix("fault_"),
-            non_finite=c["non_finite"],
-            quarantined=c["quarantined"],
-            running=len(self.loop.batch),
-            tiers=self.cache.stats(),
-        )
+        return EngineStats.of(self.events, running=len(self.loop.batch), tiers=self.cache.stats())
 
     def __enter__(self) -> Engine:
         return self

@@ -21,9 +21,8 @@ thread stops anyway, `on_stop` tells the engine, which turns readiness off and f
 queued at once. A fault's message names the stage and an incident id, never the exception.
 
 Numeric containment. A row whose logits are not finite comes back as NON_FINITE from the one
-host read; that row alone ends with AdapterNonFinite (422) naming its version, and a version
-whose rows do so `quarantine_after` times in a row (no finished caption in between) is
-quarantined by the registry: refused until a new version replaces it.
+host read; service/engine/numerics.py ends it alone (422) and quarantines a version that keeps
+doing so.
 """
 
 from __future__ import annotations
@@ -40,12 +39,12 @@ from service.engine.batch import RunningBatch
 from service.engine.isolation import grouped_by, incident, isolate
 from service.engine.join import Joiner
 from service.engine.ledger import RowLedger
+from service.engine.numerics import NumericGuard
 from service.engine.rows import Place, Row
 from service.engine.types import CaptionResult, Timings
 from service.events import EngineEvents
 from service.exceptions import (
     AdapterLoadError,
-    AdapterNonFinite,
     AdapterNotFound,
     DeadlineExceeded,
     EngineError,
@@ -80,8 +79,7 @@ class StepLoop:
         self.batch = RunningBatch()
         self.stopping = False
         self.steps = 0  # iterations run (the loop's clock for prefill_max_wait_steps)
-        # Rows per version that ended non-finite since its last finished caption.
-        self._non_finite: dict[AdapterVersion, int] = {}
+        self.numerics = NumericGuard(ledger, registry, events, config.quarantine_after)
 
     # --- the thread ------------------------------------------------------------------------
     def run(self, on_stop: Callable[[BaseException | None], None]) -> None:
@@ -256,57 +254,15 @@ class StepLoop:
                     self.events.first_token(now - row.arrival)
                 row.emit(new)
             if ending == "non_finite":
-                self._non_finite_row(row)
+                self.numerics.non_finite(row)
             elif ending is not None:
-                self._non_finite.pop(row.key, None)
-                self.ledger.finish(row, self._result(row, now, ending))
+                self.numerics.finished(row)
+                caption = self.model.decode(row.token_ids)
+                self.ledger.finish(row, caption_result(row, caption, now, ending))
             else:
                 keep.append(pos)
         self.batch.keep(keep)
         self.events.running(len(self.batch))
-
-    def _result(self, row: Row, now: float, ending: str) -> CaptionResult:
-        features = row.image.features
-        prompt = 1 + (int(features.shape[0]) if features is not None else 0)
-        encode_ms = row.encode_s * 1000
-        return CaptionResult(
-            caption=self.model.decode(row.token_ids),
-            token_ids=tuple(row.token_ids),
-            adapter=row.name,
-            ref=row.key.ref,
-            timings=Timings(
-                queue_ms=(row.joined - row.arrival) * 1000,
-                encode_ms=encode_ms,
-                generate_ms=max(0.0, (now - row.joined) * 1000 - encode_ms),
-                total_ms=(now - row.arrival) * 1000,
-                first_token_ms=(row.first_token - row.arrival) * 1000 if row.first_token else 0.0,
-            ),
-            request_id=row.request_id,
-            finish_reason="length" if ending == "length" else "stop",
-            prompt_tokens=prompt,
-        )
-
-    def _non_finite_row(self, row: Row) -> None:
-        """The row's logits were not finite: it alone ends (422), counted; its version is
-        quarantined once it did so `quarantine_after` times without a finished caption."""
-        label = row.key.ref.label
-        self.events.non_finite()
-        self.ledger.finish(
-            row,
-            AdapterNonFinite(
-                f"adapter {label} produced non-finite values (NaN or infinity) for this "
-                "request; the request was stopped (other requests are not affected)"
-            ),
-        )
-        count = self._non_finite.get(row.key, 0) + 1
-        self._non_finite[row.key] = count
-        if count >= self.config.quarantine_after:
-            del self._non_finite[row.key]
-            log.warning("adapter %s quarantined after %d non-finite rows", label, count)
-            self.registry.quarantine(
-                row.key, f"it produced non-finite values (NaN or infinity) {count} times in a row"
-            )
-            self.events.quarantined()
 
     # --- the end of everything running ------------------------------------------------------
     def _fault(self, stage: str, exc: BaseException, what: str) -> EngineFault:
@@ -325,3 +281,26 @@ class StepLoop:
         """Shutdown or a stopped worker: fail running rows and everything still queued."""
         self.fail_running(error)
         self.ledger.close(error)
+
+
+def caption_result(row: Row, caption: str, now: float, ending: str) -> CaptionResult:
+    """The answer of a row that ended with `ending` (stop or length) at `now`."""
+    features = row.image.features
+    prompt = 1 + (int(features.shape[0]) if features is not None else 0)
+    encode_ms = row.encode_s * 1000
+    return CaptionResult(
+        caption=caption,
+        token_ids=tuple(row.token_ids),
+        adapter=row.name,
+        ref=row.key.ref,
+        timings=Timings(
+            queue_ms=(row.joined - row.arrival) * 1000,
+            encode_ms=encode_ms,
+            generate_ms=max(0.0, (now - row.joined) * 1000 - encode_ms),
+            total_ms=(now - row.arrival) * 1000,
+            first_token_ms=(row.first_token - row.arrival) * 1000 if row.first_token else 0.0,
+        ),
+        request_id=row.request_id,
+        finish_reason="length" if ending == "length" else "stop",
+        prompt_tokens=prompt,
+    )

@@ -12,6 +12,7 @@ from typing import Literal
 from PIL import Image
 
 from service.adapter_cache import TierStats
+from service.events import EngineEvents
 from service.store import AdapterRef
 from service.tenancy import DEFAULT_TENANT
 
@@ -92,6 +93,33 @@ class EngineStats:
     quarantined: int  # adapter versions quarantined for that
     running: int  # rows in the running batch now
     tiers: TierStats
+
+    @classmethod
+    def of(cls, events: EngineEvents, running: int, tiers: TierStats) -> EngineStats:
+        """The engine's counts as the event sink holds them."""
+        c = events.snapshot()
+        ended = events.by_prefix("ended_")
+        return cls(
+            batches=c["batches"],
+            rows=c["rows"],
+            adapters_in_batches=c["adapters"],
+            steps=c["steps"],
+            step_rows=c["step_rows"],
+            step_adapters=c["step_adapters"],
+            completed=ended.get("completed", 0),
+            failed=sum(n for outcome, n in ended.items() if outcome != "completed"),
+            generated_tokens=c["tokens"],
+            encoder_runs=c["encoder_misses"],
+            encoder_hits=c["encoder_hits"],
+            encoder_misses=c["encoder_misses"],
+            dropped={k: v for k, v in ended.items() if k in ("deadline", "cancelled")},
+            rejected=events.by_prefix("rejected_"),
+            faults=events.by_prefix("fault_"),
+            non_finite=c["non_finite"],
+            quarantined=c["quarantined"],
+            running=running,
+            tiers=tiers,
+        )
 
     @property
     def mean_batch_size(self) -> float:

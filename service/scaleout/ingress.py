@@ -81,6 +81,6 @@ class Ingress:
             return {"inflight": 0, "images_decoded": 0, "images_shared": 0}
         return {
             "inflight": engine.inflight,
-            "images_decoded": engine.images.decoded,
-            "images_shared": engine.images.shared,
+            "images_decoded": engine.events.count("images_decoded"),
+            "images_shared": engine.events.count("images_shared"),
         }

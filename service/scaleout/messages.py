@@ -18,7 +18,7 @@ from typing import Any
 
 from adapters.config import BackboneConfig
 from service import exceptions
-from service.exceptions import EngineError, EngineFault
+from service.exceptions import EngineError, EngineFault, ImageError
 
 
 def adapter_id(tenant: str, name: str) -> str:
@@ -70,40 +70,32 @@ class Token:
 
 @dataclass(frozen=True)
 class RemoteError:
-    """An error of the replica, to be raised again by the ingress as the same answer."""
+    """An error of the replica, to be raised again by the ingress as the same answer: an
+    EngineError subclass by name (the HTTP layer maps it), or `format` / `quota` for the
+    management calls (adapters.format.AdapterFormatError, service.store.QuotaExceeded)."""
 
-    kind: str  # "engine": an EngineError subclass by name; "api": an ApiError
+    kind: str  # "engine", "format" or "quota"
     name: str
     message: str
     retry_after_s: float | None = None
-    status: int = 500
-    type: str = "internal"
-    headers: dict[str, str] = field(default_factory=dict)
-    param: str | None = None
+    param: str | None = None  # the request field an image error names
 
     @classmethod
     def of(cls, exc: BaseException) -> RemoteError:
-        from service.api.errors import ApiError  # the api layer is loaded by now
-
+        if isinstance(exc, ImageError):
+            return cls("engine", type(exc).__name__, exc.message, param=exc.param)
         if isinstance(exc, EngineError):
             return cls("engine", type(exc).__name__, exc.message, exc.retry_after_s)
-        if isinstance(exc, ApiError):
-            return cls(
-                "api", "ApiError", exc.message, None, exc.status, exc.type, exc.headers, exc.param
-            )
         return cls("engine", "EngineFault", f"the engine replica failed: {type(exc).__name__}")
 
     def exception(self) -> Exception:
         """The exception the ingress raises for this answer."""
-        if self.kind == "api":
-            from service.api.errors import ApiError
-
-            return ApiError(
-                self.status, self.type, self.message, headers=self.headers, param=self.param
-            )
         cls: Any = getattr(exceptions, self.name, None)
         if not (isinstance(cls, type) and issubclass(cls, EngineError)):
             cls = EngineFault
+        if issubclass(cls, ImageError):
+            image_error: ImageError = cls(self.message, self.param)
+            return image_error
         error: EngineError = cls(self.message, self.retry_after_s)
         return error
 

@@ -39,9 +39,7 @@ it on its CPU tier) is the one that serves it first.
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
-from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -51,17 +49,18 @@ from PIL import Image
 
 from adapters.config import BackboneConfig
 from adapters.format import AdapterFormatError
+from service.admission import Admission
+from service.engine.answers import gather_answers
 from service.engine.engine import check_request
 from service.engine.types import CaptionRequest, CaptionResult
+from service.events import EngineEvents
 from service.exceptions import (
     AdapterNotFound,
     DeadlineExceeded,
-    Draining,
     EngineError,
     EngineFault,
     InvalidRequest,
     QueueFull,
-    TenantLimit,
 )
 from service.metrics import ServiceMetrics
 from service.scaleout.messages import (
@@ -186,56 +185,12 @@ class RemoteRegistry:
         return removed
 
 
-class _Admission:
-    """Rows in flight at the ingress, per tenant and in all (the drain waits for zero)."""
-
-    def __init__(self, tenant_max_inflight: int, metrics: ServiceMetrics | None) -> None:
-        self.limit = tenant_max_inflight
-        self._metrics = metrics
-        self._inflight: Counter[str] = Counter()
-        self._cond = threading.Condition()
-        self.draining = False
-
-    def admit(self, tenant: str, rows: int) -> None:
-        with self._cond:
-            error: EngineError | None = None
-            if self.draining:
-                error = Draining("the service is draining; retry on another instance")
-            elif self._inflight[tenant] + rows > self.limit:
-                error = TenantLimit(
-                    f"tenant {tenant!r} has {self._inflight[tenant]} rows in flight; the limit "
-                    f"is {self.limit} (tenant_max_inflight)",
-                    retry_after_s=1.0,
-                )
-            if error is not None:
-                if self._metrics is not None and error.reason is not None:
-                    self._metrics.reject(error.reason)
-                raise error
-            self._inflight[tenant] += rows
-
-    def release(self, tenant: str, rows: int) -> None:
-        with self._cond:
-            self._inflight[tenant] -= rows
-            if self._inflight[tenant] <= 0:
-                del self._inflight[tenant]
-            self._cond.notify_all()
-
-    @property
-    def total(self) -> int:
-        with self._cond:
-            return sum(self._inflight.values())
-
-    def wait_idle(self, timeout_s: float) -> bool:
-        with self._cond:
-            return self._cond.wait_for(lambda: not self._inflight, timeout=timeout_s)
-
-
 class RemoteSubmission:
     """An admitted request: one Ray stream per adapter, each past its replica's admission."""
 
     def __init__(
         self,
-        admission: _Admission,
+        admission: Admission,
         request: CaptionRequest,
         streams: list[Any],
         deadline: float,
@@ -250,25 +205,16 @@ class RemoteSubmission:
         self.refs: tuple[AdapterRef, ...] = ()
 
     async def results(self) -> list[CaptionResult]:
-        tasks = [asyncio.ensure_future(self._row(i, s)) for i, s in enumerate(self._streams)]
+        """The results in the order of the names, or the first error among them (its
+        siblings' Ray calls are cancelled at once); the answers of a row may come back up to
+        DEADLINE_GRACE_S after the deadline (the replica's own 504 travels back)."""
+        rows = [asyncio.ensure_future(self._row(i, s)) for i, s in enumerate(self._streams)]
         try:
-            left = self._deadline + DEADLINE_GRACE_S - time.monotonic()
-            done, pending = await asyncio.wait(
-                tasks, timeout=max(0.0, left), return_when=asyncio.FIRST_EXCEPTION
-            )
-            for task in tasks:  # the first error in the order of the names
-                error = task.exception() if task in done else None
-                if error is not None:
-                    raise error
-            if pending:
-                raise DeadlineExceeded(
-                    f"no answer within {self._timeout_s:g} s (request_timeout_s)"
-                )
-            return [task.result() for task in tasks]
+            return await gather_answers(rows, self._deadline + DEADLINE_GRACE_S, self._timeout_s)
         finally:
-            for task in tasks:
-                if not task.done():
-                    task.cancel()  # its siblings stop at once (their Ray calls are cancelled)
+            for row in rows:
+                if not row.done():
+                    row.cancel()  # its siblings stop at once (their Ray calls are cancelled)
             self.cancel()
 
     async def _row(self, index: int, stream: Any) -> CaptionResult:
@@ -296,21 +242,12 @@ class RemoteSubmission:
         self._released = True
         for stream in self._streams:
             stream.cancel()
-        self._admission.release(self._request.tenant, len(self._request.adapters))
+        self._admission.finished(self._request.tenant, len(self._request.adapters))
 
 
 async def _events(stream: Any) -> AsyncIterator[Any]:
     async for event in stream:
         yield event
-
-
-@dataclass
-class ImageCounts:
-    """What the ingress did with request images: decoded (each request's image, once) and
-    shared (put in the object store, once per request whatever its number of adapters)."""
-
-    decoded: int = 0
-    shared: int = 0
 
 
 def decode_once(image: Image.Image | Callable[[], Image.Image]) -> np.ndarray:
@@ -340,14 +277,16 @@ class RemoteEngine:
         put: Callable[[Any], Any],
     ) -> None:
         self.config = config
-        self.images = ImageCounts()
         self._put = put
         self.registry = RemoteRegistry(replicas, store)
         self.backbone = BackboneView(info.config, info.device)
         self.model = TokenDecoder(info.tokenizer)
         self.affinity = affinity
         self._replicas = replicas
-        self._admission = _Admission(config.tenant_max_inflight, metrics)
+        self.events = EngineEvents(metrics)
+        # The tenant limit and the drain, counted for the whole service here; each replica
+        # bounds its own queue.
+        self._admission = Admission(config.tenant_max_inflight, events=self.events)
         self._closed = False
         self.stopped: str | None = None
 
@@ -362,10 +301,10 @@ class RemoteEngine:
 
     @property
     def inflight(self) -> int:
-        return self._admission.total
+        return self._admission.inflight
 
     def begin_drain(self) -> None:
-        self._admission.draining = True
+        self._admission.drain()
 
     def drain(self, timeout_s: float) -> bool:
         self.begin_drain()
@@ -386,6 +325,7 @@ class RemoteEngine:
             lambda: [self.registry.owner(request.tenant, n) for n in request.adapters]
         )
         self._admission.admit(request.tenant, len(request.adapters))
+        self._admission.dequeued(len(request.adapters))  # no queue here: the replicas' own
         streams: list[Any] = []
         submission = RemoteSubmission(self._admission, request, streams, deadline, timeout)
         # Which adapters the request resolved to, as far as the ingress knows (the owner; the
@@ -396,8 +336,8 @@ class RemoteEngine:
         try:
             # After admission, as in one process: a refused request never decodes its image.
             image = await asyncio.to_thread(self._share, request.image)
-            self.images.decoded += 1  # counted on the event loop: one thread writes them
-            self.images.shared += 1
+            self.events.image("decoded")
+            self.events.image("shared")
             for owner, name in zip(owners, request.adapters, strict=True):
                 call = RowCall(
                     request.tenant,

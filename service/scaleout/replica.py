@@ -33,7 +33,6 @@ import functools
 import json
 import logging
 import os
-import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,11 +46,11 @@ from ray import serve
 
 from adapters.format import AdapterFormatError
 from service import __version__
-from service.api.errors import ApiError
 from service.auth import KeyStore, metrics_token
 from service.engine import CaptionRequest, CaptionResult, Engine
+from service.engine.answers import pump
 from service.exceptions import EngineError
-from service.metrics import ROUTING_RESULTS, ServiceMetrics, private_labels_allowed
+from service.metrics import ServiceMetrics, private_labels_allowed
 from service.scaleout.loopback import bind_replica_grpc_to_node_ip
 from service.scaleout.messages import (
     Admitted,
@@ -101,12 +100,6 @@ class EngineReplica:
         self.metrics.set_build_info(
             __version__, settings.backbone, str(self.engine.backbone.device)
         )
-        self._routed = dict.fromkeys(ROUTING_RESULTS, 0)
-        # Rows whose image this replica read from the object store, and uploads it took
-        # (accepted or refused): for tests and operators, with the engine's own counters.
-        self._counts_lock = threading.Lock()
-        self._images_read = 0
-        self._uploads = 0
         self.replica = serve.get_replica_context().replica_id.unique_id
 
         async def hold(model_id: str) -> str:
@@ -134,10 +127,8 @@ class EngineReplica:
         hit = self._holds(call)
         if model_id:
             await self.hold(model_id)
-        result = "hit" if hit else "miss"
-        self._routed[result] += 1
-        self.metrics.count_routing(result)
-        tokens: asyncio.Queue[int] = asyncio.Queue()
+        self.engine.events.routed("hit" if hit else "miss")
+        tokens: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
         request = CaptionRequest(
             functools.partial(self._read_image, call.image, call.timeout_s),
             (call.name,),
@@ -145,25 +136,21 @@ class EngineReplica:
             call.max_new_tokens,
             call.timeout_s,
             call.request_id,
-            on_token=(lambda _, token: tokens.put_nowait(token)) if call.stream_tokens else None,
+            on_token=(lambda i, token: tokens.put_nowait((i, token)))
+            if call.stream_tokens
+            else None,
         )
         try:
             submission = await self.engine.submit(request)
-        except (EngineError, ApiError) as exc:
+        except EngineError as exc:
             yield RemoteError.of(exc)
             return
         yield Admitted(self.replica, hit)
         task = asyncio.ensure_future(submission.results())
         try:
-            while not task.done():
-                getter = asyncio.ensure_future(tokens.get())
-                await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
-                if getter.done():
-                    yield Token(getter.result())
-                else:
-                    getter.cancel()
-            while not tokens.empty():  # tokens reach the queue before their result
-                yield Token(tokens.get_nowait())
+            async for event in pump(task, tokens):
+                assert event is not None  # no idle_s: the pump never idles
+                yield Token(event.token_id)
             try:
                 results: list[CaptionResult] = task.result()
             except EngineError as exc:
@@ -179,8 +166,7 @@ class EngineReplica:
         row, in its preprocessing pool (a refused row never fetches the pixels). No decode:
         the ingress decoded them once for every row of the request."""
         pixels = ray.get(shared.ref, timeout=timeout_s)
-        with self._counts_lock:
-            self._images_read += 1
+        self.engine.events.image("read")
         return Image.fromarray(pixels)
 
     # --- management and introspection ---------------------------------------------------
@@ -191,7 +177,7 @@ class EngineReplica:
             return RemoteError("format", "AdapterFormatError", str(exc))
         except QuotaExceeded as exc:
             return RemoteError("quota", "QuotaExceeded", str(exc))
-        except (EngineError, ApiError) as exc:
+        except EngineError as exc:
             return RemoteError.of(exc)
 
     async def list_adapters(self, tenant: str) -> Any:
@@ -208,7 +194,7 @@ class EngineReplica:
         weights_bytes: bytes,
         quota: StoreQuota | None = None,
     ) -> Any:
-        self._uploads += 1  # on the event loop, like the other counts it writes
+        self.engine.events.upload()
         ref = await self._manage(
             self.engine.registry.add_version, tenant, name, config_bytes, weights_bytes, quota
         )
@@ -236,13 +222,13 @@ class EngineReplica:
         return {
             "replica": self.replica,
             "pid": os.getpid(),
-            "hits": self._routed["hit"],
-            "misses": self._routed["miss"],
+            "hits": self.engine.events.count("routed_hit"),
+            "misses": self.engine.events.count("routed_miss"),
             "completed": stats.completed,
             "dropped": dict(stats.dropped),
             "rejected": dict(stats.rejected),
-            "images_read": self._images_read,
-            "uploads": self._uploads,
+            "images_read": self.engine.events.count("images_read"),
+            "uploads": self.engine.events.count("uploads"),
             "tiers": asdict(stats.tiers),
         }
 

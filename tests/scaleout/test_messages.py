@@ -8,7 +8,7 @@ import pickle
 import numpy as np
 import pytest
 
-from service.api.errors import ApiError, to_api_error
+from service.api.errors import to_api_error
 from service.exceptions import (
     AdapterNotFound,
     EngineFault,
@@ -36,17 +36,17 @@ def test_engine_errors_keep_their_class_message_and_retry_after() -> None:
     assert type(roundtrip(AdapterNotFound("no adapter"))) is AdapterNotFound
 
 
-def test_api_errors_keep_status_type_param_and_headers() -> None:
-    error = roundtrip(
-        ApiError(413, "image_too_large", "too many pixels", headers={"X-A": "1"}, param="image")
-    )
-    assert isinstance(error, ApiError)
-    assert (error.status, error.type, error.message, error.param, error.headers) == (
+def test_image_errors_keep_their_class_message_and_param() -> None:
+    """Image errors are the engine's own (below the API): they cross the wire typed, with
+    the request field they name, and answer the same status."""
+    error = roundtrip(ImageTooLarge("too many pixels", param="messages[0].content[1]"))
+    assert type(error) is ImageTooLarge
+    api = to_api_error(error)
+    assert (api.status, api.type, api.message, api.param) == (
         413,
         "image_too_large",
         "too many pixels",
-        "image",
-        {"X-A": "1"},
+        "messages[0].content[1]",
     )
 
 
