@@ -3,14 +3,23 @@ still admits at all. One object answers "may these rows come in?" for the single
 engine (tenant limit and queue bound) and for the Ray ingress (tenant limit; each replica
 bounds its own queue), and the drain waits on it.
 
-    admission = Admission(tenant_max_inflight=32, queue_size=256, events=counters)
-    admission.admit("acme", rows=2)     # raises Draining / QueueFull / TenantLimit (counted)
+    admission = Admission(tenant_max_inflight=32, queue_size=256, events=events,
+                          tenants=policies, batch_queue_share=0.5)
+    admission.admit("acme", rows=2)     # raises Draining / QueueFull / TenantLimit /
+                                        # TokenRateLimit / BatchShed (each counted)
     admission.withdraw("acme", rows=2)  # the rows never queued (a bad image)
     admission.dequeued(rows=2)          # they left the queue (joined a batch, or ended there)
     admission.finished("acme", rows=2)  # they ended: the tenant's count goes down
+    admission.charge("acme", tokens=9)  # completion tokens, against the tenant's rate
     admission.drain(); admission.wait_idle(timeout_s=20)
 
-A request that names K adapters is K rows. `waiting` counts rows admitted and not yet out of
+A request that names K adapters is K rows. Token rates: a tenant with `tokens_per_minute`
+has a bucket of that many completion tokens, refilled continuously; rows are charged the
+tokens they generated when they end, and while the bucket is empty (in debt: a request does
+not know its length in advance) the tenant's requests get 429 with the Retry-After at which it
+refills. Priority classes: a `batch` request is refused (429 batch_shed) once the rows waiting
+reach `batch_queue_share` of the queue, so under overload batch requests are refused before
+interactive ones (which wait for `queue_size`). `waiting` counts rows admitted and not yet out of
 the queue (reserved during image decoding too); `queue_size=None` bounds nothing (the ingress).
 Counts never go below zero: a second release of the same rows is a bug, and it raises here
 rather than hiding as a negative count that admits too much later. Thread-safe.
@@ -19,10 +28,20 @@ rather than hiding as a negative count that admits too much later. Thread-safe.
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Protocol
 
-from service.exceptions import Draining, EngineError, QueueFull, TenantLimit
+from service.exceptions import (
+    BatchShed,
+    Draining,
+    EngineError,
+    QueueFull,
+    TenantLimit,
+    TokenRateLimit,
+)
+from service.tenancy import TenantPolicies
 
 
 class AdmissionEvents(Protocol):
@@ -40,9 +59,16 @@ class Admission:
         queue_size: int | None = None,
         events: AdmissionEvents | None = None,
         batch_size: int = 1,
+        tenants: TenantPolicies | None = None,
+        batch_queue_share: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.tenant_max_inflight = tenant_max_inflight
         self.queue_size = queue_size
+        self.tenants = tenants or TenantPolicies()
+        self.batch_queue_share = batch_queue_share
+        self._clock = clock
+        self._buckets: dict[str, _Bucket] = {}
         self._events = events
         self._batch_size = batch_size  # rows served together: for Retry-After hints
         self._cond = threading.Condition()
@@ -52,12 +78,29 @@ class Admission:
         self._row_seconds = 0.0  # moving average of a row's run time, for Retry-After hints
 
     # --- coming in -------------------------------------------------------------------------
-    def admit(self, tenant: str, rows: int = 1) -> None:
+    def admit(self, tenant: str, rows: int = 1, priority: str = "interactive") -> None:
         """Reserve room for `rows` rows of `tenant`, or raise why not (counted)."""
         with self._cond:
             error: EngineError | None = None
+            debt = self._debt(tenant)
             if self._draining:
                 error = Draining("the service is draining; retry on another replica")
+            elif debt is not None:
+                error = TokenRateLimit(
+                    f"tenant {tenant!r} used its {self.tenants.tokens_per_minute(tenant)} "
+                    "completion tokens per minute (tokens_per_minute in the keys file)",
+                    retry_after_s=debt,
+                )
+            elif (
+                priority == "batch"
+                and self.queue_size is not None
+                and self._waiting + rows > self.batch_queue_share * self.queue_size
+            ):
+                error = BatchShed(
+                    f"the service is busy ({self._waiting} of {self.queue_size} rows waiting): "
+                    "batch requests are refused first; retry later or send it as interactive",
+                    retry_after_s=self._retry_after(),
+                )
             elif self.queue_size is not None and self._waiting + rows > self.queue_size:
                 error = QueueFull(
                     f"the queue is full ({self._waiting} of {self.queue_size} rows waiting)",
@@ -101,6 +144,29 @@ class Admission:
         """Rows of `tenant` ended (answered, failed or dropped): its count goes down."""
         with self._cond:
             self._release(tenant, rows)
+
+    def charge(self, tenant: str, tokens: int) -> None:
+        """A row of `tenant` generated `tokens` completion tokens (its rate limit, if any)."""
+        rate = self.tenants.tokens_per_minute(tenant)
+        if rate is None or tokens <= 0:
+            return
+        with self._cond:
+            bucket = self._buckets.get(tenant)
+            if bucket is None:
+                bucket = self._buckets[tenant] = _Bucket(float(rate), self._clock())
+            bucket.take(tokens, rate, self._clock())
+
+    def _debt(self, tenant: str) -> float | None:
+        """Seconds until the tenant's token bucket is out of debt, or None when it has
+        tokens (or no limit). Lock held."""
+        rate = self.tenants.tokens_per_minute(tenant)
+        bucket = self._buckets.get(tenant)
+        if rate is None or bucket is None:
+            return None
+        level = bucket.level(rate, self._clock())
+        if level > 0:
+            return None
+        return max(1.0, -level * 60.0 / rate)
 
     def record_row(self, seconds: float) -> None:
         """How long a finished row ran (joining to answer), for Retry-After hints."""
@@ -164,3 +230,21 @@ class Admission:
     def _publish(self) -> None:
         if self._events is not None:
             self._events.queue_depth(self._waiting)
+
+
+class _Bucket:
+    """A token bucket of capacity `rate` (one minute's tokens), refilled at rate / 60 a
+    second; it may go into debt (a row's tokens are known only when it ends)."""
+
+    def __init__(self, tokens: float, now: float) -> None:
+        self.tokens = tokens
+        self.at = now
+
+    def level(self, rate: int, now: float) -> float:
+        self.tokens = min(float(rate), self.tokens + (now - self.at) * rate / 60.0)
+        self.at = now
+        return self.tokens
+
+    def take(self, tokens: int, rate: int, now: float) -> None:
+        self.level(rate, now)
+        self.tokens -= tokens

@@ -3,7 +3,13 @@
 Keys come from `keys_file` and/or `keys` (inline JSON), both shaped
 
     {"keys": [{"key": "<plaintext>", "tenant": "acme", "rights": ["caption", "manage"]},
-              {"sha256": "<hex of the key>", "tenant": "beta", "rights": ["caption"]}]}
+              {"sha256": "<hex of the key>", "tenant": "beta", "rights": ["caption"],
+               "weight": 2, "tokens_per_minute": 6000, "priority": "batch"}]}
+
+`weight` (default 1) is the tenant's weight in the fair share of batch rows,
+`tokens_per_minute` (default: none) its completion-token rate limit; both are the tenant's, the
+same on every key that gives them. `priority` is the key's default request class
+(`interactive`, the default, or `batch`; a request may choose with `X-Priority`).
 
 Only SHA-256 digests are kept in memory; `python -m service.auth` prints the digest of a key
 (read from stdin) for the `sha256` form, so plaintext never has to sit in a file. With no key
@@ -26,8 +32,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from service.scheduler import PRIORITIES, Priority
 from service.settings import Settings
-from service.tenancy import DEFAULT_TENANT, PUBLIC_TENANT, check_tenant
+from service.tenancy import (
+    DEFAULT_TENANT,
+    PUBLIC_TENANT,
+    TenantPolicies,
+    TenantPolicy,
+    check_tenant,
+)
 
 CAPTION = "caption"
 MANAGE = "manage"
@@ -39,10 +52,12 @@ _HEX_DIGEST = re.compile(r"^[0-9a-f]{64}$")
 
 @dataclass(frozen=True)
 class Principal:
-    """The authenticated caller: a tenant and the rights its key grants."""
+    """The authenticated caller: a tenant, the rights its key grants, and the class its
+    requests run in unless a request says otherwise (X-Priority)."""
 
     tenant: str
     rights: frozenset[str]
+    priority: Priority = "interactive"
 
     def can(self, right: str) -> bool:
         return right in self.rights
@@ -105,6 +120,7 @@ class KeyStore:
     """API key digests -> principals. Immutable after construction."""
 
     def __init__(self, entries: Iterable[tuple[str, Principal]] = ()) -> None:
+        self.policies = TenantPolicies()  # each tenant's weight and token rate (from_settings)
         self._entries: list[tuple[bytes, Principal]] = []
         seen: set[str] = set()
         for digest, principal in entries:
@@ -117,15 +133,13 @@ class KeyStore:
     def from_settings(cls, settings: Settings) -> KeyStore:
         """Keys from `settings.keys_file` and `settings.keys` together (either may be unset)."""
         entries: list[tuple[str, Principal]] = []
-        if settings.keys_file is not None:
-            entries += parse_keys(_read_keys_file(settings.keys_file), f"{settings.keys_file}")
-        if settings.keys is not None:
-            try:
-                document = json.loads(settings.keys)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"keys setting (CTXPEFT_KEYS) is not valid JSON: {exc}") from None
-            entries += parse_keys(document, "keys setting")
-        return cls(entries)
+        policies: dict[str, TenantPolicy] = {}
+        for document, source in _documents(settings):
+            entries += parse_keys(document, source)
+            policies.update(parse_policies(document, source))
+        store = cls(entries)
+        store.policies = TenantPolicies(policies)
+        return store
 
     @property
     def empty(self) -> bool:
@@ -161,7 +175,7 @@ def parse_keys(document: Any, source: str) -> list[tuple[str, Principal]]:
 def _parse_entry(entry: Any, where: str) -> tuple[str, Principal]:
     if not isinstance(entry, Mapping):
         raise ValueError(f"{where}: expected an object with key|sha256, tenant, rights")
-    unknown = set(entry) - {"key", "sha256", "tenant", "rights", "comment"}
+    unknown = set(entry) - {"key", "sha256", "tenant", "rights", "comment", *_POLICY_FIELDS}
     if unknown:
         raise ValueError(f"{where}: unknown fields {sorted(unknown)}")
     if ("key" in entry) == ("sha256" in entry):
@@ -192,7 +206,57 @@ def _parse_entry(entry: Any, where: str) -> tuple[str, Principal]:
         raise ValueError(
             f"{where}: unknown rights {sorted(unknown_rights)}; known: {sorted(ALL_RIGHTS)}"
         )
-    return digest, Principal(tenant, frozenset(rights))
+    priority = entry.get("priority", "interactive")
+    if priority not in PRIORITIES:
+        raise ValueError(f"{where}: 'priority' must be one of {list(PRIORITIES)}")
+    return digest, Principal(tenant, frozenset(rights), priority)
+
+
+# Policy fields of a key entry: weight and tokens_per_minute are the tenant's (every key of a
+# tenant that gives them gives the same), priority the key's default class.
+_POLICY_FIELDS = ("weight", "tokens_per_minute", "priority")
+
+
+def _policy(entry: Mapping[str, Any], where: str) -> TenantPolicy:
+    weight = entry.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0 < weight <= 1000:
+        raise ValueError(f"{where}: 'weight' must be a number in (0, 1000]")
+    rate = entry.get("tokens_per_minute")
+    if rate is not None and (isinstance(rate, bool) or not isinstance(rate, int) or rate < 1):
+        raise ValueError(f"{where}: 'tokens_per_minute' must be a positive integer")
+    return TenantPolicy(float(weight), rate)
+
+
+def parse_policies(document: Any, source: str) -> dict[str, TenantPolicy]:
+    """Each tenant's policy from a (valid) keys document: its weight in the fair share and
+    its completion tokens per minute. Keys of one tenant that give them must agree."""
+    found: dict[str, tuple[TenantPolicy, str]] = {}
+    for i, entry in enumerate(document["keys"]):
+        if not any(field in entry for field in ("weight", "tokens_per_minute")):
+            continue
+        where = f"{source}: keys[{i}]"
+        policy = _policy(entry, where)
+        earlier = found.get(entry["tenant"])
+        if earlier is not None and earlier[0] != policy:
+            raise ValueError(
+                f"{where}: tenant {entry['tenant']!r} has weight/tokens_per_minute different "
+                f"from {earlier[1]}; give the same on every key of a tenant"
+            )
+        found[entry["tenant"]] = (policy, where)
+    return {tenant: policy for tenant, (policy, _) in found.items()}
+
+
+def _documents(settings: Settings) -> list[tuple[Any, str]]:
+    """The keys documents the settings name, with where each came from."""
+    documents: list[tuple[Any, str]] = []
+    if settings.keys_file is not None:
+        documents.append((_read_keys_file(settings.keys_file), f"{settings.keys_file}"))
+    if settings.keys is not None:
+        try:
+            documents.append((json.loads(settings.keys), "keys setting"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"keys setting (CTXPEFT_KEYS) is not valid JSON: {exc}") from None
+    return documents
 
 
 def _read_keys_file(path: Path) -> Any:

@@ -19,6 +19,9 @@ Retry-After header (None when retrying cannot help).
     QueueFull          503  the bounded queue is full (Retry-After)
     Draining           503  the engine is shutting down and admits nothing new
     TenantLimit        429  the tenant has too many requests in flight (Retry-After)
+    TokenRateLimit     429  the tenant used its completion tokens per minute (Retry-After)
+    BatchShed          429  a batch-class request while the queue is over batch_queue_share
+                            (Retry-After): under overload batch requests are refused first
     DeadlineExceeded   504  the request's deadline passed before its answer
     Cancelled          499  the request was cancelled (client gone) before its answer
     EngineFault        503  an internal error while computing this request (contained: other
@@ -110,6 +113,14 @@ class Draining(EngineError):
 
 class TenantLimit(EngineError):
     reason = "tenant_limit"
+
+
+class TokenRateLimit(EngineError):
+    reason = "token_rate"
+
+
+class BatchShed(EngineError):
+    reason = "batch_shed"
 
 
 class DeadlineExceeded(EngineError):

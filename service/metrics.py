@@ -50,6 +50,8 @@ REJECTION_REASONS = (
     "queue_full",
     "draining",
     "tenant_limit",
+    "token_rate",
+    "batch_shed",
     "bad_request",
     "unauthorized",
     "forbidden",

@@ -1,20 +1,29 @@
-"""The scheduler: per-adapter FIFO queues and the choice of rows to run next.
+"""The scheduler: the line of queued rows, and the choice of which rows join the running batch
+at a step.
 
     scheduler.enqueue([row])               # now schedulable (the ledger admitted it)
-    rows = scheduler.next_rows(is_ready, SlotBudget(free=3, present={...}), room=8, timeout=0)
+    rows = scheduler.next_rows(is_ready, budget, room=8, timeout=0, step=n,
+                               running={"acme": 12}, weight=lambda t: 1.0)
     scheduler.discard(row)                 # a queued row ended (cancelled): out of line
     scheduler.expired(now)                 # queued rows past their deadline, out of line
 
-Choosing rows: start from the oldest waiting row whose adapter is ready (on the device or the
-CPU tier), take more rows of that adapter (grouping: its rows are contiguous), then the
-adapters with the next-oldest heads, until `room` rows. Each adapter must first get a place
-from the `SlotBudget` (a device slot it already holds, or a free one, within the cap of
-distinct adapters); the first adapter refused ends the choice, so no younger row overtakes a
-row that waits for a slot. That makes it fair: however hot one adapter is, a cold adapter's
-row is the oldest after at most the rows that arrived before it, and from then on it waits
-only for one slot to be unpinned (a running row ends within max_new_tokens steps). With
-`fill` (static scheduling) `next_rows` also waits up to `max_wait_s` after the oldest ready
-row's arrival for `room` rows.
+The choice, one row at a time until `room` rows (only rows whose adapter is ready, on the
+device or the CPU tier, are candidates):
+  1. classes: `interactive` rows first; `batch` rows fill what interactive rows leave. A batch
+     row that has waited `batch_aging_steps` steps counts as interactive from then on, so no
+     batch row starves.
+  2. tenants, weighted fair: among the tenants with a candidate of the best class, the one
+     holding the fewest batch rows for its weight (`(running + chosen) / weight`) goes next,
+     ties to the oldest row; within a tenant, oldest first. A tenant with waiting rows
+     therefore gets the next batch rows that free up until it holds its weighted share,
+     whatever the others send (the bound is stated and tested in tests/service/
+     test_fair_share.py).
+  3. adapters: each row's adapter must get a place from the `SlotBudget` (a device slot it
+     already holds, or a free one, within the cap of distinct adapters); the first row refused
+     ends the choice for this step, so no later row overtakes a row that waits for a slot: it
+     gets the next slot that is unpinned (a running row ends within max_new_tokens steps).
+With `fill` (static scheduling) `next_rows` also waits up to `max_wait_s` after the oldest
+ready row's arrival for `room` rows.
 
 Admission, counts and the end of rows are the row ledger's (service/engine/ledger.py); this
 module only keeps rows in line and chooses. Thread-safe: the event loop enqueues and
@@ -26,21 +35,28 @@ from __future__ import annotations
 import bisect
 import threading
 import time
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections import Counter, deque
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 from service.exceptions import Draining
+
+Priority = Literal["interactive", "batch"]
+PRIORITIES: tuple[Priority, ...] = ("interactive", "batch")
 
 
 class Schedulable(Protocol):
     """What the scheduler needs to know about a row."""
 
     @property
-    def key(self) -> Hashable: ...  # the adapter version: rows of one key share a queue
+    def key(self) -> Hashable: ...  # the adapter version: rows of one key share a slot
 
     @property
     def tenant(self) -> str: ...
+
+    @property
+    def priority(self) -> Priority: ...
 
     @property
     def arrival(self) -> float: ...  # time.monotonic() at admission
@@ -77,29 +93,36 @@ class SlotBudget:
 class _Queued(Generic[T]):
     seq: int
     row: T = field(compare=False)
+    step: int = field(compare=False, default=0)  # the step count when it entered the line
+
+
+def _equal(_: str) -> float:
+    return 1.0
 
 
 class Scheduler(Generic[T]):
-    """Per-adapter FIFO queues with oldest-first seeding, grouping and mixing."""
+    """The line of queued rows (oldest first) and the weighted fair choice."""
 
-    def __init__(self, max_wait_s: float = 0.0) -> None:
+    def __init__(self, max_wait_s: float = 0.0, batch_aging_steps: int = 64) -> None:
         self.max_wait_s = max_wait_s
+        self.batch_aging_steps = batch_aging_steps
         self._cond = threading.Condition()
-        self._queues: dict[Hashable, list[_Queued[T]]] = {}
+        self._line: list[_Queued[T]] = []  # sorted by sequence number (arrival order)
         self._seq = 0
+        self._step = 0  # the latest step the worker announced (ages batch rows)
         self._closed = False
         self._draining = False  # static batches stop waiting to fill
 
     # --- in line ------------------------------------------------------------------------------
     def enqueue(self, rows: Sequence[T]) -> None:
-        """Make admitted rows schedulable, in order (FIFO per adapter). Raises Draining if
-        the scheduler was closed since their admission (nobody would run them)."""
+        """Make admitted rows schedulable, in order. Raises Draining if the scheduler was
+        closed since their admission (nobody would run them)."""
         with self._cond:
             if self._closed:
                 raise Draining("the service stopped before this request could run")
             for row in rows:
                 self._seq += 1
-                self._queues.setdefault(row.key, []).append(_Queued(self._seq, row))
+                self._line.append(_Queued(self._seq, row, self._step))
             self._cond.notify_all()
 
     def requeue(self, rows: Iterable[tuple[int, T]]) -> None:
@@ -107,44 +130,34 @@ class Scheduler(Generic[T]):
         after their adapter was re-resolved."""
         with self._cond:
             for seq, row in rows:
-                bisect.insort(self._queues.setdefault(row.key, []), _Queued(seq, row))
+                bisect.insort(self._line, _Queued(seq, row, self._step))
             self._cond.notify_all()
 
     def discard(self, row: T) -> bool:
         """Take `row` out of line if it is there (it ended while waiting); False if it is
         not (the worker took it, or it was never queued)."""
         with self._cond:
-            queue = self._queues.get(row.key)
-            if queue is None:
-                return False
-            for i, queued in enumerate(queue):
+            for i, queued in enumerate(self._line):
                 if queued.row is row:
-                    del queue[i]
-                    if not queue:
-                        del self._queues[row.key]
+                    del self._line[i]
                     return True
             return False
 
     def expired(self, now: float) -> list[T]:
         """Take every queued row whose deadline passed out of line."""
         with self._cond:
-            gone: list[T] = []
-            for key in list(self._queues):
-                queue = self._queues[key]
-                kept = [q for q in queue if q.row.deadline > now]
-                if len(kept) < len(queue):
-                    gone.extend(q.row for q in queue if q.row.deadline <= now)
-                    if kept:
-                        self._queues[key] = kept
-                    else:
-                        del self._queues[key]
+            gone = [q.row for q in self._line if q.row.deadline <= now]
+            if gone:
+                self._line = [q for q in self._line if q.row.deadline > now]
             return gone
 
     def take(self, key: Hashable) -> list[tuple[int, T]]:
         """Take every queued row of `key` out of line (its adapter failed to load)."""
         with self._cond:
-            queue = self._queues.pop(key, [])
-            return [(q.seq, q.row) for q in queue]
+            taken = [(q.seq, q.row) for q in self._line if q.row.key == key]
+            if taken:
+                self._line = [q for q in self._line if q.row.key != key]
+            return taken
 
     # --- choosing rows (worker thread) ------------------------------------------------------
     def next_rows(
@@ -154,22 +167,27 @@ class Scheduler(Generic[T]):
         room: int,
         timeout: float,
         fill: bool = False,
+        step: int | None = None,
+        running: Mapping[str, int] | None = None,
+        weight: Callable[[str], float] = _equal,
     ) -> list[tuple[int, T]]:
-        """Up to `room` rows to run now, as (sequence number, row), grouped by adapter; [] when
-        none was ready within `timeout` seconds or the scheduler is closed. With `fill`
-        (static scheduling) it also waits up to `max_wait_s` after the oldest ready row's
-        arrival for `room` rows."""
+        """Up to `room` rows to run now, as (sequence number, row), in the order of the
+        choice (module docstring); [] when none was ready within `timeout` seconds or the
+        scheduler is closed. `running`: each tenant's rows in the batch now; `step`: the
+        worker's step count (ages batch rows). With `fill` (static scheduling) it also waits
+        up to `max_wait_s` after the oldest ready row's arrival for `room` rows."""
         give_up = time.monotonic() + timeout
         with self._cond:
+            if step is not None:
+                self._step = step
             while not self._closed:
                 now = time.monotonic()
-                ready = [k for k, q in self._queues.items() if is_ready(k)] if room > 0 else []
+                ready = self._ready(is_ready) if room > 0 else []
                 wake = give_up
                 if ready:
-                    rows = sum(len(self._queues[k]) for k in ready)
-                    fill_by = min(self._queues[k][0].row.arrival for k in ready) + self.max_wait_s
-                    if not fill or rows >= room or now >= fill_by or self._draining:
-                        taken = self._take(ready, budget, room)
+                    fill_by = ready[0].row.arrival + self.max_wait_s
+                    if not fill or len(ready) >= room or now >= fill_by or self._draining:
+                        taken = self._choose(ready, budget, room, running or {}, weight)
                         if taken:
                             return taken
                     else:
@@ -182,27 +200,62 @@ class Scheduler(Generic[T]):
     def ready_rows(self, is_ready: Callable[[Any], bool]) -> int:
         """Queued rows whose adapter is ready (the step loop's cue to prefill a group)."""
         with self._cond:
-            return sum(len(q) for k, q in self._queues.items() if is_ready(k))
+            return len(self._ready(is_ready))
 
-    def _take(self, ready: list[Hashable], budget: SlotBudget, room: int) -> list[tuple[int, T]]:
-        order = sorted(ready, key=lambda k: self._queues[k][0].seq)
-        batch: list[tuple[int, T]] = []
-        for key in order:
-            if not budget.place(key):
-                break  # no younger row overtakes the oldest row waiting for a slot
-            queue = self._queues[key]
-            take = min(len(queue), room - len(batch))
-            batch.extend((q.seq, q.row) for q in queue[:take])
-            del queue[:take]
-            if not queue:
-                del self._queues[key]
-            if len(batch) >= room:
-                break
-        return batch
+    def _ready(self, is_ready: Callable[[Any], bool]) -> list[_Queued[T]]:
+        known: dict[Hashable, bool] = {}
+        ready = []
+        for queued in self._line:
+            key = queued.row.key
+            if key not in known:
+                known[key] = is_ready(key)
+            if known[key]:
+                ready.append(queued)
+        return ready
+
+    def _choose(
+        self,
+        ready: list[_Queued[T]],
+        budget: SlotBudget,
+        room: int,
+        running: Mapping[str, int],
+        weight: Callable[[str], float],
+    ) -> list[tuple[int, T]]:
+        by_tenant: dict[str, deque[_Queued[T]]] = {}
+        for queued in ready:  # in arrival order
+            by_tenant.setdefault(queued.row.tenant, deque()).append(queued)
+        load: Counter[str] = Counter(running)
+        weights = {tenant: max(weight(tenant), 1e-9) for tenant in by_tenant}
+
+        def rank(tenant: str) -> tuple[int, float, int]:
+            head = by_tenant[tenant][0]
+            return (self._class(head), load[tenant] / weights[tenant], head.seq)
+
+        chosen: list[_Queued[T]] = []
+        while len(chosen) < room and by_tenant:
+            tenant = min(by_tenant, key=rank)
+            head = by_tenant[tenant][0]
+            if not budget.place(head.row.key):
+                break  # no later row overtakes the row that waits for a slot
+            by_tenant[tenant].popleft()
+            if not by_tenant[tenant]:
+                del by_tenant[tenant]
+            chosen.append(head)
+            load[tenant] += 1
+        if chosen:
+            taken = {id(q) for q in chosen}
+            self._line = [q for q in self._line if id(q) not in taken]
+        return [(q.seq, q.row) for q in chosen]
+
+    def _class(self, queued: _Queued[T]) -> int:
+        """0 for interactive rows and batch rows that waited batch_aging_steps, else 1."""
+        if queued.row.priority == "interactive":
+            return 0
+        return 0 if self._step - queued.step >= self.batch_aging_steps else 1
 
     def waiting_keys(self) -> list[Hashable]:
         with self._cond:
-            return list(self._queues)
+            return list(dict.fromkeys(q.row.key for q in self._line))
 
     def notify(self) -> None:
         """Wake `next_rows` (an adapter finished loading, a row was cancelled)."""
@@ -212,9 +265,9 @@ class Scheduler(Generic[T]):
     # --- lifecycle --------------------------------------------------------------------------
     @property
     def queued(self) -> int:
-        """Rows in the queues."""
+        """Rows in line."""
         with self._cond:
-            return sum(len(q) for q in self._queues.values())
+            return len(self._line)
 
     def drain(self) -> None:
         """Queued rows run without waiting to fill static batches."""
@@ -227,7 +280,7 @@ class Scheduler(Generic[T]):
         with self._cond:
             self._closed = True
             self._draining = True
-            rows = [(q.seq, q.row) for queue in self._queues.values() for q in queue]
-            self._queues.clear()
+            rows = [(q.seq, q.row) for q in self._line]
+            self._line.clear()
             self._cond.notify_all()
             return rows

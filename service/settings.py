@@ -97,6 +97,20 @@ class EngineConfig(BaseModel):
         default=2, description="Threads that decode and resize uploaded images."
     )
 
+    # --- sharing between tenants ---------------------------------------------------------------
+    batch_aging_steps: PositiveInt = Field(
+        default=64,
+        description="A batch-class row that has waited this many decode steps counts as "
+        "interactive from then on (no batch row starves).",
+    )
+    batch_queue_share: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="Batch-class requests are refused (429 batch_shed) once the rows waiting "
+        "reach this share of queue_size: under overload, batch requests are refused first.",
+    )
+
     # --- trust between tenants ---------------------------------------------------------------
     adapter_probe: bool = Field(
         default=True,

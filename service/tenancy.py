@@ -11,6 +11,8 @@ are configured. Imported by the store, the registry, auth, the engine and the Ra
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 TENANT_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
@@ -43,3 +45,31 @@ def check_name(name: str) -> str:
 def owners(tenant: str) -> tuple[str, ...]:
     """Whose adapters a tenant's request may use, in lookup order: its own, then public."""
     return (tenant,) if tenant == PUBLIC_TENANT else (tenant, PUBLIC_TENANT)
+
+
+@dataclass(frozen=True)
+class TenantPolicy:
+    """What the engine grants one tenant (from the keys file): its weight in the fair share
+    of batch rows, and its completion tokens per minute (None: no limit)."""
+
+    weight: float = 1.0
+    tokens_per_minute: int | None = None
+
+
+class TenantPolicies:
+    """Each tenant's policy; tenants not named get the default (weight 1, no token limit)."""
+
+    def __init__(self, policies: Mapping[str, TenantPolicy] | None = None) -> None:
+        self._policies = dict(policies or {})
+
+    def __getitem__(self, tenant: str) -> TenantPolicy:
+        return self._policies.get(tenant, DEFAULT_POLICY)
+
+    def weight(self, tenant: str) -> float:
+        return self[tenant].weight
+
+    def tokens_per_minute(self, tenant: str) -> int | None:
+        return self[tenant].tokens_per_minute
+
+
+DEFAULT_POLICY = TenantPolicy()

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Request, Security
+from fastapi import Depends, Header, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.api.engine_port import EnginePort
 from service.api.errors import ApiError
 from service.api.state import ServiceState
 from service.auth import CAPTION, MANAGE, Principal, bearer_token
+from service.scheduler import Priority
 
 
 def get_state(request: Request) -> ServiceState:
@@ -70,5 +71,23 @@ def _requires(right: str) -> object:
 
 
 CaptionPrincipal = Annotated[Principal, Depends(_requires(CAPTION))]
+
+
+def get_priority(
+    principal: CaptionPrincipal,
+    x_priority: Annotated[
+        Priority | None,
+        Header(
+            alias="X-Priority",
+            description="The request's class: `interactive` (the default of most keys) runs "
+            "first; `batch` fills the capacity interactive requests leave (and is refused "
+            "first, 429 batch_shed, under overload). Default: the key's `priority`.",
+        ),
+    ] = None,
+) -> Priority:
+    return x_priority or principal.priority
+
+
+RequestPriority = Annotated[Priority, Depends(get_priority)]
 ManagePrincipal = Annotated[Principal, Depends(_requires(MANAGE))]
 AnyPrincipal = Annotated[Principal, Depends(get_principal)]

@@ -36,6 +36,7 @@ from service.exceptions import (
     AdapterNotFound,
     AdapterQuarantined,
     AdapterUnservable,
+    BatchShed,
     Cancelled,
     DeadlineExceeded,
     Draining,
@@ -49,6 +50,7 @@ from service.exceptions import (
     QueueFull,
     RequestError,
     TenantLimit,
+    TokenRateLimit,
 )
 from service.logging import current_request_id
 
@@ -315,6 +317,8 @@ _STATUS: tuple[tuple[type[EngineError], int, str], ...] = (
     (AdapterNonFinite, 422, "adapter_non_finite"),
     (AdapterQuarantined, 422, "adapter_quarantined"),
     (TenantLimit, 429, "tenant_limit"),
+    (TokenRateLimit, 429, "token_rate_limit"),
+    (BatchShed, 429, "batch_shed"),
     (QueueFull, 503, "queue_full"),
     (Draining, 503, "draining"),
     (AdapterLoadError, 503, "adapter_unavailable"),

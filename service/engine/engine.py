@@ -56,6 +56,7 @@ from adapters.bank import AdapterBank
 from adapters.model import ContextPEFTModel
 from adapters.presets import PRESETS
 from service.admission import Admission
+from service.auth import KeyStore
 from service.engine.answers import gather_answers
 from service.engine.encoder_cache import EncoderCache, content_key
 from service.engine.join import Joiner
@@ -78,6 +79,7 @@ from service.registry import AdapterVersion, open_adapters
 from service.scheduler import Scheduler
 from service.settings import EngineConfig, Settings
 from service.store import AdapterRef, AdapterStore
+from service.tenancy import TenantPolicies
 
 log = logging.getLogger(__name__)
 _JOIN_S = 30.0  # how long close() waits for the worker to finish its step
@@ -149,6 +151,7 @@ class Engine:
         metrics: ServiceMetrics | None = None,
         start: bool = True,
         bank: AdapterBank | None = None,
+        tenants: TenantPolicies | None = None,
     ) -> None:
         self.config = config = config or EngineConfig()
         self.backbone = backbone
@@ -178,9 +181,16 @@ class Engine:
             on_change=self._wake,
             probe=probe,
         )
-        self.scheduler: Scheduler[Row] = Scheduler(config.max_wait_ms / 1000.0)
+        self.scheduler: Scheduler[Row] = Scheduler(
+            config.max_wait_ms / 1000.0, config.batch_aging_steps
+        )
         self.admission = Admission(
-            config.tenant_max_inflight, config.queue_size, self.events, config.max_batch_size
+            config.tenant_max_inflight,
+            config.queue_size,
+            self.events,
+            config.max_batch_size,
+            tenants,
+            config.batch_queue_share,
         )
         self.ledger = RowLedger(self.admission, self.scheduler, self.cache, self.events)
         self.encoder_cache = EncoderCache(config.encoder_cache_entries, self.events)
@@ -216,7 +226,8 @@ class Engine:
             backbone.to(DTYPES[settings.dtype])
         store = AdapterStore(settings.resolved_store_dir())
         store.clean_temporaries()
-        return cls(backbone, store, EngineConfig.from_settings(settings), metrics)
+        tenants = KeyStore.from_settings(settings).policies
+        return cls(backbone, store, EngineConfig.from_settings(settings), metrics, tenants=tenants)
 
     # --- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
@@ -313,7 +324,7 @@ class Engine:
         names = request.adapters
         loop = asyncio.get_running_loop()
         # Admission before any image work: a refused request never decodes its image.
-        self.ledger.admit(request.tenant, len(names))
+        self.ledger.admit(request.tenant, len(names), request.priority)
         # In the caller's context: what the decoder logs (a Pillow warning) names its request.
         prepare = functools.partial(
             contextvars.copy_context().run, self._prepare, request.image, request.tenant
@@ -337,6 +348,7 @@ class Engine:
                 loop.create_future(),
                 index,
                 request.on_token,
+                request.priority,
             )
             for index, (version, name) in enumerate(zip(versions, names, strict=True))
         ]

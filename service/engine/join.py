@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Sequence
 
 import torch
@@ -58,10 +59,12 @@ class Joiner:
         self.config = config
         self._held_since: int | None = None  # step since which ready rows wait to join
 
-    def choose(self, running: int, step: int) -> list[tuple[int, Row]]:
-        """The rows to join this step (out of the queue), within the budgets."""
+    def choose(self, batch: Sequence[Row], step: int) -> list[tuple[int, Row]]:
+        """The rows to join this step (out of the queue), within the budgets; `batch` is
+        the running rows (each tenant's share is weighed against them)."""
         cfg = self.config
         static = cfg.scheduling == "static"
+        running = len(batch)
         if static and running:
             return []
         room = cfg.max_batch_size - running
@@ -72,7 +75,10 @@ class Joiner:
         pinned, free = self.cache.placement()
         budget = SlotBudget(free, cfg.max_adapters_per_batch, pinned)
         timeout = 0.0 if running else IDLE_WAIT_S
-        chosen = self.ledger.next_rows(self.cache.is_ready, budget, room, timeout, fill=static)
+        tenants = Counter(row.tenant for row in batch)
+        chosen = self.ledger.next_rows(
+            self.cache.is_ready, budget, room, timeout, static, step, tenants
+        )
         now = time.monotonic()
         for _, row in chosen:
             row.joined = now

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any
 
 from service.adapter_cache import AdapterCache
@@ -69,9 +69,9 @@ class RowLedger:
         self.events = events
 
     # --- coming in (event loop) -------------------------------------------------------------
-    def admit(self, tenant: str, rows: int) -> None:
-        """Reserve room for `rows` rows (raises Draining / QueueFull / TenantLimit)."""
-        self.admission.admit(tenant, rows)
+    def admit(self, tenant: str, rows: int, priority: str = "interactive") -> None:
+        """Reserve room for `rows` rows (raises the admission's errors, counted)."""
+        self.admission.admit(tenant, rows, priority)
 
     def withdraw(self, tenant: str, rows: int) -> None:
         """An admission whose rows never opened (the image failed to decode)."""
@@ -99,9 +99,21 @@ class RowLedger:
         room: int,
         timeout: float,
         fill: bool = False,
+        step: int | None = None,
+        running: Mapping[str, int] | None = None,
     ) -> list[tuple[int, Row]]:
-        """Rows to join now (out of the queue: the worker holds them)."""
-        chosen = self.scheduler.next_rows(is_ready, budget, room, timeout, fill)
+        """Rows to join now (out of the queue: the worker holds them), chosen weighted fair
+        across tenants by the tenants' policies."""
+        chosen = self.scheduler.next_rows(
+            is_ready,
+            budget,
+            room,
+            timeout,
+            fill,
+            step=step,
+            running=running,
+            weight=self.admission.tenants.weight,
+        )
         self._taken([row for _, row in chosen])
         return chosen
 
@@ -227,6 +239,7 @@ class RowLedger:
         if isinstance(outcome, CaptionResult):
             self.events.completed(row.name, row.key.ref, outcome.tokens)
             self.admission.record_row(time.monotonic() - row.joined)
+            self.admission.charge(row.tenant, outcome.tokens)
         else:
             self.events.ended(outcome_name(outcome))
 

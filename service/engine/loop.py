@@ -182,7 +182,7 @@ class StepLoop:
         """New rows prefilled and merged; their first tokens (device). An unexpected
         exception fails the rows that were joining, never the running ones."""
         try:
-            chosen = self.joiner.choose(len(self.batch), self.steps)
+            chosen = self.joiner.choose(self.batch.rows, self.steps)
         except Exception:  # nothing was taken from the queues
             log.exception("choosing rows to join failed")
             self.events.fault("loop")

@@ -18,6 +18,7 @@ import torch
 
 from service.engine.types import CaptionResult
 from service.registry import AdapterVersion
+from service.scheduler import Priority
 
 
 @dataclass(eq=False)
@@ -56,6 +57,7 @@ class Row:
     future: asyncio.Future[CaptionResult]
     index: int = 0  # position of this adapter in the request's list
     on_token: Callable[[int, int], None] | None = None  # CaptionRequest.on_token
+    priority: Priority = "interactive"  # CaptionRequest.priority
     # Set by the worker while the row runs (worker thread only).
     slot: int | None = None  # its adapter's bank slot, pinned while the row runs
     token_ids: list[int] = field(default_factory=list)

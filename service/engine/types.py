@@ -13,6 +13,7 @@ from PIL import Image
 
 from service.adapter_cache import TierStats
 from service.events import EngineEvents
+from service.scheduler import Priority
 from service.store import AdapterRef
 from service.tenancy import DEFAULT_TENANT
 
@@ -38,6 +39,9 @@ class CaptionRequest:
     # `adapters`, token id) for every generated token, in order, before that adapter's result
     # is delivered (EOS is never passed). Must not raise or block.
     on_token: Callable[[int, int], None] | None = None
+    # The class of the request (service.scheduler): "interactive" rows go first, "batch" rows
+    # fill what they leave (and age into interactive after batch_aging_steps steps).
+    priority: Priority = "interactive"
 
 
 @dataclass(frozen=True)

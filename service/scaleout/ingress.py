@@ -45,6 +45,7 @@ class Ingress:
         metrics = ServiceMetrics(
             adapter_labels=settings.metrics_adapter_labels, backbone=settings.backbone
         )
+        keys = KeyStore.from_settings(settings)
         self._remote_engine = RemoteEngine(
             self.replicas,
             info,
@@ -53,11 +54,12 @@ class Ingress:
             metrics,
             self.affinity,
             put=ray.put,
+            tenants=keys.policies,
         )
         self._service_app = create_app(
             settings,
             engine=self._remote_engine,
-            keys=KeyStore.from_settings(settings),
+            keys=keys,
             metrics=metrics,
         )
         # Serve's proxy appends the request id to every answer (request_ids.py).

@@ -53,6 +53,7 @@ class RowCall:
     timeout_s: float | None
     request_id: str
     stream_tokens: bool = False
+    priority: str = "interactive"  # the request's class (service.scheduler.Priority)
 
 
 @dataclass(frozen=True)

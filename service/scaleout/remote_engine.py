@@ -74,7 +74,7 @@ from service.scaleout.messages import (
 )
 from service.settings import EngineConfig
 from service.store import AdapterRef, AdapterStore, QuotaExceeded, StoreQuota
-from service.tenancy import InvalidId, check_name, owners
+from service.tenancy import InvalidId, TenantPolicies, check_name, owners
 
 # A row's answer may arrive this long after its deadline (the replica's own 504 travels back).
 DEADLINE_GRACE_S = 5.0
@@ -210,7 +210,9 @@ class RemoteSubmission:
         DEADLINE_GRACE_S after the deadline (the replica's own 504 travels back)."""
         rows = [asyncio.ensure_future(self._row(i, s)) for i, s in enumerate(self._streams)]
         try:
-            return await gather_answers(rows, self._deadline + DEADLINE_GRACE_S, self._timeout_s)
+            results = await gather_answers(rows, self._deadline + DEADLINE_GRACE_S, self._timeout_s)
+            self._admission.charge(self._request.tenant, sum(r.tokens for r in results))
+            return results
         finally:
             for row in rows:
                 if not row.done():
@@ -275,6 +277,7 @@ class RemoteEngine:
         affinity: bool = True,
         *,
         put: Callable[[Any], Any],
+        tenants: TenantPolicies | None = None,
     ) -> None:
         self.config = config
         self._put = put
@@ -286,7 +289,7 @@ class RemoteEngine:
         self.events = EngineEvents(metrics)
         # The tenant limit and the drain, counted for the whole service here; each replica
         # bounds its own queue.
-        self._admission = Admission(config.tenant_max_inflight, events=self.events)
+        self._admission = Admission(config.tenant_max_inflight, events=self.events, tenants=tenants)
         self._closed = False
         self.stopped: str | None = None
 
@@ -324,7 +327,7 @@ class RemoteEngine:
         owners = await asyncio.to_thread(
             lambda: [self.registry.owner(request.tenant, n) for n in request.adapters]
         )
-        self._admission.admit(request.tenant, len(request.adapters))
+        self._admission.admit(request.tenant, len(request.adapters), request.priority)
         self._admission.dequeued(len(request.adapters))  # no queue here: the replicas' own
         streams: list[Any] = []
         submission = RemoteSubmission(self._admission, request, streams, deadline, timeout)
@@ -347,6 +350,7 @@ class RemoteEngine:
                     timeout,
                     request.request_id,
                     stream_tokens=request.on_token is not None,
+                    priority=request.priority,
                 )
                 options: dict[str, Any] = {"stream": True}
                 if self.affinity:

@@ -21,7 +21,7 @@ from service.api.captioning import (
     sse,
     start_stream,
 )
-from service.api.deps import CaptionPrincipal, ReadyEngine, State
+from service.api.deps import CaptionPrincipal, ReadyEngine, RequestPriority, State
 from service.api.errors import ApiError, error_content, error_responses, request_id_from_scope
 from service.api.schemas import CaptionOut, MultiCaptionOut, Timings
 from service.engine import CaptionRequest, CaptionResult
@@ -134,6 +134,7 @@ async def caption(
     state: State,
     engine: ReadyEngine,
     principal: CaptionPrincipal,
+    priority: RequestPriority,
     # The examples are what /docs' "Try it out" fills in, chosen so that a first try works:
     # an adapter of the demo, no `adapters` (an empty form field counts as absent), and the
     # default caption length (Swagger UI would otherwise send 0, or "null").
@@ -186,7 +187,12 @@ async def caption(
         decoder = image_decoder(settings, await image.read())
         request_id = request_id_from_scope(request.scope)
         caption_request = CaptionRequest(
-            decoder, names, principal.tenant, max_new_tokens, request_id=request_id
+            decoder,
+            names,
+            principal.tenant,
+            max_new_tokens,
+            request_id=request_id,
+            priority=priority,
         )
         multi = adapters is not None
         if stream:

@@ -31,7 +31,7 @@ from service.api.captioning import (
     sse,
     start_stream,
 )
-from service.api.deps import AnyPrincipal, CaptionPrincipal, ReadyEngine, State
+from service.api.deps import AnyPrincipal, CaptionPrincipal, ReadyEngine, RequestPriority, State
 from service.api.engine_port import EnginePort
 from service.api.errors import ApiError, error_responses, request_id_from_scope, to_api_error
 from service.api.openai_schemas import (
@@ -331,6 +331,7 @@ async def chat_completions(
     state: State,
     engine: ReadyEngine,
     principal: CaptionPrincipal,
+    priority: RequestPriority,
 ) -> ChatCompletion | Response:
     settings = state.settings
     with CaptionObservation(state.metrics) as observed:
@@ -353,6 +354,7 @@ async def chat_completions(
             principal.tenant,
             max_new_tokens,
             request_id=request_id,
+            priority=priority,
         )
         completion_id = f"chatcmpl-{request_id}"
         created = int(time.time())
