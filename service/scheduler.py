@@ -19,9 +19,13 @@ device or the CPU tier, are candidates):
      whatever the others send (the bound is stated and tested in tests/service/
      test_fair_share.py).
   3. adapters: each row's adapter must get a place from the `SlotBudget` (a device slot it
-     already holds, or a free one, within the cap of distinct adapters); the first row refused
-     ends the choice for this step, so no later row overtakes a row that waits for a slot: it
-     gets the next slot that is unpinned (a running row ends within max_new_tokens steps).
+     already holds, or a free one, within the cap of distinct adapters). Once a row is
+     refused a slot, only rows whose adapter already has its place join for the rest of the
+     step (they take no slot), and one adapter holding a slot is chosen to drain: the one
+     with the fewest running rows gets no new rows until the refused row is placed. Its rows
+     end within max_new_tokens steps, its slot is unpinned, and the refused row, still the
+     first of its tenant, takes it: a cold adapter waits for at most one row lifetime
+     however hot the others are, and the batch keeps filling meanwhile.
 With `fill` (static scheduling) `next_rows` also waits up to `max_wait_s` after the oldest
 ready row's arrival for `room` rows.
 
@@ -35,7 +39,7 @@ from __future__ import annotations
 import bisect
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, Protocol, TypeVar
@@ -98,6 +102,17 @@ class _Queued(Generic[T]):
 
 def _equal(_: str) -> float:
     return 1.0
+
+
+def _drainer(
+    budget: SlotBudget, running_keys: Mapping[Hashable, int], used: set[Hashable]
+) -> Hashable | None:
+    """The adapter holding a slot that drains for a refused row: the one with the fewest
+    running rows (the soonest free), not one given rows this step; None if there is none."""
+    holders = [k for k in budget.present if k not in used]
+    if not holders:
+        return None
+    return min(holders, key=lambda k: (running_keys.get(k, 0), repr(k)))
 
 
 class Scheduler(Generic[T]):
@@ -170,11 +185,12 @@ class Scheduler(Generic[T]):
         step: int | None = None,
         running: Mapping[str, int] | None = None,
         weight: Callable[[str], float] = _equal,
+        running_keys: Mapping[Hashable, int] | None = None,
     ) -> list[tuple[int, T]]:
         """Up to `room` rows to run now, as (sequence number, row), in the order of the
         choice (module docstring); [] when none was ready within `timeout` seconds or the
-        scheduler is closed. `running`: each tenant's rows in the batch now; `step`: the
-        worker's step count (ages batch rows). With `fill` (static scheduling) it also waits
+        scheduler is closed. `running`: each tenant's rows in the batch now, `running_keys`: each
+        adapter's; `step`: the worker's step count (ages batch rows). With `fill` (static scheduling) it also waits
         up to `max_wait_s` after the oldest ready row's arrival for `room` rows."""
         give_up = time.monotonic() + timeout
         with self._cond:
@@ -187,7 +203,9 @@ class Scheduler(Generic[T]):
                 if ready:
                     fill_by = ready[0].row.arrival + self.max_wait_s
                     if not fill or len(ready) >= room or now >= fill_by or self._draining:
-                        taken = self._choose(ready, budget, room, running or {}, weight)
+                        taken = self._choose(
+                            ready, budget, room, running or {}, weight, running_keys or {}
+                        )
                         if taken:
                             return taken
                     else:
@@ -220,27 +238,45 @@ class Scheduler(Generic[T]):
         room: int,
         running: Mapping[str, int],
         weight: Callable[[str], float],
+        running_keys: Mapping[Hashable, int],
     ) -> list[tuple[int, T]]:
-        by_tenant: dict[str, deque[_Queued[T]]] = {}
+        by_tenant: dict[str, list[_Queued[T]]] = {}
         for queued in ready:  # in arrival order
-            by_tenant.setdefault(queued.row.tenant, deque()).append(queued)
+            by_tenant.setdefault(queued.row.tenant, []).append(queued)
         load: Counter[str] = Counter(running)
         weights = {tenant: max(weight(tenant), 1e-9) for tenant in by_tenant}
+        blocked = False  # a row was refused a slot: only placed adapters join from now on
+        victim: Hashable | None = None  # the adapter that drains for it
 
-        def rank(tenant: str) -> tuple[int, float, int]:
-            head = by_tenant[tenant][0]
-            return (self._class(head), load[tenant] / weights[tenant], head.seq)
+        def head(tenant: str) -> _Queued[T] | None:
+            """The tenant's next row: its oldest, or once blocked its oldest whose adapter
+            already has its place (and is not the draining one)."""
+            for queued in by_tenant[tenant]:
+                key = queued.row.key
+                if not blocked or (
+                    key != victim and (key in budget.present or key in budget.chosen)
+                ):
+                    return queued
+            return None
 
         chosen: list[_Queued[T]] = []
-        while len(chosen) < room and by_tenant:
-            tenant = min(by_tenant, key=rank)
-            head = by_tenant[tenant][0]
-            if not budget.place(head.row.key):
-                break  # no later row overtakes the row that waits for a slot
-            by_tenant[tenant].popleft()
+        while len(chosen) < room:
+            heads = {t: h for t in by_tenant if (h := head(t)) is not None}
+            if not heads:
+                break
+            tenant = min(
+                heads,
+                key=lambda t: (self._class(heads[t]), load[t] / weights[t], heads[t].seq),
+            )
+            queued = heads[tenant]
+            if not blocked and not budget.place(queued.row.key):
+                blocked = True
+                victim = _drainer(budget, running_keys, {q.row.key for q in chosen})
+                continue
+            by_tenant[tenant].remove(queued)
             if not by_tenant[tenant]:
                 del by_tenant[tenant]
-            chosen.append(head)
+            chosen.append(queued)
             load[tenant] += 1
         if chosen:
             taken = {id(q) for q in chosen}

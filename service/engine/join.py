@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
 import torch
 
@@ -76,8 +76,9 @@ class Joiner:
         budget = SlotBudget(free, cfg.max_adapters_per_batch, pinned)
         timeout = 0.0 if running else IDLE_WAIT_S
         tenants = Counter(row.tenant for row in batch)
+        keys: Counter[Hashable] = Counter(row.key for row in batch)
         chosen = self.ledger.next_rows(
-            self.cache.is_ready, budget, room, timeout, static, step, tenants
+            self.cache.is_ready, budget, room, timeout, static, step, tenants, keys
         )
         now = time.monotonic()
         for _, row in chosen:

@@ -101,6 +101,7 @@ class RowLedger:
         fill: bool = False,
         step: int | None = None,
         running: Mapping[str, int] | None = None,
+        running_keys: Mapping[Hashable, int] | None = None,
     ) -> list[tuple[int, Row]]:
         """Rows to join now (out of the queue: the worker holds them), chosen weighted fair
         across tenants by the tenants' policies."""
@@ -113,6 +114,7 @@ class RowLedger:
             step=step,
             running=running,
             weight=self.admission.tenants.weight,
+            running_keys=running_keys,
         )
         self._taken([row for _, row in chosen])
         return chosen

@@ -21,6 +21,7 @@ class Row:
     arrival: float = field(default_factory=time.monotonic)
     deadline: float = math.inf
     label: str = ""
+    priority: str = "interactive"
 
 
 class Static:
@@ -56,13 +57,14 @@ def keys(batch: list[tuple[int, Row]]) -> list[str]:
     return [row.key for _, row in batch]
 
 
-def test_batch_starts_from_oldest_groups_its_adapter_then_mixes_by_age() -> None:
+def test_one_tenants_rows_join_oldest_first_over_the_adapters_that_get_a_slot() -> None:
     s = make(max_batch=6)
     submit(s, [Row(k) for k in ["b", "a", "b", "c", "a", "b", "c", "d"]])
     batch = s.next_batch(always, slots=3, timeout=0)
-    # Seed b (oldest): all three b rows, contiguous; then a (next-oldest head), then c's first.
-    assert keys(batch) == ["b", "b", "b", "a", "a", "c"]
-    assert [seq for seq, _ in batch] == [1, 3, 6, 2, 5, 4]
+    # Oldest first; d, the fourth adapter, finds no slot (3): the rows of placed adapters
+    # still join, d waits.
+    assert keys(batch) == ["b", "a", "b", "c", "a", "b"]
+    assert [seq for seq, _ in batch] == [1, 2, 3, 4, 5, 6]
     assert keys(s.next_batch(always, slots=3, timeout=0)) == ["c", "d"]
     assert s.queued == 0
 
@@ -204,9 +206,10 @@ def test_take_removes_an_adapters_rows_and_close_returns_the_rest() -> None:
 def test_rows_join_within_room_and_only_adapters_that_get_a_slot() -> None:
     s = make(max_batch=32).scheduler
     submit(s, [Row(k) for k in ["a", "b", "a", "c", "a", "d"]])
-    # "a" holds a pinned slot, one slot is free: a's rows and b's join, c must wait for a slot.
+    # "a" holds a pinned slot, one slot is free: a's rows and b's join, c must wait for a slot
+    # (and d, which would need one too, does not overtake it).
     taken = s.next_rows(always, SlotBudget(free=1, present={"a"}), room=8, timeout=0)
-    assert keys(taken) == ["a", "a", "a", "b"]
+    assert keys(taken) == ["a", "b", "a", "a"]
     # No free slot: c (now the oldest) is refused, and d, younger, does not overtake it.
     assert s.next_rows(always, SlotBudget(free=0, present={"a"}), room=8, timeout=0) == []
     assert keys(s.next_rows(always, SlotBudget(free=2), room=1, timeout=0)) == ["c"]

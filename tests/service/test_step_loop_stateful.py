@@ -336,7 +336,7 @@ class StepLoopMachine(RuleBasedStateMachine):
     def queued_rows(self) -> list[Any]:
         scheduler = self.engine.scheduler
         with scheduler._cond:
-            return [q.row for queue in scheduler._queues.values() for q in queue]
+            return [q.row for q in scheduler._line]
 
     # --- checks -------------------------------------------------------------------------------
     def check_running_rows(self) -> None:
