@@ -249,15 +249,20 @@ class Scheduler(Generic[T]):
         victim: Hashable | None = None  # the adapter that drains for it
 
         def head(tenant: str) -> _Queued[T] | None:
-            """The tenant's next row: its oldest, or once blocked its oldest whose adapter
-            already has its place (and is not the draining one)."""
+            """The tenant's next row: its oldest of the best class, or once blocked its
+            oldest of the best class whose adapter already has its place (and is not the
+            draining one)."""
+            best: _Queued[T] | None = None
             for queued in by_tenant[tenant]:
                 key = queued.row.key
-                if not blocked or (
-                    key != victim and (key in budget.present or key in budget.chosen)
+                if blocked and (
+                    key == victim or not (key in budget.present or key in budget.chosen)
                 ):
-                    return queued
-            return None
+                    continue
+                if self._class(queued) == 0:
+                    return queued  # the oldest interactive (or aged) row
+                best = best or queued
+            return best
 
         chosen: list[_Queued[T]] = []
         while len(chosen) < room:
