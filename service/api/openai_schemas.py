@@ -115,10 +115,18 @@ class ChatCompletionRequest(_Strict):
 
 
 # --- responses ------------------------------------------------------------------------------
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(
+        description="Prompt tokens whose image encoding came from the encoder cache (the "
+        "image's tokens when it did, else 0)."
+    )
+
+
 class Usage(BaseModel):
     prompt_tokens: int = Field(description="LM positions before the caption: BOS + image.")
     completion_tokens: int = Field(description="Generated tokens (the end token excluded).")
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
 
 class AssistantMessage(BaseModel):

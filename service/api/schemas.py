@@ -12,6 +12,23 @@ class Timings(BaseModel):
     total: float = Field(description="Admission to answer (ms).")
 
 
+class CaptionUsage(BaseModel):
+    """What one adapter's caption used (the figures the usage ledger records)."""
+
+    prompt_tokens: int = Field(description="LM positions before the caption: BOS + image.")
+    image_tokens: int = Field(description="Of the prompt tokens, the image's.")
+    completion_tokens: int = Field(description="Generated tokens (EOS excluded).")
+    total_tokens: int
+    image_cached: bool = Field(
+        description="The image's encoding came from the encoder cache (or another adapter of "
+        "this request): no encoder pass was spent on it for this caption."
+    )
+    compute_ms: float = Field(
+        description="Engine compute time attributed to this caption: its share (the step's "
+        "time divided by the rows in it) of every step it took part in."
+    )
+
+
 class CaptionOut(BaseModel):
     caption: str
     adapter: str = Field(description="The adapter name as requested.")
@@ -19,6 +36,7 @@ class CaptionOut(BaseModel):
     tokens: int = Field(description="Generated tokens (EOS excluded).")
     request_id: str
     timings_ms: Timings
+    usage: CaptionUsage
 
 
 class MultiCaptionOut(BaseModel):

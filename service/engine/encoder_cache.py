@@ -81,5 +81,8 @@ class EncoderCache:
         while len(self._cache) > self.entries:
             self._cache.popitem(last=False)
 
+    def __contains__(self, key: object) -> bool:
+        return key in self._cache
+
     def __len__(self) -> int:
         return len(self._cache)

@@ -148,6 +148,8 @@ class Joiner:
         """Vision features for each row's image (an image shared by rows is encoded once, a
         cached one not at all); the rows of an image that fails alone end."""
         images = list({id(r.image): r.image for r in rows if r.image.features is None}.values())
+        for row in rows:  # features already there (a sibling row's batch) or in the cache
+            row.image_cached = row.image.features is not None or row.image.key in self.encoder_cache
         started = time.monotonic()
         if images:
             found = isolate([images], self._encode_images, [singles])

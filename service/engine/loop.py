@@ -107,12 +107,17 @@ class StepLoop:
         self.steps += 1
         self._sweep_queue()
         self._leave()
+        started = time.perf_counter()
         joined, first = self._join()
         tokens = self._decode() if self.batch.rows else None
         # The one host synchronisation of the step: the new rows' first tokens and every
         # running row's next token, read together.
         parts = [t for t in (first, tokens) if t is not None]
         ids = torch.cat(parts).tolist() if parts else []
+        if self.batch.rows:  # each row's share of the step's compute (usage metering)
+            share = (time.perf_counter() - started) / len(self.batch.rows)
+            for row in self.batch.rows:
+                row.compute_s += share
         split = 0 if first is None else first.shape[0]
         self._advance(joined, ids[:split], ids[split:])
 
@@ -286,7 +291,7 @@ class StepLoop:
 def caption_result(row: Row, caption: str, now: float, ending: str) -> CaptionResult:
     """The answer of a row that ended with `ending` (stop or length) at `now`."""
     features = row.image.features
-    prompt = 1 + (int(features.shape[0]) if features is not None else 0)
+    image_tokens = int(features.shape[0]) if features is not None else 0
     encode_ms = row.encode_s * 1000
     return CaptionResult(
         caption=caption,
@@ -302,5 +307,8 @@ def caption_result(row: Row, caption: str, now: float, ending: str) -> CaptionRe
         ),
         request_id=row.request_id,
         finish_reason="length" if ending == "length" else "stop",
-        prompt_tokens=prompt,
+        prompt_tokens=1 + image_tokens,
+        image_tokens=image_tokens,
+        image_cached=row.image_cached,
+        compute_s=row.compute_s,
     )

@@ -64,6 +64,8 @@ class Row:
     joined: float = 0.0  # time.monotonic() when it joined the running batch
     encode_s: float = 0.0  # the encoder time of the rows that joined with it
     first_token: float = 0.0  # time.monotonic() of its first generated token
+    image_cached: bool = False  # its image's features were there when it joined
+    compute_s: float = 0.0  # its share of the compute of every step it was in
     # The ledger's (under `lock`): where the row is, whether it was answered, what it holds.
     place: Place = Place.QUEUE
     answered: bool = False

@@ -64,6 +64,11 @@ class CaptionResult:
     # "stop": the model ended the caption (EOS); "length": it reached max_new_tokens.
     finish_reason: FinishReason = "stop"
     prompt_tokens: int = 0  # LM positions before the caption: BOS + image tokens
+    image_tokens: int = 0  # of those, the image's (the connector's output positions)
+    image_cached: bool = False  # the image's encoding came from the encoder cache (or a
+    #                             sibling row of the request): no encoder pass for this row
+    compute_s: float = 0.0  # engine compute time attributed to the row: its share of every
+    #                         step it took part in (the step's time / the rows in it)
 
     @property
     def tokens(self) -> int:

@@ -218,3 +218,47 @@ def test_the_native_route_streams_the_same_tokens(service: Service) -> None:
     native = native_caption(service, ACME_ADMIN, adapters="count,colors")
     assert [r["caption"] for r in native["results"]] == [COUNT, COLORS]
     assert result["request_id"] == response.headers["x-request-id"]
+
+
+def test_usage_counts_the_image_and_says_when_its_encoding_was_cached(service: Service) -> None:
+    """Issue 23: each answer's usage is what it actually used. A new image (for this tenant's
+    encoder cache) costs an encoder pass; the same image again is served from the cache, and
+    the usage says so (`cached_tokens`: the image's tokens), natively and through the SDK."""
+    fresh = encode(Image.new("RGB", (64, 64), (12, 200, 80)))
+    image_tokens = service.engine.backbone.num_image_tokens
+    beta = sdk(service, BETA_ADMIN)
+    answers = []
+    for _ in range(2):
+        answers.append(
+            list(
+                beta.chat.completions.create(
+                    model="count",
+                    messages=image_message(fresh),
+                    stream=True,
+                    stream_options={"include_usage": True},
+                )
+            )
+        )
+    for chunks, cached in zip(answers, (0, image_tokens), strict=True):
+        *content, _last, usage_chunk = chunks
+        usage = usage_chunk.usage
+        assert usage_chunk.choices == [] and usage is not None
+        generated = len([c for c in content if c.choices and c.choices[0].delta.content])
+        assert usage.completion_tokens == generated
+        assert usage.prompt_tokens == 1 + image_tokens
+        assert usage.prompt_tokens_details is not None
+        assert usage.prompt_tokens_details.cached_tokens == cached
+    # The native answer carries the same figures and the compute time it was given.
+    response = httpx.post(
+        f"{service.url}/caption",
+        files=image_file(fresh),
+        data={"adapter": "count"},
+        headers=bearer(BETA_ADMIN),
+        timeout=60,
+    )
+    body = response.json()
+    usage = body["usage"]
+    assert usage["completion_tokens"] == body["tokens"]
+    assert usage["prompt_tokens"] == 1 + image_tokens and usage["image_tokens"] == image_tokens
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert usage["image_cached"] is True and usage["compute_ms"] > 0

@@ -23,7 +23,7 @@ from service.api.captioning import (
 )
 from service.api.deps import CaptionPrincipal, ReadyEngine, RequestPriority, State
 from service.api.errors import ApiError, error_content, error_responses, request_id_from_scope
-from service.api.schemas import CaptionOut, MultiCaptionOut, Timings
+from service.api.schemas import CaptionOut, CaptionUsage, MultiCaptionOut, Timings
 from service.engine import CaptionRequest, CaptionResult
 from service.images import image_decoder
 from service.tenancy import InvalidId, check_name
@@ -78,6 +78,14 @@ def _out(result: CaptionResult) -> CaptionOut:
             encode=round(t.encode_ms, 3),
             generate=round(t.generate_ms, 3),
             total=round(t.total_ms, 3),
+        ),
+        usage=CaptionUsage(
+            prompt_tokens=result.prompt_tokens,
+            image_tokens=result.image_tokens,
+            completion_tokens=result.tokens,
+            total_tokens=result.prompt_tokens + result.tokens,
+            image_cached=result.image_cached,
+            compute_ms=round(result.compute_s * 1000, 3),
         ),
     )
 

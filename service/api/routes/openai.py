@@ -45,6 +45,7 @@ from service.api.openai_schemas import (
     Model,
     ModelList,
     OpenAIErrorBody,
+    PromptTokensDetails,
     Usage,
     openai_error_content,
 )
@@ -242,6 +243,9 @@ def _usage(result: CaptionResult) -> Usage:
         prompt_tokens=result.prompt_tokens,
         completion_tokens=result.tokens,
         total_tokens=result.prompt_tokens + result.tokens,
+        prompt_tokens_details=PromptTokensDetails(
+            cached_tokens=result.image_tokens if result.image_cached else 0
+        ),
     )
 
 
