@@ -44,7 +44,8 @@ from service.tenancy import (
 
 CAPTION = "caption"
 MANAGE = "manage"
-ALL_RIGHTS = frozenset({CAPTION, MANAGE})
+OPERATOR = "operator"  # reads every tenant's usage (GET /v1/usage?tenant=...)
+ALL_RIGHTS = frozenset({CAPTION, MANAGE, OPERATOR})
 
 MIN_KEY_LENGTH = 16
 _HEX_DIGEST = re.compile(r"^[0-9a-f]{64}$")
@@ -58,6 +59,7 @@ class Principal:
     tenant: str
     rights: frozenset[str]
     priority: Priority = "interactive"
+    key_id: str = "none"  # which key: the first 12 hex digits of its digest (usage, logs)
 
     def can(self, right: str) -> bool:
         return right in self.rights
@@ -209,7 +211,7 @@ def _parse_entry(entry: Any, where: str) -> tuple[str, Principal]:
     priority = entry.get("priority", "interactive")
     if priority not in PRIORITIES:
         raise ValueError(f"{where}: 'priority' must be one of {list(PRIORITIES)}")
-    return digest, Principal(tenant, frozenset(rights), priority)
+    return digest, Principal(tenant, frozenset(rights), priority, key_id=digest[:12])
 
 
 # Policy fields of a key entry: weight and tokens_per_minute are the tenant's (every key of a

@@ -133,12 +133,14 @@ class ServiceMetrics:
         device: str = "unknown",
         scaleout: bool = False,
         private_labels: bool = True,
+        tenant_labels: int = 50,
     ) -> None:
         """`scaleout=True` (a Ray Serve replica) adds the families only a replica exports
         (SCALEOUT_FAMILIES). `private_labels`: tenants' own adapter names may be label values
         (see the module docstring; `private_labels_allowed` decides it for a service)."""
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self.adapter_label = AdapterLabeler(adapter_labels, adapter_allow_list)
+        self.tenant_label = AdapterLabeler(tenant_labels)
         self.private_labels = private_labels
         r = self.registry
 
@@ -236,6 +238,14 @@ class ServiceMetrics:
             "ctxpeft_engine_up",
             "1 while the engine's worker thread runs; 0 if it stopped (the process needs a "
             "restart).",
+            registry=r,
+        )
+        self.tenant_tokens = Counter(
+            "ctxpeft_tenant_tokens",
+            "Tokens of finished captions by tenant (the first tenant_labels tenants seen keep "
+            "their own value, the rest are other) and kind: prompt (BOS + image), image (of "
+            "the prompt, the image's), completion.",
+            ["tenant", "kind"],
             registry=r,
         )
         self.generated_tokens = Counter(
@@ -350,6 +360,11 @@ class ServiceMetrics:
 
     def add_generated_tokens(self, adapter: str, ref: AdapterRef, tokens: int) -> None:
         self.generated_tokens.labels(adapter=self.label(adapter, ref)).inc(tokens)
+
+    def add_tenant_tokens(self, tenant: str, prompt: int, image: int, completion: int) -> None:
+        label = self.tenant_label(tenant)
+        for kind, tokens in (("prompt", prompt), ("image", image), ("completion", completion)):
+            self.tenant_tokens.labels(tenant=label, kind=kind).inc(tokens)
 
     def observe_batch(self, rows: int, adapters: int) -> None:
         self.batch_size.observe(rows)

@@ -275,6 +275,18 @@ class Settings(BaseSettings, EngineConfig):
         description="File holding the metrics token (instead of metrics_token); Prometheus "
         "reads the same file (credentials_file).",
     )
+    usage_ledger: bool = Field(
+        default=True,
+        description="Record who used what (tenant x adapter x key x minute) in the runtime "
+        "folder's database; GET /v1/usage and `ctxpeft usage` read it.",
+    )
+    usage_flush_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=3600,
+        description="How often usage records are written to the database (in batches, off "
+        "the request path); a drain writes the rest.",
+    )
     log_level: Literal["debug", "info", "warning", "error", "critical"] = Field(
         default="info", description="Log level."
     )

@@ -21,12 +21,14 @@ from service.api.engine_port import EnginePort
 from service.api.errors import add_error_shape, install_error_handlers
 from service.api.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
 from service.api.openai_schemas import OPENAI_PREFIX, openai_error_content
-from service.api.routes import adapters, caption, health, info, openai, samples
+from service.api.routes import adapters, caption, health, info, openai, samples, usage
 from service.api.state import ServiceState
 from service.auth import KeyStore, metrics_token
+from service.database import DATABASE_FILE, Database
 from service.engine import Engine
 from service.metrics import ServiceMetrics, private_labels_allowed
 from service.settings import Settings
+from service.usage import UsageLedger
 
 _DESCRIPTION = """\
 **Try it:** *Authorize* with your API key (not needed when the service runs without keys),
@@ -74,8 +76,14 @@ def create_app(
                 lambda m: Engine.from_settings(settings, metrics=m)
             )
             state.load_in_background(lambda: factory(metrics))
+        if settings.usage_ledger:  # who used what, across restarts (service.usage)
+            state.usage = UsageLedger(
+                Database(settings.runtime_dir / DATABASE_FILE), settings.usage_flush_s
+            )
         yield
         state.close()
+        if state.usage is not None:  # after the drain: every answered request is recorded
+            state.usage.close()
 
     # FastAPIOffline: /docs (Swagger UI) and /redoc load their scripts from this server, not
     # from a CDN, so they work offline and the browser contacts nobody else.
@@ -95,6 +103,7 @@ def create_app(
     app.include_router(openai.router)
     app.include_router(info.router)
     app.include_router(samples.router)
+    app.include_router(usage.router)
     # add_middleware wraps: the last added is outermost, so the request id covers the 413.
     app.add_middleware(
         BodySizeLimitMiddleware,

@@ -38,11 +38,13 @@ from starlette.types import Receive, Scope, Send
 from service.api.engine_port import EnginePort, SubmissionPort
 from service.api.errors import ApiError, to_api_error
 from service.api.state import ServiceState
+from service.auth import Principal
 from service.engine import CaptionRequest, CaptionResult
 from service.engine.answers import pump
 from service.exceptions import Cancelled, EngineError
 from service.metrics import ServiceMetrics
 from service.store import AdapterRef
+from service.usage import Outcome, UsageLedger, UsageRecord
 
 POLL_S = 0.25  # how often a waiting handler checks for a gone client or an expired drain
 # A stream with nothing to say for this long sends an SSE comment: proxies keep the
@@ -78,12 +80,22 @@ class CaptionObservation:
     request refused before its names were looked up, counts as "none" (see
     service.metrics). As a context manager it closes with 200 (the handler sets `refs` from
     its results), the ApiError's status (and its refs) or 500; `detach()` hands the closing
-    to a stream that outlives the handler."""
+    to a stream that outlives the handler. Closing also records the request's usage (one
+    record per resolved adapter: its outcome, and a caption's tokens and compute) in the usage
+    ledger when the service has one, and the tenant's token counters."""
 
-    def __init__(self, metrics: ServiceMetrics) -> None:
+    def __init__(
+        self,
+        metrics: ServiceMetrics,
+        principal: Principal | None = None,
+        usage: UsageLedger | None = None,
+    ) -> None:
         self.metrics = metrics
+        self.principal = principal
+        self.usage = usage
         self.names: tuple[str, ...] = ()
         self.refs: tuple[AdapterRef, ...] = ()
+        self.results: list[CaptionResult] = []
         self._started = time.perf_counter()
         self._open = True
         self._detached = False
@@ -104,8 +116,39 @@ class CaptionObservation:
         if self.names and len(self.refs) == len(self.names):
             for name, ref in zip(self.names, self.refs, strict=True):
                 self.metrics.observe_request(name, ref, status, seconds)
+            self._record_usage(status)
         else:
             self.metrics.observe_request(None, None, status, seconds)
+
+    def _record_usage(self, status: int) -> None:
+        if self.principal is None:
+            return
+        tenant, key_id = self.principal.tenant, self.principal.key_id
+        answers = self.results if status == 200 else [None] * len(self.refs)
+        for ref, result in zip(self.refs, answers, strict=True):
+            if result is not None:
+                self.metrics.add_tenant_tokens(
+                    tenant, result.prompt_tokens, result.image_tokens, result.tokens
+                )
+            if self.usage is None:
+                continue
+            adapter = f"{ref.tenant}/{ref.name}"
+            if result is None:
+                self.usage.record(UsageRecord(tenant, adapter, key_id, usage_outcome(status)))
+                continue
+            self.usage.record(
+                UsageRecord(
+                    tenant,
+                    adapter,
+                    key_id,
+                    "completed",
+                    prompt_tokens=result.prompt_tokens,
+                    image_tokens=result.image_tokens,
+                    completion_tokens=result.tokens,
+                    cached_image=result.image_cached,
+                    compute_s=result.compute_s,
+                )
+            )
 
     def __enter__(self) -> CaptionObservation:
         return self
@@ -125,6 +168,17 @@ class CaptionObservation:
             self.close(exc.status, exc.type)
         else:
             self.close(200 if exc is None else 500)
+
+
+def usage_outcome(status: int) -> Outcome:
+    """How a request answered `status` counts in the usage ledger."""
+    if status == CLIENT_GONE:
+        return "cancelled"
+    if status == 504:
+        return "deadline"
+    if status in (429, 503):
+        return "rejected"
+    return "failed"
 
 
 def _retrieve(task: asyncio.Future[list[CaptionResult]]) -> None:
@@ -319,5 +373,5 @@ class EventStreamResponse(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             await self._stream.aclose()
-            self._observed.refs = self._stream.refs
+            self._observed.refs, self._observed.results = self._stream.refs, self._stream.results
             self._observed.close(self._stream.status, self._stream.error_type)

@@ -17,6 +17,7 @@ from service.api.engine_port import EnginePort
 from service.auth import KeyStore
 from service.metrics import ServiceMetrics
 from service.settings import Settings
+from service.usage import UsageLedger
 
 log = logging.getLogger(__name__)
 _CLOSE_AFTER_EXPIRED_DRAIN_S = 0.5
@@ -29,6 +30,7 @@ class ServiceState:
     metrics: ServiceMetrics
     engine: EnginePort | None = None
     metrics_token: str | None = None  # GET /metrics requires it as a bearer token, when set
+    usage: UsageLedger | None = None  # opened by the app's lifespan (service.usage)
     load_error: str | None = None
     draining: bool = False
     # The drain time ran out with requests still in flight: their handlers stop waiting and

@@ -183,7 +183,7 @@ async def caption(
     ] = False,
 ) -> CaptionOut | MultiCaptionOut | Response:
     settings = state.settings
-    with CaptionObservation(state.metrics) as observed:
+    with CaptionObservation(state.metrics, principal, state.usage) as observed:
         names = _names(adapter, adapters, settings.default_adapter)
         observed.names = names
         if max_new_tokens is not None and not 1 <= max_new_tokens <= settings.max_new_tokens_limit:
@@ -208,5 +208,5 @@ async def caption(
             return EventStreamResponse(_events(tokens, multi), tokens, observed)
         # Generated tokens are counted by the engine as it answers each row (not again here).
         results = await run_caption(state, engine, request, caption_request)
-        observed.refs = tuple(r.ref for r in results)
+        observed.refs, observed.results = tuple(r.ref for r in results), results
         return _answer(results, request_id, multi)

@@ -338,7 +338,7 @@ async def chat_completions(
     priority: RequestPriority,
 ) -> ChatCompletion | Response:
     settings = state.settings
-    with CaptionObservation(state.metrics) as observed:
+    with CaptionObservation(state.metrics, principal, state.usage) as observed:
         model = _checked_model(body.model)
         observed.names = (model,)
         if body.n not in (None, 1):
@@ -373,5 +373,5 @@ async def chat_completions(
             if exc.type == "adapter_not_found":
                 exc.param = "model"
             raise
-        observed.refs = (results[0].ref,)
+        observed.refs, observed.results = (results[0].ref,), results
         return _completion(results[0], completion_id, created, model)
