@@ -59,6 +59,7 @@ ACME_ADMIN = "acme-admin-key-0000000001"
 ACME_CAPTION = "acme-caption-key-00000001"
 BETA_ADMIN = "beta-admin-key-0000000001"
 GAMMA_ADMIN = "gamma-admin-key-000000001"
+OPERATOR_KEY = "ops-operator-key-00000001"  # reads every tenant's usage
 KEYS_JSON = json.dumps(
     {
         "keys": [
@@ -66,6 +67,7 @@ KEYS_JSON = json.dumps(
             {"key": ACME_CAPTION, "tenant": "acme", "rights": ["caption"]},
             {"key": BETA_ADMIN, "tenant": "beta", "rights": ["caption", "manage"]},
             {"key": GAMMA_ADMIN, "tenant": "gamma", "rights": ["caption", "manage"]},
+            {"key": OPERATOR_KEY, "tenant": "ops", "rights": ["operator"]},
         ]
     }
 )
