@@ -5,6 +5,9 @@ operator key every tenant's."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -55,7 +58,10 @@ def usage(url: str, key: str, **params: Any) -> httpx.Response:
 
 def sums(reply: httpx.Response) -> Totals:
     assert reply.status_code == 200, reply.text
-    page = reply.json()
+    return sums_of_page(reply.json())
+
+
+def sums_of_page(page: dict[str, Any]) -> Totals:
     assert page["object"] == "page" and page["has_more"] is False
     found: Totals = Counter()
     for bucket in page["data"]:
@@ -105,6 +111,27 @@ def test_the_ledger_sums_what_the_answers_said_across_a_restart(
         assert tenants == {"acme", "beta"}
         only_beta = usage(service.url, OPERATOR_KEY, tenant="beta")
         assert sums(only_beta) == beta
+        # `ctxpeft usage` prints the same page.
+        command = [sys.executable, "-m", "service.cli", "usage", "--url", service.url]
+        printed = subprocess.run(
+            [*command, "--api-key", ACME_ADMIN, "--json"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+        assert sums_of_page(json.loads(printed.stdout)) == acme
+        table = subprocess.run(
+            [*command, "--api-key", ACME_ADMIN], capture_output=True, text=True, timeout=120
+        )
+        assert table.returncode == 0 and "acme/news" in table.stdout
+        refused = subprocess.run(
+            [*command, "--api-key", BETA_ADMIN, "--tenant", "acme"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert refused.returncode == 4 and "operator right" in refused.stderr
 
 
 @pytest.mark.parametrize(
