@@ -28,7 +28,7 @@ import json
 import re
 import sys
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +59,9 @@ class Principal:
     tenant: str
     rights: frozenset[str]
     priority: Priority = "interactive"
-    key_id: str = "none"  # which key: the first 12 hex digits of its digest (usage, logs)
+    # Which key: the first 12 hex digits of its digest (usage). Not part of equality: two
+    # keys with the same tenant, rights and class are the same principal.
+    key_id: str = field(default="none", compare=False)
 
     def can(self, right: str) -> bool:
         return right in self.rights

@@ -26,6 +26,7 @@ FAMILIES = {
     "ctxpeft_batch_size": "histogram",
     "ctxpeft_batch_adapters": "histogram",
     "ctxpeft_generated_tokens": "counter",
+    "ctxpeft_tenant_tokens": "counter",
     "ctxpeft_engine_steps": "counter",
     "ctxpeft_running_rows": "gauge",
     "ctxpeft_time_to_first_token_seconds": "histogram",
