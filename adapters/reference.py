@@ -13,10 +13,11 @@ A `Grouping` says how the gathered product groups a call's tokens:
            contiguous slice, deltas scattered back with one index_add;
   token    per-token gather (B x T copies of A and B): the general reference.
 The segment and token products read each module's weights straight from the routing's
-`WeightSource` (LoRA trimmed to the batch's rank), not the fast path's per-unit gathers, and
-look up every token's (slot, context) from the routing's contexts, not from its column plan:
-they share no code with the fast path beyond `Routing.contexts_for`. Per-token vectors (IA3,
-BitFit) cost one [N, d] gather in both; they differ only in how the LoRA product is grouped.
+`WeightSource`, not the fast path's per-unit gathers, and look up every token's (slot,
+context) from the routing's contexts, not from its column plan: what they share with the fast
+path is the routing's slots and contexts (`Routing.contexts_for`) and the rank trim
+(`BatchWeights.rank`, `StackedWeights.trim_rank`). Per-token vectors (IA3, BitFit) cost one
+[N, d] gather in both; they differ only in how the LoRA product is grouped.
 
 `grouped` sets the forward of the model's `ContextLinear` modules for the duration of the
 block (an instance attribute, removed on exit): for one thread, a test or a benchmark.

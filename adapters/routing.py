@@ -79,11 +79,6 @@ class CallPlan:
     segments: tuple[Segment, ...]
     grid: tuple[bool, ...]
 
-    @property
-    def uniform(self) -> int | None:
-        kind = self.segments[0][2] if len(self.segments) == 1 else MIXED
-        return None if kind == MIXED else kind
-
 
 def column_segments(spans: Sequence[tuple[int, int]], tokens: int) -> tuple[Segment, ...]:
     """Split columns 0..tokens into ranges where every row has one context: (start, end,
