@@ -353,6 +353,38 @@ def test_segments_group_tokens_by_slot_and_context(mixed_bank: AdapterBank) -> N
     assert segments(routing, 4) is found  # once per call, shared by every layer
 
 
+def test_grouped_runs_the_reference_only_inside_the_block(
+    model: ContextPEFTModel, mixed_bank: AdapterBank, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The oracle tests above are only as good as `grouped`: inside the block every context
+    layer computes the reference product (per phase: decode steps are calls of one token per
+    row), outside it the production layer runs again."""
+    import adapters.reference as reference
+
+    calls: list[tuple[int, bool]] = []
+    original = reference.gathered_forward
+
+    def counting(base: Any, x: torch.Tensor, *args: Any, segmented: bool) -> Any:
+        calls.append((x.shape[1], segmented))
+        return original(base, x, *args, segmented=segmented)
+
+    monkeypatch.setattr(reference, "gathered_forward", counting)
+    layers = [m for m in model.modules() if isinstance(m, ContextLinear)]
+    slots, width = torch.tensor([0, 3]), model.backbone.dims.hidden_size
+    with torch.no_grad():
+        with grouped(model, "segment", "token"):
+            model.lm_forward(_embeds(2, 5, width), Routing(mixed_bank, slots, _text(2, 5)))
+            model.lm_forward(_embeds(2, 1, width), Routing(mixed_bank, slots, _text(2, 1)))
+        assert sorted(set(calls)) == [(1, False), (5, True)]
+        assert len(calls) == 2 * len(layers)
+        assert all("forward" not in vars(m) for m in layers)
+        calls.clear()
+        model.lm_forward(_embeds(2, 5, width), Routing(mixed_bank, slots, _text(2, 5)))
+    assert calls == []
+    with pytest.raises(ValueError, match="no context layers"), grouped(nn.Linear(2, 2), "token"):
+        pass
+
+
 # --- the fast path: column ranges, fused shrink, grid decode, host facts ---------------------
 # Rows whose image prefixes differ from each other and from the preset's count (a future
 # encoder), some of them left-padded: (left padding, image tokens) per row. A row is
