@@ -29,7 +29,7 @@ from adapters.config import (
     AdapterConfig,
     ConnectorSpec,
 )
-from adapters.routing import NUM_CONTEXTS, StackedWeights
+from adapters.weights import NUM_CONTEXTS, StackedWeights
 
 
 def tensor_shapes(config: AdapterConfig, dims: LMDims) -> dict[str, tuple[int, ...]]:

@@ -23,7 +23,7 @@ from torch import nn
 from adapters.adapter_set import AdapterSet
 from adapters.backbone import LMDims
 from adapters.config import IA3_INPUT_SIDE, LM_MODULES, ConnectorSpec
-from adapters.routing import NUM_CONTEXTS, StackedWeights
+from adapters.weights import NUM_CONTEXTS, StackedWeights
 
 
 class BankError(ValueError):

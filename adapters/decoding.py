@@ -1,7 +1,6 @@
 """Greedy decoding state for rows that join and leave between steps (continuous batching).
 
     tokens = generate(model, features, source, slots, max_new_tokens)   # a static batch
-    tokens = generate(model, features, source, slots, max_new_tokens)   # a static batch
     state, first = DecodeState.prefill(model, source, features, slots)   # new rows
     state.merge(other)            # rows prefilled later join the running batch
     tokens = state.step()         # one decode step for every row: next token ids [B] (device)
@@ -49,7 +48,8 @@ from transformers.cache_utils import DynamicLayer
 
 from adapters.kv_cache import RowCache
 from adapters.model import ContextPEFTModel
-from adapters.routing import Path, Routing, WeightSource
+from adapters.routing import Routing
+from adapters.weights import WeightSource
 
 NON_FINITE = -1  # the token id of a row whose logits were not all finite
 # Why a row ends: EOS, its token limit, or logits that were not finite.
@@ -81,8 +81,6 @@ def generate(
     source: WeightSource,
     slots: torch.Tensor | Sequence[int],
     max_new_tokens: int | Sequence[int],
-    path: Path = "row",
-    decode_path: Path | None = None,
 ) -> list[list[int]]:
     """Greedy decoding of one static batch with a KV cache. Each row stops at EOS, its own
     token limit or non-finite logits, and leaves the batch; returns the generated ids per row
@@ -90,7 +88,7 @@ def generate(
     between steps; both decode the same way, token for token (`accept`)."""
     batch = features.shape[0]
     limits = [max_new_tokens] * batch if isinstance(max_new_tokens, int) else list(max_new_tokens)
-    state, tokens = DecodeState.prefill(model, source, features, slots, path, decode_path)
+    state, tokens = DecodeState.prefill(model, source, features, slots)
     eos = model.backbone.tokenizer.eos_token_id
     outputs: list[list[int]] = [[] for _ in range(batch)]
     active = list(range(batch))  # original row index of each row still in the batch
@@ -120,7 +118,6 @@ class DecodeState:
         cache: RowCache,
         lengths: list[int],
         next_ids: torch.Tensor,
-        path: Path = "row",
     ) -> None:
         self.model = model
         self.source = source
@@ -130,7 +127,6 @@ class DecodeState:
         self.lengths = lengths  # real tokens per row (host)
         self._lengths = torch.tensor(lengths, dtype=torch.long, device=self.device)
         self.next_ids = next_ids  # [B]: the token each row feeds at the next step
-        self.path = path
         self._routing: Routing | None = None  # decode routing, built at the first step
 
     # --- construction ------------------------------------------------------------------
@@ -141,8 +137,6 @@ class DecodeState:
         source: WeightSource,
         features: torch.Tensor,
         slots: torch.Tensor | Sequence[int],
-        path: Path = "row",
-        decode_path: Path | None = None,
     ) -> tuple[DecodeState, torch.Tensor]:
         """Run the prefix ([BOS] + connector(features)) of new rows through the LM; returns
         their state and their first generated token ids [B] (on the device; NON_FINITE for a
@@ -160,7 +154,7 @@ class DecodeState:
         mask = causal_mask(width, embeds.dtype, device)
         logits = model.lm_forward(
             embeds,
-            Routing.prefill(source, host, [(1, 1 + n_img)] * batch, width, path, device),
+            Routing.prefill(source, host, [(1, 1 + n_img)] * batch, width, device),
             attention_mask=mask,
             position_ids=positions,
             cache=prefill,
@@ -168,7 +162,7 @@ class DecodeState:
         )
         first = logits[:, -1].argmax(dim=-1)
         cache = RowCache.adopt(prefill)
-        state = cls(model, source, host, cache, [width] * batch, first, decode_path or path)
+        state = cls(model, source, host, cache, [width] * batch, first)
         return state, checked(logits[:, -1], first)
 
     # --- the step ----------------------------------------------------------------------------
@@ -187,7 +181,7 @@ class DecodeState:
         width = self.width
         embeds = self.model.embed_tokens(self.next_ids.unsqueeze(1))
         if self._routing is None:  # every token of a decode step is text: no host read
-            self._routing = Routing.decode(self.source, self.slots, self.path, self.device)
+            self._routing = Routing.decode(self.source, self.slots, self.device)
         # If the forward raises, the layers before the failing one wrote a column that `end`
         # does not cover yet: the state is as before the call, and the step can be retried.
         self.cache.reserve_column()
@@ -239,7 +233,6 @@ class DecodeState:
             cache,
             [self.lengths[i] for i in rows],
             self.next_ids.index_select(0, index),
-            self.path,
         )
         copy.cache.trim(max(copy.lengths))
         return copy

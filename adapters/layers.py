@@ -8,23 +8,22 @@ token's (slot, context).
                                                    the input x_t is scaled instead: l_in)
     where s = slot of the token's row, c = context of the token.
 
-Three implementations of the gathered product, chosen by `Routing.path`:
-  row      the fast path (below). With autograd on (training), the masked per-row product:
-           both contexts' columns for every token, masked per token (differentiable).
-  segment  tokens sorted by (slot, context) once per call, one dense matmul per group on a
-           contiguous slice, deltas scattered back with one index_add.
-  token    per-token gather (B x T copies of A and B): the general reference.
-All agree to float tolerance; tests hold every path to the token path and to a float64
-per-token reference.
+Two implementations of the gathered product, one per mode:
+  inference  the fast path (below);
+  autograd   (training) the masked per-row product: both contexts' columns for every token,
+             masked per token (differentiable).
+Tests hold both to the reference products of `adapters.reference` (per-token gather,
+per-segment products; not imported by serving or training) and to a float64 per-token
+reference.
 
-The fast path (`row`, no autograd):
+The fast path:
 - each token is multiplied by its own context's A and B only: the call's columns are split
   into ranges where every row has one context (a prefill row is [BOS] + image + text, so
   its contexts are contiguous ranges), and only ranges whose rows disagree (left padding,
   image prefixes of different lengths) fall back to both contexts' columns, masked;
 - one shrink product per shared-input group (q/k/v, gate/up): the members' A matrices sit
   side by side per unit, gathered once per batch, and the product is computed by the
-  group's first member and reused by the others;
+  group's first member and reused by the others (`Routing.shrink_cache`);
 - the expand product is written straight into the layer's output and the frozen base
   product is accumulated onto it (`addmm_`), so the output is written once, not added to;
 - weights are gathered per unit (distinct slot), not per row. Decode steps (one context, a
@@ -40,15 +39,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from adapters.routing import (
-    MIXED,
-    NUM_CONTEXTS,
-    CallPlan,
-    GroupWeights,
-    Routing,
-    StackedWeights,
-    current_routing,
-)
+from adapters.routing import CallPlan, Routing, current_routing
+from adapters.weights import GROUP_OF, MIXED, NUM_CONTEXTS, GroupWeights, StackedWeights
 
 
 class ContextLinear(nn.Module):
@@ -81,17 +73,10 @@ class ContextLinear(nn.Module):
         routing = current_routing()
         if routing is None:
             return self.base(x)
-        if routing.path == "row":
-            if not torch.is_grad_enabled():
-                return _fast_forward(self, x, routing)
-            rows = routing.row_weights(self.layer, self.name)
+        if torch.is_grad_enabled():
+            rows = routing.weights.rows(self.layer, self.name)
             return self.base(x) if rows is None else _masked_forward(self.base, x, rows, routing)
-        stacked = routing.weights(self.layer, self.name)
-        if stacked is None:
-            return self.base(x)
-        return _gathered_forward(
-            self.base, x, stacked, routing, segmented=routing.path == "segment"
-        )
+        return _fast_forward(self, x, routing)
 
 
 def _drop_base_prefix(module: nn.Module, state: dict[str, Any], prefix: str, metadata: Any) -> None:
@@ -110,8 +95,12 @@ def _add_base_prefix(module: nn.Module, state: dict[str, Any], prefix: str, *arg
 class _Shrunk:
     """A group's shrink product for one call: per column segment (or for the grid) the
     product x A, plus the per-row B views gathered for it (reused by the group's members
-    and by segments of the same context)."""
+    and by segments of the same context). `layer`, `x` and `version` say which input it was
+    computed from: the other members reuse it only for that very tensor, unmodified."""
 
+    layer: int
+    x: torch.Tensor
+    version: int
     products: list[torch.Tensor]
     rows_B: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
 
@@ -119,8 +108,8 @@ class _Shrunk:
 def _fast_forward(module: ContextLinear, x: torch.Tensor, routing: Routing) -> torch.Tensor:
     batch, tokens, d_in = x.shape
     plan = routing.plan(tokens)
-    vectors = routing.row_vectors(module.layer, module.name)
-    group = routing.group_weights(module.layer, module.name)
+    vectors = routing.weights.vectors(module.layer, module.name)
+    group = routing.weights.group(module.layer, module.name)
     if vectors is not None and vectors.ia3 is not None and vectors.ia3_on_input:
         x = _scale_input(x, vectors.ia3, plan, routing)
     base = module.base
@@ -153,20 +142,20 @@ def _shrink(x: torch.Tensor, group: GroupWeights, plan: CallPlan, routing: Routi
             products.append(torch.bmm(_to_grid(columns, routing), group.a(context)))
             continue
         if context not in rows_A:
-            rows_A[context] = routing.rows_view(group.a(context))
+            rows_A[context] = routing.weights.rows_view(group.a(context))
         product = torch.bmm(columns, rows_A[context])
         if context == MIXED:
             members = len(group.members)
             product.mul_(routing.segment_mask(start, end, tokens, members, group.rank, x.dtype))
         products.append(product)
-    return _Shrunk(products)
+    return _Shrunk(group.layer, x, x._version, products)
 
 
 def _to_grid(columns: torch.Tensor, routing: Routing) -> torch.Tensor:
     """[B, n, d] -> [U, m * n, d]: each unit's rows side by side (padding cells repeat a row;
     their results are never read)."""
     batch, _, d_in = columns.shape
-    grid = routing.grid()
+    grid = routing.weights.grid()
     if grid.identity:
         return columns.reshape(grid.units, -1, d_in)
     cells = columns.reshape(batch, -1).index_select(0, grid.row_of_cell)
@@ -182,10 +171,18 @@ def _write_lora(
     out: torch.Tensor,
 ) -> None:
     """(x A) B of this module into every column of `out`."""
-    shrunk = routing.shared_shrink(module.layer, module.name, x)
-    if not isinstance(shrunk, _Shrunk):
+    # The group's first member computes the shrink product, the others find it here. Only
+    # the latest layer's is kept per group, so a call holds one layer's products at a time.
+    shared = GROUP_OF.get(module.name, (module.name,))
+    shrunk = routing.shrink_cache.get(shared)
+    if not (
+        isinstance(shrunk, _Shrunk)
+        and shrunk.layer == module.layer
+        and shrunk.x is x
+        and shrunk.version == x._version
+    ):
         shrunk = _shrink(x, group, plan, routing)
-        routing.keep_shrink(module.layer, module.name, x, shrunk)
+        routing.shrink_cache[shared] = shrunk
     rank, member = group.rank, group.members.index(module.name)
     whole = len(plan.segments) == 1
     segments = zip(plan.segments, plan.grid, shrunk.products, strict=True)
@@ -198,7 +195,7 @@ def _write_lora(
             continue
         key = (module.name, context)
         if key not in shrunk.rows_B:
-            shrunk.rows_B[key] = routing.rows_view(group.b(module.name, context))
+            shrunk.rows_B[key] = routing.weights.rows_view(group.b(module.name, context))
         torch.bmm(h, shrunk.rows_B[key], out=target)
 
 
@@ -213,7 +210,7 @@ def _expand_grid(
 ) -> None:
     """h [U, m * n, r] (rows grouped by unit) times b [U, r, d_out] into columns start..end
     of `out` [B, T, d_out], back in row order."""
-    grid = routing.grid()
+    grid = routing.weights.grid()
     batch, _, d_out = out.shape
     if grid.identity and whole:
         torch.bmm(h, b, out=out.view(grid.units, -1, d_out))
@@ -304,55 +301,3 @@ def _masked_forward(
     if w.ia3 is not None and not w.ia3_on_input:
         out = out * _per_token(w.ia3, mask, uniform)
     return out
-
-
-# --- the token and segment paths (references) -------------------------------------------------
-def _flatten_sc(t: torch.Tensor) -> torch.Tensor:
-    """[S, C, ...] -> [S * C, ...]"""
-    return t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])
-
-
-def _token_lora(
-    flat: torch.Tensor, w: StackedWeights, routing: Routing, tokens: int
-) -> torch.Tensor:
-    """Per-token gather: every token gets its own copy of A and B (B x T copies)."""
-    assert w.lora_A is not None and w.lora_B is not None
-    keys = routing.token_keys(tokens)
-    a = _flatten_sc(w.lora_A)[keys]  # [N, d_in, R]
-    b = _flatten_sc(w.lora_B)[keys]  # [N, R, d_out]
-    return torch.bmm(torch.bmm(flat.unsqueeze(1), a), b).squeeze(1)
-
-
-def _segment_lora(
-    flat: torch.Tensor, w: StackedWeights, routing: Routing, tokens: int
-) -> torch.Tensor:
-    """Tokens sorted by key once per call; each run of one (slot, context) is a contiguous
-    slice, multiplied by its own A and B; the deltas go back in one scatter-add."""
-    assert w.lora_A is not None and w.lora_B is not None
-    segments = routing.segments(tokens)
-    ordered = flat.index_select(0, segments.order)
-    lora_a, lora_b = _flatten_sc(w.lora_A), _flatten_sc(w.lora_B)
-    delta = torch.cat([(ordered[s:e] @ lora_a[key]) @ lora_b[key] for key, s, e in segments.bounds])
-    return torch.zeros(
-        flat.shape[0], delta.shape[1], dtype=delta.dtype, device=delta.device
-    ).index_add(0, segments.order, delta)
-
-
-def _gathered_forward(
-    base: nn.Linear, x: torch.Tensor, w: StackedWeights, routing: Routing, segmented: bool
-) -> torch.Tensor:
-    """The token and segment paths: per-token vectors (IA3, BitFit) cost one [N, d] gather
-    either way; they differ only in how the LoRA product is grouped."""
-    batch, tokens, d_in = x.shape
-    keys = routing.token_keys(tokens)
-    flat = x.reshape(-1, d_in)
-    if w.ia3 is not None and w.ia3_on_input:
-        flat = flat * _flatten_sc(w.ia3)[keys]
-    out = base(flat)
-    if w.lora_A is not None and w.lora_B is not None:
-        out = out + (_segment_lora if segmented else _token_lora)(flat, w, routing, tokens)
-    if w.bias is not None:
-        out = out + _flatten_sc(w.bias)[keys]
-    if w.ia3 is not None and not w.ia3_on_input:
-        out = out * _flatten_sc(w.ia3)[keys]
-    return out.reshape(batch, tokens, -1)

@@ -22,7 +22,8 @@ from transformers.cache_utils import Cache
 from adapters.backbone import Backbone, decoder_layers, lm_linear
 from adapters.config import IMAGE, LM_MODULES, TEXT
 from adapters.layers import ContextLinear
-from adapters.routing import Routing, WeightSource, use_routing
+from adapters.routing import Routing, use_routing
+from adapters.weights import WeightSource
 
 
 class ContextPEFTModel(nn.Module):

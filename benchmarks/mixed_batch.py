@@ -7,10 +7,12 @@
 
 On a preset's LM (`small` by default, random init), one LM forward of a batch of 32 rows that mixes 16
 adapter sets (2 rows each; LoRA rank 8; context-specific: image and text weights), timed in two
-phases as `ContextPEFTModel.generate` runs them:
+phases as `adapters.decoding.generate` runs them:
   prefill  [BOS] + 64 image embeddings + 8 text tokens = 73 positions, into a fresh KV cache;
   decode   one text token per row against a 73-position KV cache.
-Each gathered-product path (row, segment, token) runs
+Each grouping of the gathered product (row: the production layer; segment, token: the
+references of `adapters.reference`, whose timed calls include entering `grouped`, about 0.1 ms
+on `small`) runs
   mixed    16 sets, and
   single   the same batch with every row on one set (same bank, same code);
 against the baselines
@@ -63,11 +65,10 @@ from adapters.config import (
 )
 from adapters.format import import_peft_lora
 from adapters.model import ContextPEFTModel
-from adapters.routing import Path as RoutePath
+from adapters.reference import GROUPINGS, Grouping, grouped
 from adapters.routing import Routing
 
 ROWS, SETS, RANK, TEXT_TOKENS = 32, 16, 8, 8
-PATHS: tuple[RoutePath, ...] = ("row", "segment", "token")
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -195,11 +196,12 @@ def _cases(
     prefix_len = s.prefill.shape[1]
     cases: dict[tuple[str, str], tuple[Call, Call | None]] = {}
 
-    def prefill_ours(bank: AdapterBank, slots: torch.Tensor, path: RoutePath) -> Call:
+    def prefill_ours(bank: AdapterBank, slots: torch.Tensor, grouping: Grouping) -> Call:
         def run() -> None:
             cache = DynamicCache(config=config)
-            routing = Routing(bank, slots, s.contexts, path)
-            s.model.lm_forward(s.prefill, routing, cache=cache, logits_to_keep=1)
+            routing = Routing(bank, slots, s.contexts)
+            with grouped(s.model, grouping):
+                s.model.lm_forward(s.prefill, routing, cache=cache, logits_to_keep=1)
 
         return run
 
@@ -216,16 +218,20 @@ def _cases(
 
         return run
 
-    def decode_ours(bank: AdapterBank, slots: torch.Tensor, path: RoutePath) -> tuple[Call, Call]:
+    def decode_ours(
+        bank: AdapterBank, slots: torch.Tensor, grouping: Grouping
+    ) -> tuple[Call, Call]:
         # The decode steps of a generation share the prefill's routing (its per-row weights
         # are gathered once per batch), so the prefill runs here, untimed, to set it up.
         cache = DynamicCache(config=config)
-        routing = Routing(bank, slots, s.contexts, path)
-        s.model.lm_forward(s.prefill, routing, cache=cache, logits_to_keep=1)
-        step = routing.step(torch.full((ROWS, 1), TEXT, device=slots.device), path)
+        routing = Routing(bank, slots, s.contexts)
+        with grouped(s.model, grouping):
+            s.model.lm_forward(s.prefill, routing, cache=cache, logits_to_keep=1)
+        step = routing.step(torch.full((ROWS, 1), TEXT, device=slots.device))
 
         def run() -> None:
-            s.model.lm_forward(s.step, step, cache=cache)
+            with grouped(s.model, grouping):
+                s.model.lm_forward(s.step, step, cache=cache)
 
         return run, _rewind(cache, prefix_len)
 
@@ -249,15 +255,16 @@ def _cases(
         if wanted is None or variant.startswith(wanted):
             cases[(phase, variant)] = build()
 
-    for path in PATHS:
+    for grouping in GROUPINGS:
         for variant, bank, slots in (
             ("mixed", "specific", s.mixed),
             ("single", "specific", s.single),
             ("agnostic-mixed", "agnostic", s.mixed),
         ):
-            name = f"{variant}/{path}"
-            add("prefill", name, partial(without_reset, prefill_ours, s.banks[bank], slots, path))
-            add("decode", name, partial(decode_ours, s.banks[bank], slots, path))
+            name = f"{variant}/{grouping}"
+            args = (s.banks[bank], slots, grouping)
+            add("prefill", name, partial(without_reset, prefill_ours, *args))
+            add("decode", name, partial(decode_ours, *args))
     r64 = s.banks["specific-r64"]
     add("prefill", "mixed-r64/row", lambda: (prefill_ours(r64, s.mixed, "row"), None))
     add("decode", "mixed-r64/row", lambda: decode_ours(r64, s.mixed, "row"))
@@ -391,7 +398,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def table(ms: dict[str, dict[str, float]]) -> str:
-    """Markdown table: one line per (phase, path), ratios next to the times."""
+    """Markdown table: one line per (phase, grouping), ratios next to the times."""
     lines = [
         "| phase | path | mixed | single | mixed/single | base | mixed/base "
         "| agnostic mixed | PEFT mixed | PEFT mixed / ours agnostic mixed |",
@@ -400,11 +407,11 @@ def table(ms: dict[str, dict[str, float]]) -> str:
     for phase in ("prefill", "decode"):
         m = ms.get(phase, {})
         base, peft_mixed = m.get("base"), m.get("peft-mixed")
-        for path in PATHS:
-            mixed, single = m.get(f"mixed/{path}"), m.get(f"single/{path}")
-            agnostic = m.get(f"agnostic-mixed/{path}")
+        for grouping in GROUPINGS:
+            mixed, single = m.get(f"mixed/{grouping}"), m.get(f"single/{grouping}")
+            agnostic = m.get(f"agnostic-mixed/{grouping}")
             lines.append(
-                f"| {phase} | {path} | {_cell(mixed)} | {_cell(single)} "
+                f"| {phase} | {grouping} | {_cell(mixed)} | {_cell(single)} "
                 f"| {_cell(_ratio(mixed, single), 'x')} | {_cell(base)} "
                 f"| {_cell(_ratio(mixed, base), 'x')} | {_cell(agnostic)} | {_cell(peft_mixed)} "
                 f"| {_cell(_ratio(peft_mixed, agnostic), 'x')} |"

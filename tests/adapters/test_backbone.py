@@ -22,8 +22,9 @@ from adapters.config import IMAGE, TEXT
 from adapters.layers import ContextLinear
 from adapters.model import ContextPEFTModel
 from adapters.presets import get_preset
+from adapters.reference import GROUPINGS
 from adapters.routing import Routing
-from tests.adapters.conftest import TINY, TINY_LM, build_tiny, make_set
+from tests.adapters.conftest import TINY, TINY_LM, build_tiny, lm_forward, make_set
 
 CLIP_VISION: dict[str, Any] = {
     "model_type": "clip_vision_model",
@@ -103,7 +104,7 @@ def test_llama_family_lms_from_configs(lm: dict[str, Any], cls: str) -> None:
     }
     model = ContextPEFTModel(backbone)
     assert isinstance(backbone.lm.model.layers[1].mlp.down_proj, ContextLinear)
-    # Every method runs on every family, and the three paths agree.
+    # Every method runs on every family, and the three groupings agree.
     x = torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(0))
     contexts = torch.tensor([[TEXT, IMAGE, IMAGE, TEXT, TEXT, TEXT]] * 2)
     with torch.no_grad():
@@ -111,8 +112,10 @@ def test_llama_family_lms_from_configs(lm: dict[str, Any], cls: str) -> None:
         for method in ("lora", "ia3", "bitfit"):
             adapter = make_set(dims, backbone.vision_dim, method, rank=3)
             outs = [
-                model.lm_forward(x, Routing(adapter, torch.zeros(2, dtype=torch.long), contexts, p))
-                for p in ("row", "segment", "token")
+                lm_forward(
+                    model, g, x, Routing(adapter, torch.zeros(2, dtype=torch.long), contexts)
+                )
+                for g in GROUPINGS
             ]
             assert float((outs[0] - base).abs().max()) > 1e-3
             assert all(float((o - outs[0]).abs().max()) <= 1e-5 for o in outs[1:])

@@ -14,9 +14,9 @@ from adapters.adapter_set import AdapterSet
 from adapters.bank import AdapterBank, BankError
 from adapters.config import IMAGE, TEXT, ConnectorSpec
 from adapters.model import ContextPEFTModel
-from adapters.routing import Path as RoutePath
+from adapters.reference import GROUPINGS, Grouping
 from adapters.routing import Routing
-from tests.adapters.conftest import PATHS
+from tests.adapters.conftest import lm_forward
 
 
 def _bank(
@@ -36,13 +36,13 @@ def _run(
     model: ContextPEFTModel,
     source: AdapterBank | AdapterSet,
     slots: list[int],
-    path: RoutePath = "row",
+    grouping: Grouping = "row",
 ) -> torch.Tensor:
     gen = torch.Generator().manual_seed(6)
     x = torch.randn(len(slots), 7, model.backbone.dims.hidden_size, generator=gen)
     contexts = torch.tensor([[TEXT, IMAGE, IMAGE, IMAGE, TEXT, TEXT, TEXT]] * len(slots))
     with torch.no_grad():
-        return model.lm_forward(x, Routing(source, torch.tensor(slots), contexts, path))
+        return lm_forward(model, grouping, x, Routing(source, torch.tensor(slots), contexts))
 
 
 def test_rank_above_max_rank_is_rejected(
@@ -78,24 +78,24 @@ def test_empty_bank_is_the_base_model(model: ContextPEFTModel) -> None:
     x = torch.randn(3, 7, model.backbone.dims.hidden_size, generator=gen)
     with torch.no_grad():
         base = model.lm_forward(x, None)
-    for path in PATHS:
-        assert torch.equal(_run(model, bank, [0, 1, 2], path), base)
+    for grouping in GROUPINGS:
+        assert torch.equal(_run(model, bank, [0, 1, 2], grouping), base)
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("grouping", GROUPINGS)
 def test_clear_restores_neutral(
-    model: ContextPEFTModel, adapter_factory: Callable[..., AdapterSet], path: RoutePath
+    model: ContextPEFTModel, adapter_factory: Callable[..., AdapterSet], grouping: Grouping
 ) -> None:
     bank = _bank(model)
-    empty = _run(model, _bank(model), [0, 1, 2], path)
+    empty = _run(model, _bank(model), [0, 1, 2], grouping)
     bank.load(0, adapter_factory("lora", rank=8, seed=1))
     bank.load(1, adapter_factory("ia3", seed=2))
     bank.load(2, adapter_factory("bitfit", seed=3))
-    loaded = _run(model, bank, [0, 1, 2], path)
+    loaded = _run(model, bank, [0, 1, 2], grouping)
     for row in range(3):
         assert float((loaded[row] - empty[row]).abs().max()) > 1e-3
     bank.clear(1)
-    cleared = _run(model, bank, [0, 1, 2], path)
+    cleared = _run(model, bank, [0, 1, 2], grouping)
     assert bank.occupied == [True, False, True]
     assert float((cleared[1] - empty[1]).abs().max()) <= 1e-6
     assert torch.equal(cleared[0], loaded[0]) and torch.equal(cleared[2], loaded[2])
@@ -200,15 +200,15 @@ def test_batches_multiply_only_the_ranks_they_use(
     contexts = torch.tensor([[TEXT, IMAGE, TEXT]] * 2)
     for slots, rank in (([0, 1], 8), ([0, 0], 2), ([2, 2], 0), ([2, 0], 2)):
         routing = Routing(wide, torch.tensor(slots), contexts[: len(slots)])
-        assert routing.lora_rank() == rank
-        gathered = routing.row_weights(0, "q_proj")
+        assert routing.weights.rank() == rank
+        gathered = routing.weights.rows(0, "q_proj")
         assert gathered is not None
         if rank:
             assert gathered.lora_A is not None and gathered.lora_A.shape == (2, 2, 32, rank)
         else:
             assert gathered.lora_A is None and gathered.lora_B is None
-        for path in PATHS:
-            a, b = _run(model, wide, slots, path), _run(model, tight, slots, path)
+        for grouping in GROUPINGS:
+            a, b = _run(model, wide, slots, grouping), _run(model, tight, slots, grouping)
             assert float((a - b).abs().max()) <= 1e-6
     wide.clear(1)
     assert wide.ranks == [2, 0, 0] and wide.lora_rank(torch.tensor([0, 1, 2])) == 2

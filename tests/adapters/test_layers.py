@@ -1,11 +1,11 @@
-"""Tests for adapters.layers (ContextLinear and its three gathered-product paths).
+"""Tests for adapters.layers (ContextLinear), held to the references of adapters.reference.
 
 - Context-agnostic LoRA equals Hugging Face PEFT LoRA on the same tiny Llama, all seven
   projections as separate targets, and a PEFT folder imported with `import_peft_lora` gives
   PEFT's own outputs.
 - Context-specific LoRA, IA3 and BitFit equal a float64 token-by-token reference written here
   from PAPER.md's formulas (the frozen Hugging Face modules run in float64).
-- The row, segment and token paths agree on mixed batches.
+- The row (production), segment and token groupings of the product agree on mixed batches.
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ from adapters.config import (
 from adapters.format import import_peft_lora
 from adapters.layers import ContextLinear
 from adapters.model import ContextPEFTModel
-from adapters.routing import Path as RoutePath
+from adapters.reference import GROUPINGS, Grouping, grouped, segments, token_keys
 from adapters.routing import Routing
-from tests.adapters.conftest import PATHS, bank_of
+from tests.adapters.conftest import bank_of, lm_forward
 
 PARENT = {
     name: "self_attn" if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
@@ -113,9 +113,9 @@ def _set_from_peft(peft_model: nn.Module, raw: Backbone, rank: int, alpha: float
     return AdapterSet(config, dims, tensors)
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("grouping", GROUPINGS)
 def test_agnostic_lora_equals_peft_on_all_seven_projections(
-    tiny_backbone: Backbone, model: ContextPEFTModel, path: RoutePath
+    tiny_backbone: Backbone, model: ContextPEFTModel, grouping: Grouping
 ) -> None:
     peft_model = _peft_model(tiny_backbone, rank=4, alpha=8)
     adapter = _set_from_peft(peft_model, tiny_backbone, rank=4, alpha=8)
@@ -123,8 +123,8 @@ def test_agnostic_lora_equals_peft_on_all_seven_projections(
     with torch.no_grad():
         expected = peft_model(inputs_embeds=x).logits
         base = model.lm_forward(x, None)
-        ours = model.lm_forward(
-            x, Routing(adapter, torch.zeros(3, dtype=torch.long), _text(3, 9), path)
+        ours = lm_forward(
+            model, grouping, x, Routing(adapter, torch.zeros(3, dtype=torch.long), _text(3, 9))
         )
     assert _max_diff(base, expected) > 1e-2  # the adapter really changes the output
     assert _max_diff(ours, expected) <= 1e-5
@@ -261,13 +261,13 @@ def test_context_specific_equals_float64_token_reference(
     with torch.no_grad():
         all_text = model.lm_forward(x, Routing(adapter, slots, _text(3, 9)))
     assert _max_diff(all_text, expected) > 1e-3
-    for path in PATHS:
+    for grouping in GROUPINGS:
         with torch.no_grad():
-            ours = model.lm_forward(x, Routing(adapter, slots, MIXED_CONTEXTS, path))
-        assert _max_diff(ours, expected) <= 1e-5, path
+            ours = lm_forward(model, grouping, x, Routing(adapter, slots, MIXED_CONTEXTS))
+        assert _max_diff(ours, expected) <= 1e-5, grouping
 
 
-# --- the three paths on mixed batches --------------------------------------------------------
+# --- the three groupings on mixed batches ----------------------------------------------------
 @pytest.fixture(scope="module")
 def mixed_bank(model: ContextPEFTModel, adapter_factory: Callable[..., AdapterSet]) -> AdapterBank:
     """Six slots mixing methods, ranks and agnostic/context-specific sets."""
@@ -289,7 +289,7 @@ def test_paths_agree_on_a_mixed_batch(model: ContextPEFTModel, mixed_bank: Adapt
     contexts = torch.randint(0, 2, (batch, tokens), generator=gen)
     slots = torch.tensor([0, 1, 2, 3, 4, 5, 5, 4, 3, 2, 1, 0])
     with torch.no_grad():
-        outs = {p: model.lm_forward(x, Routing(mixed_bank, slots, contexts, p)) for p in PATHS}
+        outs = {p: lm_forward(model, p, x, Routing(mixed_bank, slots, contexts)) for p in GROUPINGS}
         base = model.lm_forward(x, None)
     assert _max_diff(outs["token"], base) > 1e-2
     assert _max_diff(outs["row"], outs["token"]) <= 1e-5
@@ -310,15 +310,15 @@ def test_paths_agree_on_decode_steps_with_cache(
     steps = [torch.randn(batch, 1, width, generator=gen) for _ in range(3)]
     slots = torch.tensor([5, 4, 3, 2, 1, 0])
     logits = {}
-    for path in PATHS:
+    for grouping in GROUPINGS:
         cache = DynamicCache(config=model.backbone.lm.config)
-        routing = Routing(mixed_bank, slots, contexts, path)
-        with torch.no_grad():
+        routing = Routing(mixed_bank, slots, contexts)
+        with torch.no_grad(), grouped(model, grouping):
             out = [model.lm_forward(prefill, routing, cache=cache)]
             step = routing.step(_text(batch, 1))
             for x in steps:
                 out.append(model.lm_forward(x, step, cache=cache))
-        logits[path] = torch.cat(out, dim=1)
+        logits[grouping] = torch.cat(out, dim=1)
     assert _max_diff(logits["row"], logits["token"]) <= 1e-5
     assert _max_diff(logits["segment"], logits["token"]) <= 1e-5
 
@@ -344,13 +344,45 @@ def test_no_routing_or_fresh_set_is_the_base_model(
 
 def test_segments_group_tokens_by_slot_and_context(mixed_bank: AdapterBank) -> None:
     contexts = torch.tensor([[TEXT, IMAGE, IMAGE, TEXT], [TEXT, IMAGE, TEXT, TEXT]])
-    routing = Routing(mixed_bank, torch.tensor([3, 1]), contexts, "segment")
-    segments = routing.segments(4)
-    keys = routing.token_keys(4)
+    routing = Routing(mixed_bank, torch.tensor([3, 1]), contexts)
+    found = segments(routing, 4)
+    keys = token_keys(routing, 4)
     assert keys.tolist() == [7, 6, 6, 7, 3, 2, 3, 3]  # slot * 2 + context
-    assert segments.bounds == [(2, 0, 1), (3, 1, 4), (6, 4, 6), (7, 6, 8)]
-    assert keys[segments.order].tolist() == [2, 3, 3, 3, 6, 6, 7, 7]
-    assert routing.segments(4) is segments  # once per call, shared by every layer
+    assert found.bounds == [(2, 0, 1), (3, 1, 4), (6, 4, 6), (7, 6, 8)]
+    assert keys[found.order].tolist() == [2, 3, 3, 3, 6, 6, 7, 7]
+    assert segments(routing, 4) is found  # once per call, shared by every layer
+
+
+def test_grouped_runs_the_reference_only_inside_the_block(
+    model: ContextPEFTModel, mixed_bank: AdapterBank, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The oracle tests above are only as good as `grouped`: inside the block every context
+    layer computes the reference product (per phase: decode steps are calls of one token per
+    row), outside it the production layer runs again."""
+    import adapters.reference as reference
+
+    calls: list[tuple[int, bool]] = []
+    original = reference.gathered_forward
+
+    def counting(base: Any, x: torch.Tensor, *args: Any, segmented: bool) -> Any:
+        calls.append((x.shape[1], segmented))
+        return original(base, x, *args, segmented=segmented)
+
+    monkeypatch.setattr(reference, "gathered_forward", counting)
+    layers = [m for m in model.modules() if isinstance(m, ContextLinear)]
+    slots, width = torch.tensor([0, 3]), model.backbone.dims.hidden_size
+    with torch.no_grad():
+        with grouped(model, "segment", "token"):
+            model.lm_forward(_embeds(2, 5, width), Routing(mixed_bank, slots, _text(2, 5)))
+            model.lm_forward(_embeds(2, 1, width), Routing(mixed_bank, slots, _text(2, 1)))
+        assert sorted(set(calls)) == [(1, False), (5, True)]
+        assert len(calls) == 2 * len(layers)
+        assert all("forward" not in vars(m) for m in layers)
+        calls.clear()
+        model.lm_forward(_embeds(2, 5, width), Routing(mixed_bank, slots, _text(2, 5)))
+    assert calls == []
+    with pytest.raises(ValueError, match="no context layers"), grouped(nn.Linear(2, 2), "token"):
+        pass
 
 
 # --- the fast path: column ranges, fused shrink, grid decode, host facts ---------------------
@@ -370,7 +402,8 @@ def _ragged() -> tuple[torch.Tensor, list[tuple[int, int]]]:
 
 
 def test_column_segments_split_ranges_and_mark_where_rows_disagree() -> None:
-    from adapters.routing import MIXED, column_segments
+    from adapters.routing import column_segments
+    from adapters.weights import MIXED
 
     # Every row [BOS] + 4 image + text: three ranges of one context each.
     assert column_segments([(1, 5)] * 3, 9) == ((0, 1, TEXT), (1, 5, IMAGE), (5, 9, TEXT))
@@ -442,18 +475,21 @@ def test_unequal_image_prefixes_equal_float64_token_reference(
     x = _embeds(len(RAGGED), WIDTH, tiny_backbone.dims.hidden_size, seed=8)
     expected = _reference_logits(tiny_backbone.lm, adapter, x, contexts)
     slots = torch.zeros(len(RAGGED), dtype=torch.long)
-    routings = {
-        "row (contexts)": Routing(adapter, slots, contexts),
-        "row (prefill layout)": Routing.prefill(adapter, [0] * len(RAGGED), spans, WIDTH),
-        "segment": Routing(adapter, slots, contexts, "segment"),
-        "token": Routing(adapter, slots, contexts, "token"),
+    routings: dict[str, tuple[Grouping, Routing]] = {
+        "row (contexts)": ("row", Routing(adapter, slots, contexts)),
+        "row (prefill layout)": (
+            "row",
+            Routing.prefill(adapter, [0] * len(RAGGED), spans, WIDTH),
+        ),
+        "segment": ("segment", Routing(adapter, slots, contexts)),
+        "token": ("token", Routing(adapter, slots, contexts)),
     }
-    for name, routing in routings.items():
+    for name, (grouping, routing) in routings.items():
         with torch.no_grad():
-            ours = model.lm_forward(x, routing)
+            ours = lm_forward(model, grouping, x, routing)
         assert _max_diff(ours, expected) <= 1e-5, name
     # The layout really is ragged: some columns mix contexts.
-    assert -1 in {kind for _, _, kind in routings["row (contexts)"].plan(WIDTH).segments}
+    assert -1 in {kind for _, _, kind in routings["row (contexts)"][1].plan(WIDTH).segments}
 
 
 @pytest.mark.parametrize("grid_max", [0, 8, 64])
@@ -470,15 +506,16 @@ def test_unequal_image_prefixes_in_a_mixed_batch_with_left_padding(
     for row, (pad, _) in enumerate(RAGGED):
         attention[row, :pad] = 0
     with torch.no_grad():
-        token = model.lm_forward(x, Routing(mixed_bank, slots, contexts, "token"), attention)
-        for routing in (
-            Routing(mixed_bank, slots, contexts),
-            Routing.prefill(mixed_bank, slots.tolist(), spans, WIDTH),
-            Routing(mixed_bank, slots, contexts, "segment"),
-        ):
-            ours = model.lm_forward(x, routing, attention_mask=attention)
+        token = lm_forward(model, "token", x, Routing(mixed_bank, slots, contexts), attention)
+        cases: tuple[tuple[Grouping, Routing], ...] = (
+            ("row", Routing(mixed_bank, slots, contexts)),
+            ("row", Routing.prefill(mixed_bank, slots.tolist(), spans, WIDTH)),
+            ("segment", Routing(mixed_bank, slots, contexts)),
+        )
+        for grouping, routing in cases:
+            ours = lm_forward(model, grouping, x, routing, attention_mask=attention)
             assert bool(torch.isfinite(ours).all())
-            assert _max_diff(ours, token) <= 1e-5, routing.path
+            assert _max_diff(ours, token) <= 1e-5, grouping
     assert _max_diff(token, model.lm_forward(x, None, attention)) > 1e-2
 
 
@@ -509,7 +546,7 @@ def test_shared_input_projections_share_one_shrink_product(
         calls.clear()
         with torch.no_grad():
             ours = model.lm_forward(x, Routing(adapter, slots, contexts))
-            token = model.lm_forward(x, Routing(adapter, slots, contexts, "token"))
+            token = lm_forward(model, "token", x, Routing(adapter, slots, contexts))
         # Per layer: q/k/v, o, gate/up, down.
         assert len(calls) == 4 * dims.num_layers, fuse
         assert _max_diff(ours, token) <= 1e-5
@@ -562,12 +599,13 @@ def test_decode_steps_need_no_host_sync_and_follow_leaving_rows(
         return checked
 
     logits = {}
-    for path in ("row", "token"):
+    groupings: tuple[Grouping, ...] = ("row", "token")
+    for grouping in groupings:
         cache = DynamicCache(config=model.backbone.lm.config)
-        routing: Routing = Routing.prefill(mixed_bank, slots, spans, 7, path)
+        routing: Routing = Routing.prefill(mixed_bank, slots, spans, 7)
         out = []
-        with monkeypatch.context() as patch:
-            if path == "row":
+        with monkeypatch.context() as patch, grouped(model, grouping):
+            if grouping == "row":
                 for name in ("tolist", "item", "__bool__", "__int__"):
                     patch.setattr(torch.Tensor, name, guard(name))
             with torch.no_grad():
@@ -584,7 +622,7 @@ def test_decode_steps_need_no_host_sync_and_follow_leaving_rows(
                     full = torch.zeros(batch, logits_step.shape[-1])
                     full[rows] = logits_step
                     out.append(full)
-        logits[path] = torch.stack(out)
+        logits[grouping] = torch.stack(out)
     assert syncs == []
     assert _max_diff(logits["row"], logits["token"]) <= 1e-5
 
@@ -606,7 +644,7 @@ def test_ranks_1_to_64_in_one_batch(
     slots = torch.tensor([1, 0, 2, 3, 4, 1, 4, 0, 3, 2])
     x = _embeds(len(slots), WIDTH, backbone.dims.hidden_size, seed=14)
     with torch.no_grad():
-        outs = {p: model.lm_forward(x, Routing(bank, slots, contexts, p)) for p in PATHS}
+        outs = {p: lm_forward(model, p, x, Routing(bank, slots, contexts)) for p in GROUPINGS}
     # Rows of the rank-64 and the rank-1 set against the float64 reference of their own set.
     for row in (0, 1):
         adapter = sets[int(slots[row])]
@@ -645,11 +683,11 @@ def test_decode_batches_gather_text_weights_once_per_unit(
         routing = Routing.decode(mixed_bank, slots)
         with torch.no_grad():
             ours = model.lm_forward(x, routing)
-            token = model.lm_forward(
-                x, Routing(mixed_bank, torch.tensor(slots), _text(8, 1), "token")
+            token = lm_forward(
+                model, "token", x, Routing(mixed_bank, torch.tensor(slots), _text(8, 1))
             )
         assert _max_diff(ours, token) <= 1e-5
-        group = routing.group_weights(0, "o_proj")
+        group = routing.weights.group(0, "o_proj")
         assert group is not None and set(group._a) == {TEXT} and set(group._b) == {("o_proj", TEXT)}
         units = len(set(slots))
         assert group.a(TEXT).shape[0] == units

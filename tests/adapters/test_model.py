@@ -16,9 +16,9 @@ from adapters.bank import AdapterBank
 from adapters.config import IMAGE, TEXT
 from adapters.decoding import generate
 from adapters.model import ContextPEFTModel
-from adapters.routing import Path as RoutePath
+from adapters.reference import Grouping, grouped
 from adapters.routing import Routing
-from tests.adapters.conftest import bank_of
+from tests.adapters.conftest import bank_of, lm_forward
 
 ROWS, SETS = 24, 8
 RANKS = (2, 4, 6, 8, 10, 12, 14, 16)
@@ -87,17 +87,17 @@ def test_mixed_batch_row_equals_row_alone(
     kind: str,
     path: str,
 ) -> None:
-    """Every path; "row/per-row" is the fast path with no column range grouped by unit."""
+    """Every grouping; "row/per-row" is the fast path with no column range grouped by unit."""
     if path == "row/per-row":
         monkeypatch.setattr("adapters.routing.GRID_MAX_TOKENS", 0)
-    route: RoutePath = "row" if path.startswith("row") else path  # type: ignore[assignment]
+    grouping: Grouping = "row" if path.startswith("row") else path  # type: ignore[assignment]
     sets = _sets(adapter_factory, kind)
     bank = _bank(model, sets)
     slots = torch.tensor([(5 * r + 3) % SETS for r in range(ROWS)])
     features = _features(model, ROWS, seed=1)
     embeds, contexts = _inputs(model, bank, slots, features, seed=1)
     with torch.no_grad():
-        mixed = model.lm_forward(embeds, Routing(bank, slots, contexts, route))
+        mixed = lm_forward(model, grouping, embeds, Routing(bank, slots, contexts))
         base = model.lm_forward(embeds, None)
     one = torch.zeros(1, dtype=torch.long)
     worst, changed = 0.0, 0.0
@@ -107,8 +107,8 @@ def test_mixed_batch_row_equals_row_alone(
         own_embeds = embeds[row : row + 1].clone()
         with torch.no_grad():
             own_embeds[:, 1:5] = adapter.connect(features[row : row + 1], one)
-            alone = model.lm_forward(
-                own_embeds, Routing(adapter, one, contexts[row : row + 1], route)
+            alone = lm_forward(
+                model, grouping, own_embeds, Routing(adapter, one, contexts[row : row + 1])
             )
         worst = max(worst, float((alone - mixed[row : row + 1]).abs().max()))
         changed = min(changed or 1e9, float((base[row] - mixed[row]).abs().max()))
@@ -137,11 +137,11 @@ def test_generate_identical_alone_and_mixed(
         )
         assert alone[0] == mixed[row], row
         assert len(mixed[row]) <= limits[row]
-    others: tuple[tuple[RoutePath, RoutePath], ...] = (("segment", "token"), ("token", "row"))
-    for path, decode in others:
-        assert (
-            generate(model, features, bank, slots, limits, path=path, decode_path=decode) == mixed
-        )
+    # The references, also with a cache prefilled by one grouping and decoded by another.
+    others: tuple[tuple[Grouping, Grouping], ...] = (("segment", "token"), ("token", "row"))
+    for prefill, decode in others:
+        with grouped(model, prefill, decode):
+            assert generate(model, features, bank, slots, limits) == mixed
 
 
 def test_generate_stops_at_eos_and_limit(

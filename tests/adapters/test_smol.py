@@ -294,8 +294,8 @@ def test_agnostic_lora_on_all_seven_projections_equals_peft_including_an_importe
     with torch.no_grad():
         expected = peft_model(inputs_embeds=embeds).logits
         base = model.lm_forward(embeds, None)
-        # The serving path; the three paths agree with each other in tests/adapters/test_layers.py.
-        routing = Routing(adapter, torch.zeros(2, dtype=torch.long), contexts, "row")
+        # The serving path; the references agree with it in tests/adapters/test_layers.py.
+        routing = Routing(adapter, torch.zeros(2, dtype=torch.long), contexts)
         ours = model.lm_forward(embeds, routing)
     assert float((ours - expected).abs().max()) <= PEFT_TOLERANCE
     assert float((base - expected).abs().max()) > 1.0  # the adapter changes the logits a lot

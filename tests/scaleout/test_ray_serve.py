@@ -29,6 +29,7 @@ import pytest
 from adapters.format import CONFIG_FILE, WEIGHTS_FILE, save_adapter
 from service import __version__
 from service.engine import CaptionRequest, Engine, EngineConfig
+from service.images import ImageDecoder, ImageLimits
 from service.store import AdapterStore
 from tests.e2e.conftest import (
     ACME_ADMIN,
@@ -79,7 +80,8 @@ def single_process_captions(store_dir: Path, pairs: list[tuple[str, bytes]]) -> 
         async def run() -> list[str]:
             out = []
             for name, image in pairs:
-                (result,) = await engine.caption(CaptionRequest(image, (name,), "acme"))
+                decoder = ImageDecoder(image, ImageLimits())  # as the HTTP layer does
+                (result,) = await engine.caption(CaptionRequest(decoder, (name,), "acme"))
                 out.append(result.caption)
             return out
 
