@@ -128,7 +128,7 @@ def test_panels_are_grouped_by_what_they_show() -> None:
         "Queue depth and in flight": ("ctxpeft_queue_depth", "ctxpeft_inflight_requests"),
         "Batch size": ("ctxpeft_batch_size_sum", "ctxpeft_batch_size_bucket"),
         "Adapters resident by tier": ("sum by (tier)", "ctxpeft_adapters_resident"),
-        "Rejections by reason": ("sum by (reason)", "ctxpeft_rejections_total"),
+        "Refused and unfinished requests": ("sum by (reason)", "ctxpeft_rejections_total"),
         "Encoder cache hit rate": ("ctxpeft_encoder_cache_hits_total", "misses_total"),
         "Generated tokens by adapter": ("sum by (adapter)", "ctxpeft_generated_tokens_total"),
     }

@@ -82,9 +82,11 @@ tests:
         values: '0+60x30'
       - series: 'ctxpeft_rejections_total{reason="unauthorized"}'
         values: '0+30x20'
-      # 12 queue_full a minute (0.2/s, above 0.1/s) for half an hour.
+      # 6 queue_full and 6 rows past their deadline a minute (0.2/s, above 0.1/s).
       - series: 'ctxpeft_rejections_total{reason="queue_full"}'
-        values: '0+12x30'
+        values: '0+6x30'
+      - series: 'ctxpeft_rows_total{outcome="deadline"}'
+        values: '0+6x30'
       # 100 requests a minute, 90 of them slower than 10 s: p95 near 29 s.
       - series: 'ctxpeft_request_duration_seconds_bucket{adapter="x", le="10.0"}'
         values: '0+10x30'
