@@ -27,7 +27,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -174,6 +174,18 @@ def encode_records(
     return _encode(backbone, item, len(paths), batch_size, progress)
 
 
+def encode_items(
+    backbone: Backbone,
+    item: Callable[[int], tuple[Image.Image, list[str]]],
+    n: int,
+    batch_size: int = 128,
+    progress: bool = False,
+) -> EncodedCaptions:
+    """Encode `n` items, `item(i)` being one image and its captions (e.g. a fine-tuning
+    job's upload, grouped by image)."""
+    return _encode(backbone, item, n, batch_size, progress)
+
+
 def _encode(
     backbone: Backbone,
     item: Callable[[int], tuple[Image.Image, list[str]]],
@@ -318,6 +330,9 @@ class StepStats:
     loss: float  # this batch's token-weighted mean loss
     tokens: int  # the caption tokens (+EOS) of this batch
     lr: float  # the learning rate this step used
+    # The set being trained, e.g. to measure a validation loss (`mean_loss`; leaves it as
+    # it was). Read it, never change it.
+    adapter: AdapterSet = field(repr=False, compare=False)
 
 
 _State = dict[str, torch.Tensor]
@@ -583,7 +598,7 @@ class _Run:
                     done = (epoch - 1) * self.steps_per_epoch + step + 1
                     stats = StepStats(
                         epoch, step + 1, self.steps_per_epoch, done, self.total_steps, value,
-                        tokens, lr,
+                        tokens, lr, adapter,
                     )  # fmt: skip
                     stop = bool(on_step(stats))
                     if stop and step + 1 < len(batches):
