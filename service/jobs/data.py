@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 MAX_LISTED = 10  # bad lines named in an error message
 MAX_CAPTION_CHARS = 2000
@@ -397,6 +397,8 @@ def check_image(raw: bytes, limits: DataLimits) -> str | None:
             if width * height > limits.max_image_pixels:
                 return f"the image has {width * height} pixels; at most {limits.max_image_pixels}"
             image.verify()
+    except UnidentifiedImageError:
+        return f"not an image of a known format ({', '.join(sorted(limits.formats))})"
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         return f"not a readable image ({error})"
     return None

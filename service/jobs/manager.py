@@ -52,6 +52,9 @@ from service.jobs.store import ACTIVE, Job, JobError, JobStore, new_job_id
 log = logging.getLogger(__name__)
 
 TICK_S = 0.2
+# What a worker that hit RLIMIT_DATA in native code (no Python exception) leaves on stderr.
+_OUT_OF_MEMORY = ("bad_alloc", "Cannot allocate memory", "Memory allocation", "MemoryError",
+                  "can't allocate memory", "out of memory")  # fmt: skip
 DAY_S = 24 * 3600
 SUFFIX_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
 _SUFFIX_CHARS = re.compile(r"[^a-z0-9_-]+")
@@ -657,9 +660,16 @@ class JobManager:
             error = JobError(last["code"], last["message"], last.get("param"))
             self._finish(job, "failed", error, f"Job failed: {error.message}", level="error")
         else:
-            code = "memory_limit" if ended.killed_for else "worker_crashed"
-            message = ended.describe()
             tail = _log_tail(self.job_dir(job.id) / "worker.log") if not ended.killed_for else ""
+            out_of_memory = bool(ended.killed_for) or any(m in tail for m in _OUT_OF_MEMORY)
+            code = "memory_limit" if out_of_memory else "worker_crashed"
+            message = ended.describe()
+            if out_of_memory and not ended.killed_for:
+                limit = self.config.limits.memory_bytes >> 20
+                message = (
+                    f"the training process ran out of memory under the job memory bound of "
+                    f"{limit} MiB (jobs_memory_limit_mb) and {message.removeprefix('the training process ')}"
+                )
             if tail:
                 message += f"; its last output: {tail}"
             self._finish(

@@ -87,12 +87,20 @@ def _job_not_found(job_id: str) -> ApiError:
 
 
 def _bad_body(error: ValidationError) -> ApiError:
-    first = error.errors()[0]
-    param = ".".join(str(p) for p in first["loc"]) or None
-    message = "; ".join(
-        f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in error.errors()
+    """400 naming the field: the common part of the errors' locations (a union's members
+    each add their own tag, e.g. n_epochs.literal['auto'] and n_epochs.constrained-int)."""
+    errors = error.errors()
+    locations = [tuple(str(p) for p in e["loc"]) for e in errors]
+    common: list[str] = []
+    for parts in zip(*locations, strict=False):
+        if len(set(parts)) != 1:
+            break
+        common.append(parts[0])
+    param = ".".join(common) or None
+    reasons = list(dict.fromkeys(str(e["msg"]) for e in errors))
+    return ApiError(
+        400, "invalid_request", f"{param or 'body'}: {' or '.join(reasons)}", param=param
     )
-    return ApiError(400, "invalid_request", message, param=param)
 
 
 @router.post(
