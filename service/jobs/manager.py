@@ -193,37 +193,40 @@ class JobManager:
 
     def close(self) -> None:
         """Stop supervising: running workers are asked to stop at their next step (their
-        checkpoint resumes them at the next start), then killed after `shutdown_grace_s`."""
+        checkpoint resumes them at the next start), then killed after `shutdown_grace_s`.
+        The supervisor thread does it: the kernel kills a worker whose parent *thread* exits
+        (PR_SET_PDEATHSIG), so the thread that started the workers outlives them."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
-            self._thread.join(timeout=30)
-        with self._lock:
-            running = dict(self._launches)
-            for job_id in running:
-                self.jobs.update(job_id, control="shutdown")
-                self._write_control(job_id, "pause")
-            deadline = time.monotonic() + self.config.shutdown_grace_s
-            while running and time.monotonic() < deadline:
-                for job_id, launch in list(running.items()):
-                    ended = launch.poll()
-                    if ended is not None:
-                        self._ended(self.jobs.get_any(job_id), ended)
-                        del running[job_id]
-                time.sleep(0.05)
-            for job_id, launch in running.items():
-                launch.kill()
-                ended = _wait(launch, 5.0)
-                self._ingest(self.jobs.get_any(job_id))
-                self._requeue(
-                    self.jobs.get_any(job_id),
-                    "The service stopped before the training process could pause; the job "
-                    "resumes from its last checkpoint when the service starts again",
-                    count=False,
-                )
-                del self._launches[job_id]
-                log.info("job worker killed at shutdown", extra={"job": job_id, "exit": ended})
-            self.runner.close()
+            self._thread.join(timeout=self.config.shutdown_grace_s + 30)
+        self.runner.close()
+
+    def _shutdown(self) -> None:
+        running = dict(self._launches)
+        for job_id in running:
+            self.jobs.update(job_id, control="shutdown")
+            self._write_control(job_id, "pause")
+        deadline = time.monotonic() + self.config.shutdown_grace_s
+        while running and time.monotonic() < deadline:
+            for job_id, launch in list(running.items()):
+                ended = launch.poll()
+                if ended is not None:
+                    self._ended(self.jobs.get_any(job_id), ended)
+                    del running[job_id]
+            time.sleep(0.05)
+        for job_id, launch in running.items():
+            launch.kill()
+            ended = _wait(launch, 5.0)
+            self._ingest(self.jobs.get_any(job_id))
+            self._requeue(
+                self.jobs.get_any(job_id),
+                "The service stopped before the training process could pause; the job "
+                "resumes from its last checkpoint when the service starts again",
+                count=False,
+            )
+            self._launches.pop(job_id, None)
+            log.info("job worker killed at shutdown", extra={"job": job_id, "exit": str(ended)})
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -234,6 +237,8 @@ class JobManager:
                 log.exception("fine-tuning supervisor tick failed")
             self._wake.wait(TICK_S)
             self._wake.clear()
+        with self._lock:
+            self._shutdown()
 
     def wake(self) -> None:
         self._wake.set()
@@ -498,10 +503,8 @@ class JobManager:
         folder = self.job_dir(job.id)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / w.CONTROL).unlink(missing_ok=True)
-        attempt = job.attempts + 1
         spec = {
             "job_id": job.id,
-            "attempt": attempt,
             "backbone": self.config.backbone,
             "fingerprint": self.fingerprint(),
             "device": self.config.device,
@@ -533,7 +536,6 @@ class JobManager:
             )
             return
         self._launches[job.id] = launch
-        self.jobs.update(job.id, attempts=attempt)
 
     def job_dir(self, job_id: str) -> Path:
         return self.root / job_id
@@ -584,11 +586,11 @@ class JobManager:
         if kind == "started":
             if job.status == "queued":
                 changes["status"] = "running"
-                if job.started_at is None:
-                    changes["started_at"] = now
-            attempt = int(record.get("attempt", 1))
-            message = "Fine-tuning job started" if attempt == 1 else f"Fine-tuning job resumed (attempt {attempt})"  # fmt: skip
-            events.append(("info", message, "message", None))
+            if job.started_at is None and "started_at" not in changes:
+                changes["started_at"] = now
+                events.append(("info", "Fine-tuning job started", "message", None))
+            else:
+                events.append(("info", "Fine-tuning job resumed", "message", None))
         elif kind == "event":
             events.append(
                 (record["level"], record["message"], record.get("type", "message"), record.get("data"))
@@ -677,8 +679,10 @@ class JobManager:
             )
 
     def _requeue(self, job: Job, message: str, count: bool = True) -> None:
-        attempts = job.attempts
-        if count and attempts > self.config.max_restarts:
+        """Back to the queue; `count`: an interruption (a restart while it ran), of which a
+        job survives `max_restarts`."""
+        attempts = job.attempts + (1 if count else 0)
+        if attempts > self.config.max_restarts:
             self._finish(
                 job,
                 "failed",
@@ -691,10 +695,9 @@ class JobManager:
                 level="error",
             )
             return
-        changes: dict[str, Any] = {"status": "queued", "control": None, "estimated_finish": None}
-        if not count:
-            changes["attempts"] = max(0, attempts - 1)
-        self.jobs.update(job.id, **changes)
+        self.jobs.update(
+            job.id, status="queued", control=None, estimated_finish=None, attempts=attempts
+        )
         self.jobs.event(job.id, message, level="warn")
 
     def _publish_pending(self) -> None:

@@ -132,7 +132,7 @@ class Job:
     tokens_so_far: int
     control: str | None  # "cancel" or "pause", asked and not yet done by the worker
     paused_at: int | None
-    attempts: int
+    attempts: int  # restarts of the service it was interrupted by (jobs_max_restarts)
     events_offset: int
     estimated_finish: int | None
 

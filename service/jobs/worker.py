@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(job_dir: Path, spec: dict[str, Any], events: Events) -> int:
-    events.write("started", pid=os.getpid(), attempt=spec.get("attempt", 1))
+    events.write("started", pid=os.getpid())
     try:
         _train(job_dir, spec, events)
     except JobFailed as failed:
