@@ -257,10 +257,12 @@ def _parse_jsonl(
 def _refuse_whole_json(handle: IO[bytes], first: bytes) -> None:
     """A file whose first line is an unfinished object: a pretty-printed JSON document (a COCO
     captions file, say) rather than JSONL. Say what to upload instead."""
+    position = handle.tell()
     rest = handle.read()
     try:
         document = json.loads(first + rest)
     except (json.JSONDecodeError, UnicodeDecodeError):
+        handle.seek(position)  # JSONL after all, with a bad first line: go on reading it
         return
     if isinstance(document, dict) and "annotations" in document:
         raise TrainingFileError(
