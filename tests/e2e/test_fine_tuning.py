@@ -8,6 +8,7 @@ refuse. Waits are on the job's state and events, never on the clock.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from collections.abc import Iterator
@@ -394,3 +395,38 @@ def test_over_the_limits_429_with_retry_after(reduced_demo: DemoBuild, tmp_path:
             model="demo", training_file=upload.id, hyperparameters={"n_epochs": epochs - 1}
         )
         client.fine_tuning.jobs.cancel(fits.id)
+
+
+# --- the command line -----------------------------------------------------------------------------
+def test_the_jobs_command(
+    service: Service, tmp_path: Path, capsys: pytest.CaptureFixture[str], trained: tuple[Any, Any]
+) -> None:
+    from service.cli import main
+
+    remote = ["--url", service.url, "--api-key", ACME_ADMIN]
+    data = tmp_path / "train.jsonl"
+    data.write_bytes(chat_jsonl("count", "train", 20, seed=3))
+    code = main(
+        ["jobs", "create", str(data), *remote, "--suffix", "cli", "--epochs", "2", "--wait"]
+    )
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "uploaded train.jsonl as file-" in out and "20 examples" in out
+    assert "2 epochs, batch size 8" in out
+    assert "Fine-tuning job started" in out and "The job has successfully completed" in out
+    job_id = out.split("created ")[1].split(" ")[0]
+
+    assert main(["jobs", "list", *remote, "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert job_id in [j["id"] for j in listed["data"]]
+    assert main(["jobs", "show", job_id, *remote]) == 0
+    shown = capsys.readouterr().out
+    assert "status:         succeeded" in shown and "fine-tuned:     ft-cli-" in shown
+    assert main(["jobs", "events", job_id, *remote]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "Validating training file" in lines[0] and "successfully completed" in lines[-1]
+    assert main(["jobs", "cancel", job_id, *remote]) == 1  # it has ended: 409
+    assert "job_not_cancellable" in capsys.readouterr().err
+    assert main(["jobs", "show", "ftjob-0000", *remote]) == 3
+    assert main(["jobs", "show", trained[1].id, "--url", service.url, "--api-key", BETA_ADMIN]) == 3
+    assert main(["jobs", "create", "nothing-here", *remote]) == 2
