@@ -586,11 +586,12 @@ class JobManager:
         if kind == "started":
             if job.status == "queued":
                 changes["status"] = "running"
+            where = f" (training process {record.get('pid')}, {record.get('where', '')})"
             if job.started_at is None and "started_at" not in changes:
                 changes["started_at"] = now
-                events.append(("info", "Fine-tuning job started", "message", None))
+                events.append(("info", f"Fine-tuning job started{where}", "message", None))
             else:
-                events.append(("info", "Fine-tuning job resumed", "message", None))
+                events.append(("info", f"Fine-tuning job resumed{where}", "message", None))
         elif kind == "event":
             events.append(
                 (record["level"], record["message"], record.get("type", "message"), record.get("data"))

@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(job_dir: Path, spec: dict[str, Any], events: Events) -> int:
-    events.write("started", pid=os.getpid())
+    where = os.environ.get("CTXPEFT_WORKER_WHERE", "a child process of the service")
+    events.write("started", pid=os.getpid(), where=where)
     try:
         _train(job_dir, spec, events)
     except JobFailed as failed:
