@@ -35,6 +35,7 @@ import io
 import json
 import posixpath
 import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -401,8 +402,8 @@ def check_image(raw: bytes, limits: DataLimits) -> str | None:
             image.verify()
     except UnidentifiedImageError:
         return f"not an image of a known format ({', '.join(sorted(limits.formats))})"
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        return f"not a readable image ({error})"
+    except Exception as error:  # untrusted bytes: Pillow's decoders raise many kinds
+        return f"not a readable image ({type(error).__name__}: {error})"
     return None
 
 
@@ -435,6 +436,14 @@ def _parse_zip(path: Path, limits: DataLimits) -> TrainingData:
         raise TrainingFileError([], summary=f"not a readable zip ({error})") from None
     try:
         return _read_zip(archive, limits)
+    except TrainingFileError:
+        archive.close()
+        raise
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, RuntimeError,
+            EOFError, OSError, ValueError, zlib.error) as error:  # fmt: skip
+        # A damaged member, an unsupported compression or an encrypted entry.
+        archive.close()
+        raise TrainingFileError([], summary=f"the zip cannot be read ({error})") from None
     except BaseException:
         archive.close()
         raise

@@ -12,12 +12,15 @@ as `BadRequestError`. Limits: `files_max_bytes` per file (413), `files_max_examp
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Coroutine
 from pathlib import Path as FsPath
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, File, Form, Path, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Path, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
-from starlette.responses import FileResponse
+from starlette.responses import FileResponse, Response
 
 from service.api.deps import ManagePrincipal, ReadyEngine
 from service.api.errors import ApiError, error_responses
@@ -32,7 +35,62 @@ from service.jobs.data import TrainingFileError, parse_training_file
 from service.jobs.files import FileNotFound, FileRecord, FileSummary
 from service.jobs.service import FineTuning
 
-router = APIRouter(prefix=f"{OPENAI_PREFIX}/files", tags=["fine-tuning"])
+
+def _bad_request(errors: list[Any]) -> ApiError:
+    """400 naming the field: the common part of the errors' locations (a union's members
+    each add their own tag, e.g. n_epochs.literal['auto'] and n_epochs.constrained-int)."""
+    locations = [tuple(str(p) for p in e["loc"]) for e in errors]
+    common: list[str] = []
+    for parts in zip(*locations, strict=False):
+        if len(set(parts)) != 1:
+            break
+        common.append(parts[0])
+    if common and common[0] in ("body", "query", "path"):
+        common = common[1:]
+    param = ".".join(common) or None
+    reasons = list(dict.fromkeys(str(e["msg"]) for e in errors))
+    return ApiError(
+        400, "invalid_request", f"{param or 'body'}: {' or '.join(reasons)}", param=param
+    )
+
+
+class BadRequestRoute(APIRoute):
+    """A request the schema refuses is 400 here, as OpenAI answers (the SDK raises
+    BadRequestError), not the 422 of the other routes."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except RequestValidationError as error:
+                raise _bad_request(list(error.errors())) from None
+
+        return route
+
+
+def only_query(*names: str, prefix: str | None = None) -> Any:
+    """A dependency refusing query parameters the operation does not take (400 naming it):
+    a misspelt `limit` must not silently list everything."""
+
+    def check(request: Request) -> None:
+        for key in request.query_params:
+            if key not in names and not (prefix and key.startswith(prefix)):
+                takes = ", ".join(names) if names else "none"
+                raise ApiError(
+                    400,
+                    "invalid_request",
+                    f"unknown query parameter {key!r} (this operation takes: {takes})",
+                    param=key,
+                )
+
+    return Depends(check)
+
+
+router = APIRouter(
+    prefix=f"{OPENAI_PREFIX}/files", tags=["fine-tuning"], route_class=BadRequestRoute
+)
 CHUNK = 1 << 20
 FileId = Annotated[str, Path(description="A file id, file-...", max_length=100)]
 
@@ -65,7 +123,8 @@ def _not_found(file_id: str) -> ApiError:
     "",
     response_model=FileObject,
     summary="Upload a training file (purpose fine-tune)",
-    responses=_errors(400, 401, 403, 413, 422, 503),
+    dependencies=[only_query()],
+    responses=_errors(400, 401, 403, 413, 503),
 )
 async def upload_file(
     request: Request,
@@ -154,6 +213,7 @@ def _check(service: FineTuning, temp: FsPath) -> FileSummary:
     "",
     response_model=FileList,
     summary="This tenant's files",
+    dependencies=[only_query("after", "limit", "order", "purpose")],
     responses=_errors(400, 401, 403, 404),
 )
 async def list_files(
@@ -192,7 +252,8 @@ async def _record(request: Request, tenant: str, file_id: str) -> FileRecord:
     "/{file_id}",
     response_model=FileObject,
     summary="One file",
-    responses=_errors(401, 403, 404),
+    dependencies=[only_query()],
+    responses=_errors(400, 401, 403, 404),
 )
 async def get_file(request: Request, file_id: FileId, principal: ManagePrincipal) -> FileObject:
     return file_object(await _record(request, principal.tenant, file_id))
@@ -202,7 +263,8 @@ async def get_file(request: Request, file_id: FileId, principal: ManagePrincipal
     "/{file_id}",
     response_model=FileDeleted,
     summary="Delete a file (jobs already created keep their copy until they end)",
-    responses=_errors(401, 403, 404),
+    dependencies=[only_query()],
+    responses=_errors(400, 401, 403, 404),
 )
 async def delete_file(request: Request, file_id: FileId, principal: ManagePrincipal) -> FileDeleted:
     service = fine_tuning(request)
@@ -217,8 +279,9 @@ async def delete_file(request: Request, file_id: FileId, principal: ManagePrinci
 @router.get(
     "/{file_id}/content",
     summary="The file's bytes, as uploaded",
+    dependencies=[only_query()],
     response_class=FileResponse,
-    responses={200: {"content": {"application/octet-stream": {}}}, **_errors(401, 403, 404)},
+    responses={200: {"content": {"application/octet-stream": {}}}, **_errors(400, 401, 403, 404)},
 )
 async def file_content(
     request: Request, file_id: FileId, principal: ManagePrincipal

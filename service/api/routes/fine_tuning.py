@@ -10,12 +10,10 @@ tenant is over its jobs or training-token limits (docs/API.md, "Fine-tuning").
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request
-from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import AnyPrincipal, ManagePrincipal, ReadyEngine
@@ -36,13 +34,11 @@ from service.api.fine_tuning_schemas import (
     SupervisedOut,
 )
 from service.api.openai_schemas import OPENAI_PREFIX, OpenAIErrorBody
-from service.api.routes.files import fine_tuning
+from service.api.routes.files import BadRequestRoute, fine_tuning, only_query
 from service.jobs.manager import CreateJob, JobRequestError
 from service.jobs.store import Job, JobNotFound
 
-router = APIRouter(prefix=f"{OPENAI_PREFIX}/fine_tuning/jobs", tags=["fine-tuning"])
 JobId = Annotated[str, Path(description="A job id, ftjob-...", max_length=100)]
-MAX_BODY = 64 * 1024
 
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, object]]:
@@ -86,45 +82,21 @@ def _job_not_found(job_id: str) -> ApiError:
     )
 
 
-def _bad_body(error: ValidationError) -> ApiError:
-    """400 naming the field: the common part of the errors' locations (a union's members
-    each add their own tag, e.g. n_epochs.literal['auto'] and n_epochs.constrained-int)."""
-    errors = error.errors()
-    locations = [tuple(str(p) for p in e["loc"]) for e in errors]
-    common: list[str] = []
-    for parts in zip(*locations, strict=False):
-        if len(set(parts)) != 1:
-            break
-        common.append(parts[0])
-    param = ".".join(common) or None
-    reasons = list(dict.fromkeys(str(e["msg"]) for e in errors))
-    return ApiError(
-        400, "invalid_request", f"{param or 'body'}: {' or '.join(reasons)}", param=param
-    )
+router = APIRouter(
+    prefix=f"{OPENAI_PREFIX}/fine_tuning/jobs", tags=["fine-tuning"], route_class=BadRequestRoute
+)
 
 
 @router.post(
     "",
     response_model=FineTuningJob,
     summary="Create a fine-tuning job",
+    dependencies=[only_query()],
     responses=_errors(400, 401, 403, 409, 429, 503),
 )
 async def create_job(
-    request: Request, engine: ReadyEngine, principal: ManagePrincipal
+    request: Request, body: JobCreate, engine: ReadyEngine, principal: ManagePrincipal
 ) -> FineTuningJob:
-    raw = await request.body()
-    if len(raw) > MAX_BODY:
-        raise ApiError(413, "payload_too_large", f"the body is larger than {MAX_BODY} bytes")
-    try:
-        document = json.loads(raw or b"null")
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ApiError(400, "invalid_json", f"the body is not JSON: {error}") from None
-    if not isinstance(document, dict):
-        raise ApiError(400, "invalid_request", "the body must be a JSON object")
-    try:
-        body = JobCreate.model_validate(document)
-    except ValidationError as error:
-        raise _bad_body(error) from None
     hp = body.hyperparameters
     if body.method is not None and body.method.supervised is not None:
         hp = body.method.supervised.hyperparameters or hp
@@ -153,7 +125,8 @@ async def create_job(
     "",
     response_model=FineTuningJobList,
     summary="This tenant's fine-tuning jobs, newest first",
-    responses=_errors(401, 404),
+    dependencies=[only_query("after", "limit", prefix="metadata[")],
+    responses=_errors(400, 401, 404),
 )
 async def list_jobs(
     request: Request,
@@ -188,7 +161,8 @@ async def _job(request: Request, tenant: str, job_id: str) -> Job:
     "/{fine_tuning_job_id}",
     response_model=FineTuningJob,
     summary="One fine-tuning job",
-    responses=_errors(401, 404),
+    dependencies=[only_query()],
+    responses=_errors(400, 401, 404),
 )
 async def get_job(
     request: Request, fine_tuning_job_id: JobId, principal: AnyPrincipal
@@ -212,7 +186,8 @@ async def _transition(request: Request, action: str, tenant: str, job_id: str) -
     "/{fine_tuning_job_id}/cancel",
     response_model=FineTuningJob,
     summary="Cancel a job (a running one stops at its next step; nothing is published)",
-    responses=_errors(401, 403, 404, 409),
+    dependencies=[only_query()],
+    responses=_errors(400, 401, 403, 404, 409),
 )
 async def cancel_job(
     request: Request, fine_tuning_job_id: JobId, principal: ManagePrincipal
@@ -224,7 +199,8 @@ async def cancel_job(
     "/{fine_tuning_job_id}/pause",
     response_model=FineTuningJob,
     summary="Pause a job at its next step (resumable; status queued, paused_at set)",
-    responses=_errors(401, 403, 404, 409),
+    dependencies=[only_query()],
+    responses=_errors(400, 401, 403, 404, 409),
 )
 async def pause_job(
     request: Request, fine_tuning_job_id: JobId, principal: ManagePrincipal
@@ -236,7 +212,8 @@ async def pause_job(
     "/{fine_tuning_job_id}/resume",
     response_model=FineTuningJob,
     summary="Resume a paused job where it paused",
-    responses=_errors(401, 403, 404, 409),
+    dependencies=[only_query()],
+    responses=_errors(400, 401, 403, 404, 409),
 )
 async def resume_job(
     request: Request, fine_tuning_job_id: JobId, principal: ManagePrincipal
@@ -248,7 +225,8 @@ async def resume_job(
     "/{fine_tuning_job_id}/events",
     response_model=FineTuningJobEventList,
     summary="A job's events, newest first (type metrics: step, losses, perplexity)",
-    responses=_errors(401, 404),
+    dependencies=[only_query("after", "limit")],
+    responses=_errors(400, 401, 404),
 )
 async def job_events(
     request: Request,
@@ -283,7 +261,8 @@ async def job_events(
     "/{fine_tuning_job_id}/checkpoints",
     response_model=FineTuningJobCheckpointList,
     summary="A job's epoch checkpoints, newest first",
-    responses=_errors(401, 404),
+    dependencies=[only_query("after", "limit")],
+    responses=_errors(400, 401, 404),
 )
 async def job_checkpoints(
     request: Request,
