@@ -628,7 +628,8 @@ class JobManager:
                     "info",
                     f"Training finished: best epoch {record['best_epoch']} (validation loss "
                     f"{record['best_valid_loss']:.4f}, perplexity "
-                    f"{record['best_valid_perplexity']:.4f})",
+                    f"{record['best_valid_perplexity']:.4f}); the training process peaked at "
+                    f"{record.get('peak_rss_mib', '?')} MiB resident",
                     "message",
                     None,
                 )

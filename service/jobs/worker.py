@@ -326,6 +326,7 @@ def _train(job_dir: Path, spec: dict[str, Any], events: Events) -> None:
     save_adapter(result.adapter, target)
     events.write(
         "trained",
+        peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
         trained_tokens=_tokens(train) * options.epochs,
         best_epoch=result.best_epoch,
         best_valid_loss=result.best.val_loss,
