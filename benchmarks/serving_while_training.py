@@ -152,6 +152,14 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=1000)
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--label", default="", help="a note stored with the rows")
+    parser.add_argument("--no-save", action="store_true", help="do not append to the results")
+    parser.add_argument(
+        "--setting",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a service setting for the run (e.g. jobs_sched_idle=false); repeatable",
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -163,6 +171,7 @@ def main() -> None:
             backbone="demo",
             jobs_backbone=str(Path(args.backbone).resolve()),
             log_level="warning",
+            **dict(item.split("=", 1) for item in args.setting),
         )
         backbone = Backbone.load(args.backbone)
         engine = Engine(
@@ -232,8 +241,10 @@ def main() -> None:
         "p99_ratio": round(float(training["p99_ms"]) / float(idle["p99_ms"]), 2),
         "when": time.strftime("%Y-%m-%d %H:%M"),
     }
-    previous = json.loads(RESULTS.read_text()) if RESULTS.is_file() else []
-    RESULTS.write_text(json.dumps([*previous, result], indent=1) + "\n")
+    result["settings"] = args.setting
+    if not args.no_save:
+        previous = json.loads(RESULTS.read_text()) if RESULTS.is_file() else []
+        RESULTS.write_text(json.dumps([*previous, result], indent=1) + "\n")
     print(json.dumps(result, indent=1))
 
 

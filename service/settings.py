@@ -269,6 +269,11 @@ class Settings(BaseSettings, EngineConfig):
     jobs_nice: int = Field(
         default=10, ge=0, le=19, description="CPU niceness added to training processes."
     )
+    jobs_sched_idle: bool = Field(
+        default=False,
+        description="Run training processes in Linux's idle scheduling class: only CPU time "
+        "nothing else wants (serving first, strictly; a job may starve under full load).",
+    )
     jobs_memory_limit_mb: PositiveInt = Field(
         default=6144,
         description="Memory bound of one training process (MiB): its private data "

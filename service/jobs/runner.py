@@ -32,11 +32,12 @@ WORKER_LOG = "worker.log"
 
 @dataclass(frozen=True)
 class WorkerLimits:
-    """How a worker may use the machine (settings jobs_threads, jobs_nice,
+    """How a worker may use the machine (settings jobs_threads, jobs_nice, jobs_sched_idle,
     jobs_memory_limit_mb)."""
 
     threads: int = 1
     nice: int = 10
+    sched_idle: bool = False
     memory_bytes: int = 6144 * MiB
 
 
@@ -87,6 +88,7 @@ def worker_environment(limits: WorkerLimits) -> dict[str, str]:
         env[name] = threads
     env["TOKENIZERS_PARALLELISM"] = "false"
     env["CTXPEFT_WORKER_NICE"] = str(limits.nice)
+    env["CTXPEFT_WORKER_SCHED_IDLE"] = "1" if limits.sched_idle else "0"
     env["CTXPEFT_WORKER_MEMORY_BYTES"] = str(limits.memory_bytes)
     env["CTXPEFT_WORKER_THREADS"] = threads
     return env
@@ -101,9 +103,12 @@ def spawn(job_dir: Path, limits: WorkerLimits) -> subprocess.Popen[bytes]:
             stdout=subprocess.DEVNULL,
             stderr=log,
             env=worker_environment(limits),
-            # Its own session: a terminal's Ctrl-C reaches the service, which stops the
-            # worker in order (pause at the next step), not the worker directly.
-            start_new_session=True,
+            # Its own process group, so a terminal's Ctrl-C reaches the service (which stops
+            # the worker in order: a pause at its next step), not the worker. Not its own
+            # session: Linux's autogroup scheduling shares the CPU fairly between sessions
+            # whatever their niceness, which gave a job in a session of its own as much CPU
+            # as the whole service (caption p99 doubled; docs/BENCHMARKS.md).
+            process_group=0,
             close_fds=True,
         )
 

@@ -155,6 +155,7 @@ class FineTuning:
             limits=WorkerLimits(
                 threads=settings.jobs_threads,
                 nice=settings.jobs_nice,
+                sched_idle=settings.jobs_sched_idle,
                 memory_bytes=settings.jobs_memory_limit_mb * MiB,
             ),
             data_limits=self.limits,

@@ -13,7 +13,8 @@ same worker runs as a child of the service or inside a Ray task:
                      finds out whether an old worker is still alive
     worker.log       this process's stderr
 
-Before anything heavy is imported the process bounds itself: nice (jobs_nice), memory
+Before anything heavy is imported the process bounds itself: nice (jobs_nice) and the idle
+scheduling class (jobs_sched_idle), memory
 (RLIMIT_DATA = jobs_memory_limit_mb: an allocation beyond it fails, and the job fails with
 `memory_limit`), threads (jobs_threads, through the environment and torch), and
 PR_SET_PDEATHSIG so that it dies with its parent (a service that is killed never leaves a
@@ -27,6 +28,7 @@ epoch's end. A run resumed from `checkpoint.pt` gives the same adapter as one ne
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import fcntl
 import json
@@ -95,6 +97,12 @@ def bound_process(parent: int) -> None:
     nice = int(os.environ.get("CTXPEFT_WORKER_NICE", "0"))
     if nice > 0:
         os.nice(nice)
+    if os.environ.get("CTXPEFT_WORKER_SCHED_IDLE") == "1" and hasattr(os, "SCHED_IDLE"):
+        # Linux's idle class: the process runs on CPU time nothing else wants, and a waking
+        # serving thread preempts it at once (a niceness only lowers its share). Threads
+        # torch starts later inherit it.
+        with contextlib.suppress(OSError):
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     memory = int(os.environ.get("CTXPEFT_WORKER_MEMORY_BYTES", "0"))
     if memory > 0:
         resource.setrlimit(resource.RLIMIT_DATA, (memory, memory))
