@@ -26,8 +26,9 @@ from typing import TYPE_CHECKING, Any
 from service.database import DATABASE_FILE, Database
 from service.jobs.data import DataLimits
 from service.jobs.files import FileStore
-from service.jobs.manager import JobManager, JobsConfig, NotReady, PublishError
+from service.jobs.manager import JobManager
 from service.jobs.runner import JobRunner, MiB, ProcessRunner, WorkerLimits
+from service.jobs.supervisor import JobsConfig, NotReady, PublishError
 from service.settings import Settings
 
 if TYPE_CHECKING:
@@ -119,6 +120,7 @@ class FineTuning:
                 self.runner_factory(self.settings),
                 self._publish,
                 self._fingerprint,
+                self._model_names,
             )
             self._db, self._files = db, files
         if self._started:
@@ -136,15 +138,20 @@ class FineTuning:
         assert self._manager is not None
         return self._manager
 
-    def _config(self) -> JobsConfig:
-        settings = self.settings
-        names = [settings.backbone]
+    def _model_names(self) -> tuple[str, ...]:
+        """What a job's `model` may be: the loaded backbone's name (GET /info), and the
+        `backbone` setting (a preset name or the folder it was given as)."""
+        names = [self.settings.backbone]
         engine = self.state.engine
         if engine is not None and engine.backbone.config.name not in names:
             names.insert(0, engine.backbone.config.name)
+        return tuple(names)
+
+    def _config(self) -> JobsConfig:
+        settings = self.settings
         return JobsConfig(
             backbone=training_backbone(settings),
-            model_names=tuple(names),
+            model_names=(settings.backbone,),
             device=settings.jobs_device,
             max_running=settings.jobs_max_running,
             tenant_max_running=settings.jobs_tenant_max_running,
@@ -199,13 +206,15 @@ class FineTuning:
         return ref.label
 
     def count_tokens(self) -> Callable[[str], int] | None:
-        """Caption tokens of a text with the served backbone's tokenizer: the engine's, or
-        (Ray ingress: no backbone in this process) the one saved with the training
-        backbone. None when neither is at hand."""
+        """Caption tokens of a text with the served backbone's tokenizer (None when no
+        tokenizer is at hand)."""
+        # Our own copy, loaded from the training backbone: the engine's tokenizer belongs to
+        # its worker thread (a fast tokenizer used from two threads can raise "Already
+        # borrowed"); the engine's only when there is no folder to load one from.
+        tokenizer = self._saved_tokenizer()
         engine = self.state.engine
-        tokenizer = getattr(engine.backbone, "tokenizer", None) if engine is not None else None
-        if tokenizer is None:
-            tokenizer = self._saved_tokenizer()
+        if tokenizer is None and engine is not None:
+            tokenizer = getattr(engine.backbone, "tokenizer", None)
         if tokenizer is None:
             return None
 

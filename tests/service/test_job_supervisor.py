@@ -11,9 +11,10 @@ from pathlib import Path
 from service.database import Database
 from service.jobs import worker as w
 from service.jobs.files import FileStore
-from service.jobs.manager import JobManager, JobsConfig, adapter_name, normalise_suffix
+from service.jobs.manager import JobManager, adapter_name, normalise_suffix
 from service.jobs.runner import MiB, ProcessLaunch, ProcessRunner, WorkerLimits
 from service.jobs.store import Job, JobStore, new_job_id
+from service.jobs.supervisor import JobsConfig
 
 HOG = "import time; x = bytearray({mb} << 20); x[::4096] = b'1' * len(x[::4096]); time.sleep(60)"
 
@@ -65,7 +66,7 @@ def test_a_job_interrupted_too_often_fails_and_others_are_queued_again(tmp_path:
     manager = _manager(tmp_path, max_restarts=2)
     store = manager.jobs
     spent, again = _running_job(store, attempts=2), _running_job(store, attempts=0)
-    manager._recover()  # what start() does before supervising
+    manager.supervisor.recover()  # what start() does before supervising
     spent, again = store.get_any(spent.id), store.get_any(again.id)
     assert spent.status == "failed" and spent.error is not None
     assert spent.error.code == "restart_limit" and "jobs_max_restarts = 2" in spent.error.message
@@ -89,7 +90,7 @@ def test_a_worker_that_outlived_its_service_is_killed_before_the_job_restarts(
     )  # fmt: skip
     assert holder.stdout is not None and holder.stdout.readline() == b"locked\n"
     (folder / w.PID).write_text(str(holder.pid))
-    manager._recover()
+    manager.supervisor.recover()
     assert holder.wait(timeout=30) == -9  # killed, so two trainers never run one job
     assert manager.jobs.get_any(job.id).status == "queued"
 

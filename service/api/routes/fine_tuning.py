@@ -145,7 +145,12 @@ async def list_jobs(
             lambda: service.manager.jobs.page(principal.tenant, after, limit, metadata or None)
         )
     except JobNotFound:
-        raise _job_not_found(after or "") from None
+        raise ApiError(
+            404,
+            "job_not_found",
+            f"no fine-tuning job {after!r} (the `after` cursor)",
+            param="after",
+        ) from None
     return FineTuningJobList(data=[job_object(j) for j in jobs], has_more=more)
 
 
