@@ -176,7 +176,10 @@ class JobManager:
             if request.validation_file
             else None
         )
-        examples = training.summary.examples
+        # What the worker will train on: without a validation file, 10% of the images are
+        # held out (service.jobs.worker), and `auto` counts the examples left.
+        share = 1.0 if validation else _train_share(training.summary.images)
+        examples = max(1, round(training.summary.examples * share))
         try:
             chosen = resolve(
                 examples,
@@ -186,7 +189,7 @@ class JobManager:
             )
         except ValueError as error:
             raise JobRequestError(400, "invalid_file", str(error), "training_file") from None
-        per_epoch = training.summary.tokens_per_epoch or 0
+        per_epoch = round((training.summary.tokens_per_epoch or 0) * share)
         estimated = per_epoch * chosen.n_epochs
         seed = request.seed if request.seed is not None else int.from_bytes(os.urandom(3), "big")
         with self._lock:
@@ -371,3 +374,12 @@ def _chosen_json(chosen: Chosen) -> dict[str, Any]:
         "batch_size": chosen.batch_size,
         "learning_rate_multiplier": chosen.learning_rate_multiplier,
     }
+
+
+def _train_share(images: int) -> float:
+    """The share of a training file's images a job trains on when it holds out its own
+    validation images (as service.jobs.worker does: 10%, at least one)."""
+    if images < 2:
+        return 1.0
+    held = min(images - 1, max(1, round(0.1 * images)))
+    return (images - held) / images

@@ -361,12 +361,13 @@ def test_over_the_limits_429_with_retry_after(reduced_demo: DemoBuild, tmp_path:
         )
         per_epoch = upload.model_extra["training_data"]["tokens_per_epoch"]  # type: ignore[index]
         assert per_epoch == 20 * 3  # "one shape", "two shapes": 2 words + the end token
+        job_epoch = 18 * 3  # a job holds 2 of the 20 images out for validation
 
         # A job alone over the daily budget can never run: 400, not 429.
         with pytest.raises(openai.BadRequestError) as too_big:
             client.fine_tuning.jobs.create(
                 model="demo", training_file=upload.id,
-                hyperparameters={"n_epochs": budget // per_epoch + 1},
+                hyperparameters={"n_epochs": budget // job_epoch + 1},
             )  # fmt: skip
         assert too_big.value.code == "too_many_tokens"
 
@@ -383,8 +384,8 @@ def test_over_the_limits_429_with_retry_after(reduced_demo: DemoBuild, tmp_path:
         # What the first job trained counts for 24 hours: a job that does not fit with it is
         # 429 with a Retry-After until the first leaves the window.
         trained = wait_status(client, first.id, {"succeeded"}).trained_tokens
-        assert 0 < trained <= 10 * per_epoch
-        epochs = (budget - trained) // per_epoch + 1
+        assert trained == 10 * job_epoch
+        epochs = (budget - trained) // job_epoch + 1
         with pytest.raises(openai.RateLimitError) as spent:
             client.fine_tuning.jobs.create(
                 model="demo", training_file=upload.id, hyperparameters={"n_epochs": epochs}
