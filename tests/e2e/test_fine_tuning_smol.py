@@ -21,7 +21,7 @@ from tests.e2e.fine_tuning_helpers import chat_jsonl, events, examples, metrics,
 from tests.e2e.openai_helpers import image_message
 from tests.e2e.serve_process import serve_process
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(4 * 3600)]
 FLOOR = 0.9  # smol's count adapter of docs/METHOD.md: 94 to 96.5% with 200 steps by hand
 SMOL_JOB_TIMEOUT_S = 4 * 3600.0  # a safety net for a very loaded machine, not a timing
 
