@@ -46,6 +46,7 @@ from service.jobs.store import Job, JobError, JobStore
 log = logging.getLogger(__name__)
 
 TICK_S = 0.2
+NOT_STARTED_S = 60.0
 # What a worker that hit RLIMIT_DATA in native code (no Python exception) leaves on stderr.
 _OUT_OF_MEMORY = ("bad_alloc", "Cannot allocate memory", "Memory allocation", "MemoryError",
                   "can't allocate memory", "out of memory")  # fmt: skip
@@ -113,6 +114,7 @@ class Supervisor:
         self.stopping = False
         self._launches: dict[str, Launch] = {}
         self._cancel_asked: dict[str, float] = {}
+        self._launched_at: dict[str, float] = {}  # until the worker says it started
 
     def running(self, job_id: str) -> bool:
         """Whether a worker of this job is alive (started by this supervisor)."""
@@ -138,8 +140,26 @@ class Supervisor:
             asked = self._cancel_asked.get(job_id)
             if asked is not None and time.monotonic() - asked > self.config.cancel_grace_s:
                 launch.kill()  # not at a step boundary in time (e.g. still encoding)
+            self._say_if_not_started(self.jobs.get_any(job_id))
         self._publish_pending()
         self._dispatch()
+
+    def _say_if_not_started(self, job: Job) -> None:
+        """One warning when a started worker has not said so within NOT_STARTED_S: under Ray
+        its task may wait for free CPUs (jobs_ray_cpus), which nothing else would show."""
+        launched = self._launched_at.get(job.id)
+        if launched is None:
+            return
+        if job.status != "queued":
+            del self._launched_at[job.id]
+        elif time.monotonic() - launched > NOT_STARTED_S:
+            del self._launched_at[job.id]
+            self.jobs.event(
+                job.id,
+                f"The training process has not started after {NOT_STARTED_S:.0f} s; under "
+                "Ray its task waits until the cluster has jobs_ray_cpus CPUs free",
+                level="warn",
+            )
 
     def _validate(self, job: Job) -> None:
         for param, sha in (("training_file", job.training_sha256), ("validation_file", job.validation_sha256)):  # fmt: skip
@@ -211,6 +231,7 @@ class Supervisor:
             )
             return
         self._launches[job.id] = launch
+        self._launched_at[job.id] = time.monotonic()
 
     def job_dir(self, job_id: str) -> Path:
         return self.root / job_id
@@ -227,6 +248,7 @@ class Supervisor:
         self.events.ingest(job)
         self._launches.pop(job.id, None)
         self.events.forget(job.id)
+        self._launched_at.pop(job.id, None)
         asked_cancel = self._cancel_asked.pop(job.id, None) is not None
         job = self.jobs.get_any(job.id)
         last = _last_final(self.job_dir(job.id)) or {}
