@@ -32,6 +32,7 @@ import contextlib
 import ctypes
 import fcntl
 import json
+import math
 import os
 import resource
 import signal
@@ -270,6 +271,7 @@ def _train(job_dir: Path, spec: dict[str, Any], events: Events) -> None:
                 "epoch": stats.epoch,
                 "train_loss": weighted / max(tokens, 1),
                 "valid_loss": valid,
+                "valid_perplexity": math.exp(min(valid, 50.0)),
                 "learning_rate": stats.lr,
             }
             events.event(

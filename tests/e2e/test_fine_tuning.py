@@ -130,8 +130,10 @@ def test_a_job_trains_and_its_model_serves_at_once(
         assert _index(story, first) < _index(story, then), story
     assert story[-1].startswith("The job has successfully completed")
     assert job.fine_tuned_model in story[-1] and "/v1/chat/completions" in story[-1]
-    losses = [m["train_loss"] for m in metrics(acme, job.id) if "valid_loss" in m]
+    steps = [m for m in metrics(acme, job.id) if "valid_loss" in m]
+    losses = [m["train_loss"] for m in steps]
     assert len(losses) >= 3 and losses[-1] < losses[0] / 10, losses
+    assert all(m["valid_perplexity"] >= 1.0 and m["step"] <= m["total_steps"] for m in steps)
     epochs = [m for m in metrics(acme, job.id) if "full_valid_loss" in m]
     assert len(epochs) == job.hyperparameters.n_epochs
     assert all(m["full_valid_perplexity"] >= 1.0 for m in epochs)
