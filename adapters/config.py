@@ -189,7 +189,9 @@ class AdapterConfig:
     connector: ConnectorSpec
     base_fingerprint: Fingerprint
     contexts: Annotated[tuple[ShortText, ...], Field(max_length=4)] = CONTEXTS
-    rank: Rank = 8  # LoRA rank (>= 1); carried but unused by IA3 and BitFit
+    # LoRA rank (>= 1). IA3 and BitFit have no rank: theirs is carried (any value in range,
+    # 0 included) and means nothing; `scaling` is 1 for them.
+    rank: Rank = 8
     alpha: Alpha | None = None  # LoRA scaling = alpha / rank; None means alpha = rank
     targets: Annotated[tuple[ShortText, ...], Field(max_length=MAX_TARGETS)] = ()
     num_layers: Layers = 0  # 0 (the default) is refused: it must be given
@@ -241,6 +243,10 @@ class AdapterConfig:
 
     @property
     def scaling(self) -> float:
+        """LoRA's alpha / rank (rank >= 1 is enforced for LoRA); 1 for IA3 and BitFit, which
+        have no rank (a BitFit set saying `"rank": 0` once divided by zero here)."""
+        if self.method != "lora":
+            return 1.0
         return (self.alpha if self.alpha is not None else self.rank) / self.rank
 
     def to_dict(self) -> dict[str, Any]:

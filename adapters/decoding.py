@@ -10,6 +10,13 @@
 No method returns device values to the host: the caller reads the token ids (one host
 synchronisation per step) and decides which rows stay.
 
+Numeric containment: a row whose logits hold a NaN or an infinity gets the token id
+`NON_FINITE` (-1) instead of a token, in the same tensor, so the caller learns it from the one
+read it makes anyway. Rows never mix in a forward (every product is per row and each row's
+attention reads only its own cache columns, kv_cache's hygiene), so only that row is affected;
+the caller ends it. The row keeps feeding its argmax internally, so a step never sees an
+invalid id.
+
 KV-cache layout: every row's cache is right-aligned. With W cache columns, row i's
 `lengths[i]` real tokens occupy the last `lengths[i]` columns and the columns before them are
 padding: zero keys and values, masked out of attention by an additive mask. Each step appends
@@ -43,6 +50,8 @@ from adapters.routing import Path, Routing, WeightSource
 
 if TYPE_CHECKING:
     from adapters.model import ContextPEFTModel
+
+NON_FINITE = -1  # the token id of a row whose logits were not all finite
 
 
 class DecodeState:
@@ -81,8 +90,9 @@ class DecodeState:
         decode_path: Path | None = None,
     ) -> tuple[DecodeState, torch.Tensor]:
         """Run the prefix ([BOS] + connector(features)) of new rows through the LM; returns
-        their state and their first generated token ids [B] (on the device). Pass `slots` as
-        a host list (the engine does): a tensor is read back once."""
+        their state and their first generated token ids [B] (on the device; NON_FINITE for a
+        row whose logits were not finite). Pass `slots` as a host list (the engine does): a
+        tensor is read back once."""
         device = model.backbone.device
         host = slots.tolist() if isinstance(slots, torch.Tensor) else [int(s) for s in slots]
         index = torch.tensor(host, dtype=torch.long).to(device, non_blocking=True)
@@ -104,7 +114,7 @@ class DecodeState:
         first = logits[:, -1].argmax(dim=-1)
         cache = RowCache.adopt(prefill)
         state = cls(model, source, host, cache, [width] * batch, first, decode_path or path)
-        return state, first
+        return state, checked(logits[:, -1], first)
 
     # --- the step ----------------------------------------------------------------------------
     @property
@@ -117,7 +127,8 @@ class DecodeState:
         return self.cache.width
 
     def step(self) -> torch.Tensor:
-        """Feed every row its next token; returns the token ids generated [B] (device)."""
+        """Feed every row its next token; returns the token ids generated [B] (device),
+        NON_FINITE for a row whose logits were not finite."""
         width = self.width
         embeds = self.model.embed_tokens(self.next_ids.unsqueeze(1))
         if self._routing is None:  # every token of a decode step is text: no host read
@@ -136,7 +147,7 @@ class DecodeState:
         self.next_ids = logits[:, -1].argmax(dim=-1)
         self._lengths = self._lengths + 1
         self.lengths = [n + 1 for n in self.lengths]
-        return self.next_ids
+        return checked(logits[:, -1], self.next_ids)
 
     # --- rows joining and leaving ----------------------------------------------------------
     def keep(self, rows: Sequence[int]) -> list[int]:
@@ -188,6 +199,12 @@ class DecodeState:
         self._lengths = torch.cat([self._lengths, other._lengths])
         self.lengths = self.lengths + other.lengths
         self._routing = None  # per-row weights are gathered again for the merged rows
+
+
+def checked(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """`ids` with NON_FINITE where a row's logits [B, V] hold a NaN or an infinity (on the
+    device: no host read)."""
+    return torch.where(logits.isfinite().all(dim=-1), ids, NON_FINITE)
 
 
 def causal_mask(width: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -7,7 +7,7 @@ capacity, head dim], so that nothing is copied that does not change:
   - rows that join are written into the rows after the last one (their prefill's cache is
     copied once); rows that leave are replaced by the last rows (one row copied per hole);
   - every row is right-aligned: the columns [start, end) are in use, row i's real tokens are
-    the last lengths[i] of them, the columns before are padding (finite values, masked out of
+    the last lengths[i] of them, the columns before are padding (zeros, masked out of
     attention by the caller). When rows leave, `start` moves right past the columns that are
     padding for every row still there, without a copy; when `end` reaches the capacity the
     used columns are moved back to column 0, or the buffers grow (doubling: amortised O(1)).
@@ -95,11 +95,15 @@ class RowCache(Cache):
             self._ensure(template, self.rows, self.end + headroom, shift=width - self.end)
         self._ensure(template, self.rows + new, self.end + headroom)
         lo = self.end - width
+        start = min(self.start, lo) if self.rows else lo
         for layer, (keys, values) in zip(self.row_layers, layers, strict=True):
             k_buf, v_buf = layer.buffers()
             k_buf[self.rows : self.rows + new, :, lo : self.end] = keys
             v_buf[self.rows : self.rows + new, :, lo : self.end] = values
-        self.start = min(self.start, lo) if self.rows else lo
+            if start < lo:  # the new rows' padding: never what an earlier occupant wrote
+                k_buf[self.rows : self.rows + new, :, start:lo] = 0
+                v_buf[self.rows : self.rows + new, :, start:lo] = 0
+        self.start = start
         self.rows += new
         self._views()
 
@@ -132,6 +136,10 @@ class RowCache(Cache):
                 for buf in layer.buffers():
                     buf[hole, :, self.start : self.end] = buf[src, :, self.start : self.end]
             order[hole] = src
+        if self.rows > len(kept):  # the freed rows keep nothing of the rows that left
+            for layer in self.row_layers:
+                for buf in layer.buffers():
+                    buf[len(kept) : self.rows, :, self.start : self.end] = 0
         self.rows = len(kept)
         self._views()
         return order[: self.rows]

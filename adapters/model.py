@@ -19,7 +19,7 @@ from transformers.cache_utils import Cache
 
 from adapters.backbone import Backbone, decoder_layers, lm_linear
 from adapters.config import IMAGE, LM_MODULES, TEXT
-from adapters.decoding import DecodeState
+from adapters.decoding import NON_FINITE, DecodeState
 from adapters.layers import ContextLinear
 from adapters.routing import Path, Routing, WeightSource, use_routing
 
@@ -142,7 +142,7 @@ class ContextPEFTModel(nn.Module):
     ) -> list[list[int]]:
         """Greedy decoding of one static batch with a KV cache. Each row stops at EOS or its
         own token limit and leaves the batch; returns the generated ids per row (EOS
-        excluded). The serving engine drives `DecodeState` itself, so that rows can also join
+        excluded). A row whose logits stop being finite ends there (see NON_FINITE). The serving engine drives `DecodeState` itself, so that rows can also join
         between steps; both decode the same way, token for token."""
         batch = features.shape[0]
         limits = (
@@ -155,10 +155,11 @@ class ContextPEFTModel(nn.Module):
         while True:
             keep = []
             for pos, (row, token) in enumerate(zip(active, tokens.tolist(), strict=True)):
+                ends = token in (eos, NON_FINITE)
                 # A row whose limit is 0 still takes part in the prefill but emits nothing.
-                if token != eos and len(outputs[row]) < limits[row]:
+                if not ends and len(outputs[row]) < limits[row]:
                     outputs[row].append(token)
-                if token != eos and len(outputs[row]) < limits[row]:
+                if not ends and len(outputs[row]) < limits[row]:
                     keep.append(pos)
             if not keep:
                 return outputs

@@ -206,6 +206,11 @@ class AdapterCache(Generic[K]):
         with self._cond:
             return self._current_failure(key)
 
+    def fail(self, key: K, error: EngineError) -> None:
+        """Refuse `key` for good from now on (e.g. quarantined): `failure` reports `error`,
+        so queued rows of it are answered with it, and it is never loaded again."""
+        self._fail(key, error, until=None)
+
     def insert(self, key: K, adapter: AdapterSet) -> bool:
         """Put an already validated set on the CPU tier (e.g. just uploaded) if it fits,
         evicting unpinned entries least recently used first. It enters at the cold end: it

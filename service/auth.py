@@ -53,6 +53,29 @@ class Principal:
 DEFAULT_PRINCIPAL = Principal(DEFAULT_TENANT, ALL_RIGHTS)
 
 
+def metrics_token(settings: Settings) -> str | None:
+    """The bearer token GET /metrics requires (`metrics_token`, or the first line of
+    `metrics_token_file`), or None when /metrics is open."""
+    if settings.metrics_token is not None:
+        return settings.metrics_token
+    if settings.metrics_token_file is None:
+        return None
+    token = settings.metrics_token_file.read_text("utf-8").strip()
+    if len(token) < MIN_KEY_LENGTH:
+        raise ValueError(
+            f"metrics token file {settings.metrics_token_file} holds {len(token)} characters; "
+            f"a scrape token needs at least {MIN_KEY_LENGTH}"
+        )
+    return token
+
+
+def token_matches(expected: str, bearer: str | None) -> bool:
+    """Constant-time comparison of a presented bearer token with the expected one."""
+    return bearer is not None and hmac.compare_digest(
+        expected.encode("utf-8"), bearer.encode("utf-8")
+    )
+
+
 def hash_key(plaintext: str) -> str:
     """Hex SHA-256 of an API key, the form stored in memory and accepted as `sha256`."""
     if not plaintext:

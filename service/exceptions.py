@@ -6,6 +6,12 @@ Retry-After header (None when retrying cannot help).
 
     AdapterNotFound    404  no such adapter for this tenant (own or public), or it was deleted
     AdapterLoadError   503  the adapter version on disk failed validation or could not be read
+    AdapterUnservable  422  the version failed the servability probe (a forward on a fixed
+                            image raised or gave NaN/infinity): it can never serve
+    AdapterNonFinite   422  the adapter's computation gave NaN or infinity for this request; the
+                            row was stopped alone (co-batched rows are untouched)
+    AdapterQuarantined 422  the version kept producing non-finite values and is refused until a
+                            new version replaces it
     InvalidRequest     422  bad parameters (no adapter named, max_new_tokens out of range, ...)
     QueueFull          503  the bounded queue is full (Retry-After)
     Draining           503  the engine is shutting down and admits nothing new
@@ -19,8 +25,21 @@ Retry-After header (None when retrying cannot help).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 
-class EngineError(Exception):
+if TYPE_CHECKING:
+    from service.store import AdapterRef
+
+
+class RequestError(Exception):
+    """An error that answers one request: the engine's errors, and the HTTP layer's (whose
+    image decoder the engine calls). `refs`: the adapter versions the request had resolved
+    to when it failed (empty before resolution); the metrics label only resolved names."""
+
+    refs: tuple[AdapterRef, ...] = ()
+
+
+class EngineError(RequestError):
     """Base of the engine's errors."""
 
     reason: str | None = None
@@ -37,6 +56,20 @@ class AdapterNotFound(EngineError, LookupError):
 
 class AdapterLoadError(EngineError):
     """The resolved adapter version could not be loaded; the message says why."""
+
+
+class AdapterUnservable(AdapterLoadError):
+    """The version failed the servability probe: final (versions are immutable)."""
+
+    load_failure = "invalid"  # the ctxpeft_adapter_load_failures_total reason
+
+
+class AdapterNonFinite(EngineError):
+    """This row's logits held NaN or an infinity (the adapter's numbers overflowed)."""
+
+
+class AdapterQuarantined(EngineError):
+    """The version produced non-finite values again and again: refused until replaced."""
 
 
 class InvalidRequest(EngineError, ValueError):

@@ -9,9 +9,16 @@ Prefix `ctxpeft_`, base units (seconds, bytes), counters end in `_total`. A fres
     metrics.reject("queue_full")
     body, content_type = metrics.render()
 
-The adapter label is bounded: `AdapterLabeler` keeps the first `top_k` adapter names seen (or
-an allow-list) and folds every other name into "other", so tenants creating adapters cannot
-grow the number of series without limit.
+The adapter label is bounded and private by default:
+- only a name the request *resolved* (to an adapter version the caller may use) takes a
+  label: a name that does not exist is "none" and never takes one of the `top_k` places, so
+  strangers cannot fill them with made-up names;
+- `AdapterLabeler` keeps the first `top_k` adapter names seen (or an allow-list) and folds
+  every other name into "other", so tenants creating adapters cannot grow the number of
+  series without limit;
+- a tenant's own (non-public) adapter shows as "private" unless private names may be shown
+  (`private_labels`: no keys configured, a single tenant; or /metrics protected by a scrape
+  token), so a client that reaches /metrics learns no tenant's adapter names.
 """
 
 from __future__ import annotations
@@ -28,12 +35,14 @@ from prometheus_client import (
 )
 
 from service import __version__
+from service.store import PUBLIC_TENANT, AdapterRef
 
 # The classic text format generate_latest writes; every Prometheus version reads it (newer
 # clients name it CONTENT_TYPE_PLAIN_0_0_4 and make "latest" 1.0.0, which older servers lack).
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 OTHER_LABEL = "other"
-NO_ADAPTER_LABEL = "none"  # a request rejected before its adapter was known (401, 413, ...)
+NO_ADAPTER_LABEL = "none"  # a request rejected before its adapter was resolved (401, 404, ...)
+PRIVATE_LABEL = "private"  # a tenant's own adapter, when private names are not shown
 
 REJECTION_REASONS = (
     "queue_full",
@@ -118,11 +127,14 @@ class ServiceMetrics:
         backbone: str = "unknown",
         device: str = "unknown",
         scaleout: bool = False,
+        private_labels: bool = True,
     ) -> None:
         """`scaleout=True` (a Ray Serve replica) adds the families only a replica exports
-        (SCALEOUT_FAMILIES)."""
+        (SCALEOUT_FAMILIES). `private_labels`: tenants' own adapter names may be label values
+        (see the module docstring; `private_labels_allowed` decides it for a service)."""
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self.adapter_label = AdapterLabeler(adapter_labels, adapter_allow_list)
+        self.private_labels = private_labels
         r = self.registry
 
         # --- requests ---------------------------------------------------------------------
@@ -193,6 +205,18 @@ class ServiceMetrics:
             "ctxpeft_engine_faults",
             "Exceptions the engine contained, by stage; each failed only the rows it concerned.",
             ["stage"],
+            registry=r,
+        )
+        self.non_finite_rows = Counter(
+            "ctxpeft_non_finite_rows",
+            "Rows stopped because their adapter's computation gave NaN or infinity (answered "
+            "422 adapter_non_finite; the rows beside them were not affected).",
+            registry=r,
+        )
+        self.quarantines = Counter(
+            "ctxpeft_adapter_quarantines",
+            "Adapter versions quarantined for producing non-finite values quarantine_after "
+            "times in a row (refused with 422 adapter_quarantined until replaced).",
             registry=r,
         )
         self.engine_up = Gauge(
@@ -292,14 +316,25 @@ class ServiceMetrics:
                 self.routing.labels(result=result)
 
     # --- recording helpers (the families above may also be used directly) ------------------
-    def observe_request(self, adapter: str | None, status: int, seconds: float) -> None:
+    def label(self, name: str | None, ref: AdapterRef | None) -> str:
+        """The adapter label of a request's `name` that resolved to `ref` (None: it did not
+        resolve, or the request failed before resolving it)."""
+        if name is None or ref is None:
+            return NO_ADAPTER_LABEL
+        if ref.tenant != PUBLIC_TENANT and not self.private_labels:
+            return PRIVATE_LABEL
+        return self.adapter_label(name)
+
+    def observe_request(
+        self, adapter: str | None, ref: AdapterRef | None, status: int, seconds: float
+    ) -> None:
         """One finished caption request: count it by status and time it."""
-        label = self.adapter_label(adapter)
+        label = self.label(adapter, ref)
         self.requests.labels(adapter=label, status=str(status)).inc()
         self.request_duration.labels(adapter=label).observe(seconds)
 
-    def add_generated_tokens(self, adapter: str | None, tokens: int) -> None:
-        self.generated_tokens.labels(adapter=self.adapter_label(adapter)).inc(tokens)
+    def add_generated_tokens(self, adapter: str, ref: AdapterRef, tokens: int) -> None:
+        self.generated_tokens.labels(adapter=self.label(adapter, ref)).inc(tokens)
 
     def observe_batch(self, rows: int, adapters: int) -> None:
         self.batch_size.observe(rows)
@@ -345,3 +380,9 @@ class ServiceMetrics:
     def render(self) -> tuple[bytes, str]:
         """The text exposition of every family and its content type, for GET /metrics."""
         return generate_latest(self.registry), CONTENT_TYPE
+
+
+def private_labels_allowed(has_keys: bool, scrape_token: bool) -> bool:
+    """Whether tenants' own adapter names may appear on /metrics: with no keys there is one
+    tenant (everything is its own), and a scrape token keeps strangers from reading them."""
+    return scrape_token or not has_keys

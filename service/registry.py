@@ -20,6 +20,14 @@ keeps the old v1's cached weights from ever serving the new v1.
 Uploads are judged by the current rules (`adapters.format.validate_folder`); versions already
 in the store are read with `stored=True`, by the rules they were accepted under, so that an
 upgrade never makes a version that served before unavailable (see `AdapterConfig.from_dict`).
+With a `probe` (the engine's servability probe), an upload must also serve a fixed image with
+finite logits before it becomes visible (AdapterUnservable, 422, otherwise), and a version
+that appeared in the store from elsewhere is probed once before it is first served.
+
+Quarantine: the engine quarantines a version whose rows keep producing non-finite values;
+resolving it then raises AdapterQuarantined (422) until a new version replaces it (a new
+version is another key). Quarantine lives in the process's memory: after a restart the
+version is judged afresh.
 A disk error while loading is not a validation failure: it propagates as OSError for the
 cache to retry.
 """
@@ -29,6 +37,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +55,12 @@ from adapters.format import (
     validate_folder,
 )
 from service.adapter_cache import AdapterCache
-from service.exceptions import AdapterLoadError, AdapterNotFound, InvalidRequest
+from service.exceptions import (
+    AdapterLoadError,
+    AdapterNotFound,
+    AdapterQuarantined,
+    InvalidRequest,
+)
 from service.metrics import ServiceMetrics
 from service.store import (
     PUBLIC_TENANT,
@@ -61,6 +75,12 @@ from service.store import (
 # A folder changed this recently (wall clock) may change again within the same timestamp
 # tick; its listing is not trusted until it is older (the "racy git" problem).
 _RACY_NS = 50_000_000
+# Versions remembered as probed (so a reload from disk is not probed again) and quarantined;
+# both bounded, oldest forgotten first (a forgotten probe only costs one more probe).
+_PROBED_KEPT = 65_536
+_QUARANTINE_KEPT = 4096
+# The servability probe: (set, label) -> None, raising AdapterUnservable.
+Probe = Callable[[AdapterSet, str], None]
 
 
 @dataclass(frozen=True, order=True)
@@ -123,8 +143,12 @@ class AdapterRegistry:
         metrics: ServiceMetrics | None = None,
         refresh_s: float = 2.0,
         on_change: Callable[[], None] | None = None,
+        probe: Probe | None = None,
     ) -> None:
         self.store = store
+        self.probe = probe
+        self._probed: OrderedDict[AdapterVersion, None] = OrderedDict()
+        self._quarantined: OrderedDict[AdapterVersion, str] = OrderedDict()
         self.dims = backbone.dims
         self.fingerprint = backbone.fingerprint()
         self.vision_dim = backbone.vision_dim
@@ -134,8 +158,6 @@ class AdapterRegistry:
         self._metrics = metrics
         self._index: dict[tuple[str, str], _Entry] = {}
         self._lock = threading.Lock()
-        # One upload at a time per tenant: its quota check and write happen together.
-        self._upload_locks: dict[str, threading.Lock] = {}
         self.cache: AdapterCache[AdapterVersion] = AdapterCache(
             bank,
             load=self._load,
@@ -160,8 +182,25 @@ class AdapterRegistry:
         for owner in owners:
             version = self._lookup(owner, name)
             if version is not None:
+                with self._lock:
+                    reason = self._quarantined.get(version)
+                if reason is not None:
+                    raise AdapterQuarantined(_quarantine_message(version, reason))
                 return version
         raise AdapterNotFound(f"no adapter named {name!r} for tenant {tenant!r} (own or public)")
+
+    def quarantine(self, version: AdapterVersion, reason: str) -> None:
+        """Refuse `version` from now on (AdapterQuarantined) until a new version replaces
+        it; rows of it still queued fail with the same error."""
+        with self._lock:
+            self._quarantined[version] = reason
+            while len(self._quarantined) > _QUARANTINE_KEPT:
+                self._quarantined.popitem(last=False)
+        self.cache.fail(version, AdapterQuarantined(_quarantine_message(version, reason)))
+
+    def quarantined(self, version: AdapterVersion) -> bool:
+        with self._lock:
+            return version in self._quarantined
 
     def _lookup(self, tenant: str, name: str) -> AdapterVersion | None:
         folder = self.store.root / tenant / name  # both checked by the caller
@@ -286,22 +325,23 @@ class AdapterRegistry:
         def write(folder: Path) -> None:
             (folder / CONFIG_FILE).write_bytes(config_bytes)
             (folder / WEIGHTS_FILE).write_bytes(weights_bytes)
-            validated.append(self.validate(folder))
+            adapter = self.validate(folder)
+            if self.probe is not None:  # before the version becomes visible
+                self.probe(adapter, f"{tenant}/{name} (upload)")
+            validated.append(adapter)
 
-        with self._lock:
-            upload_lock = self._upload_locks.setdefault(tenant, threading.Lock())
-        with upload_lock:
-            if quota is not None:
-                new_adapter = not self.store.versions(tenant, name)
-                usage = self.store.usage(tenant)
-                quota.check(usage, new_adapter, len(config_bytes) + len(weights_bytes))
-            ref = self.store.write_version(tenant, name, write)
+        # The quota check and the write happen under the tenant's lock in the store, which
+        # holds across the replicas and processes sharing it (issue 25).
+        ref = self.store.write_version(
+            tenant, name, write, quota, new_bytes=len(config_bytes) + len(weights_bytes)
+        )
         with self._lock:
             self._index.pop((tenant, name), None)
         try:
             version = AdapterVersion(ref, _stamp(self.store.path(ref)))
         except FileNotFoundError:  # deleted again already
             return ref
+        self._remember_probed(version)
         self.cache.insert(version, validated[0])
         return ref
 
@@ -336,7 +376,21 @@ class AdapterRegistry:
         # Deleted while reading: the bytes read may be a mix of two folders; say gone.
         if not _same(folder, version.stamp):
             raise VersionGone(f"{version.ref.label} was deleted while loading")
+        if self.probe is not None:
+            with self._lock:
+                probed = version in self._probed
+            if not probed:  # a version from elsewhere (ctxpeft train, a copied folder)
+                self.probe(adapter, version.ref.label)
+                self._remember_probed(version)
         return adapter
+
+    def _remember_probed(self, version: AdapterVersion) -> None:
+        if self.probe is None:
+            return
+        with self._lock:
+            self._probed[version] = None
+            while len(self._probed) > _PROBED_KEPT:
+                self._probed.popitem(last=False)
 
     def _size_hint(self, version: AdapterVersion) -> int:
         try:
@@ -346,6 +400,12 @@ class AdapterRegistry:
 
     def close(self) -> None:
         self.cache.close()
+
+
+def _quarantine_message(version: AdapterVersion, reason: str) -> str:
+    return (
+        f"adapter {version.ref.label} is quarantined: {reason}; upload a new version to replace it"
+    )
 
 
 def _stamp(folder: Path) -> tuple[int, int]:

@@ -335,6 +335,11 @@ class Scheduler(Generic[T]):
         with self._cond:
             return sum(self._inflight.values())
 
+    def inflight_of(self, tenant: str) -> int:
+        """The tenant's rows admitted and not yet finished."""
+        with self._cond:
+            return self._inflight[tenant]
+
     def drain(self) -> None:
         """Admit nothing new; queued rows run without waiting to fill batches."""
         with self._cond:

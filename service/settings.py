@@ -97,6 +97,19 @@ class EngineConfig(BaseModel):
         default=2, description="Threads that decode and resize uploaded images."
     )
 
+    # --- trust between tenants ---------------------------------------------------------------
+    adapter_probe: bool = Field(
+        default=True,
+        description="Run the servability probe (one small forward on a fixed image) on every "
+        "upload and before a version found in the store is first served: a version that "
+        "raises or gives NaN/infinity is refused (422). Off only for trusted stores.",
+    )
+    quarantine_after: PositiveInt = Field(
+        default=3,
+        description="Quarantine an adapter version (422 adapter_quarantined until replaced) "
+        "after this many of its rows in a row ended with non-finite values.",
+    )
+
     # --- admission control -----------------------------------------------------------------
     queue_size: PositiveInt = Field(
         default=256, description="Waiting requests before 503 queue_full."
@@ -313,6 +326,18 @@ class Settings(BaseSettings, EngineConfig):
         default=20,
         ge=0,
         description='Distinct adapter label values in metrics; the rest are "other".',
+    )
+    metrics_token: str | None = Field(
+        default=None,
+        min_length=16,
+        description="Bearer token that GET /metrics requires (Prometheus' scrape token); "
+        "with one, tenants' own adapter names may appear as labels. Unset: /metrics is open "
+        'and, with keys configured, shows tenants\' own adapters as "private".',
+    )
+    metrics_token_file: Path | None = Field(
+        default=None,
+        description="File holding the metrics token (instead of metrics_token); Prometheus "
+        "reads the same file (credentials_file).",
     )
     log_level: Literal["debug", "info", "warning", "error", "critical"] = Field(
         default="info", description="Log level."

@@ -41,6 +41,10 @@ def check_files(settings: Settings) -> None:
     """The keys file, the runtime folder and the store (fast: no heavy import)."""
     if settings.keys_file is not None:
         check_readable_file(settings.keys_file, "keys file", "CTXPEFT_KEYS_FILE")
+    if settings.metrics_token_file is not None:
+        check_readable_file(
+            settings.metrics_token_file, "metrics token file", "CTXPEFT_METRICS_TOKEN_FILE"
+        )
     check_writable_dir(settings.runtime_dir, "runtime folder", "CTXPEFT_RUNTIME_DIR")
     check_writable_dir(settings.resolved_store_dir(), "adapter store", "CTXPEFT_STORE_DIR")
 

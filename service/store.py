@@ -15,20 +15,27 @@ was reported written survives a power cut. Public adapters belong to the reserve
 Several processes may share a store (replicas, `ctxpeft train`): start-up cleanup removes only
 temporary folders old enough to be abandoned (`ABANDONED_AFTER_S`), never one that another
 process may still be writing. `usage(tenant)` counts a tenant's adapters and bytes, for the
-per-tenant quotas (`StoreQuota`) that uploads are held to.
+per-tenant quotas (`StoreQuota`) that uploads are held to. A tenant's versions are written
+one at a time under its lock (`tenant_lock`: a thread lock in the process and an advisory
+`flock` on `<store>/.locks/<tenant>` across processes), and the quota is checked under that
+lock, so that two uploads racing for a tenant's last place, in one process or in two replicas
+sharing the store, cannot both take it.
 
 This module only touches disk. Caching, slots and hot-swap are the registry's business.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
 import stat
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +45,8 @@ VERSION_PATTERN = re.compile(r"^v([1-9][0-9]{0,8})$")
 PUBLIC_TENANT = "public"
 _TMP_PREFIX = ".tmp-"
 _TRASH_PREFIX = f"{_TMP_PREFIX}deleted-"
+# Lock files, one per tenant; a dot folder, so that no listing takes it for a tenant.
+_LOCKS_DIR = ".locks"
 # A writer's temporary folder untouched (itself and its files) for this long is abandoned: its
 # writer crashed. Writers finish in seconds (two files, then validation), so an hour is far
 # beyond any live writer, even on a slow shared disk.
@@ -113,8 +122,16 @@ class AdapterRef:
         return f"{self.tenant}/{self.name}@v{self.version}"
 
 
+# The thread half of a tenant's lock, per (store folder, tenant), shared by every AdapterStore
+# of the process: `flock` excludes other processes, but on some file systems (NFS emulates it
+# with POSIX record locks, which belong to the process) not the other threads of this one.
+_THREAD_LOCKS: dict[tuple[str, str], threading.Lock] = {}
+_THREAD_LOCKS_GUARD = threading.Lock()
+
+
 class AdapterStore:
-    """Directory-backed store. Safe for several processes: writes are atomic renames."""
+    """Directory-backed store. Safe for several processes: writes are atomic renames, and a
+    tenant's writes (with their quota check) take the tenant's lock."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
@@ -173,10 +190,47 @@ class AdapterStore:
         return [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")]
 
     # --- writing ---------------------------------------------------------------------
-    def write_version(self, tenant: str, name: str, write: Callable[[Path], None]) -> AdapterRef:
+    @contextmanager
+    def tenant_lock(self, tenant: str) -> Iterator[None]:
+        """Hold the tenant's write lock: exclusive against every thread of this process and
+        every process that shares the store. `flock` is released by the kernel when its holder
+        dies, so a crashed writer never leaves the tenant locked."""
+        check_tenant(tenant)
+        key = (str(self.root.resolve()), tenant)
+        with _THREAD_LOCKS_GUARD:
+            thread_lock = _THREAD_LOCKS.setdefault(key, threading.Lock())
+        with thread_lock:
+            folder = self.root / _LOCKS_DIR
+            folder.mkdir(exist_ok=True)
+            fd = os.open(folder / tenant, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)  # releases the flock
+
+    def write_version(
+        self,
+        tenant: str,
+        name: str,
+        write: Callable[[Path], None],
+        quota: StoreQuota | None = None,
+        new_bytes: int = 0,
+    ) -> AdapterRef:
         """Create the next version of tenant/name: `write(folder)` fills a temporary folder,
         which is then renamed to v<N+1>. Never overwrites an existing version; if another
-        writer takes N+1 first, the rename moves on to the next number."""
+        writer takes N+1 first, the rename moves on to the next number. With a `quota`, the
+        tenant's usage plus `new_bytes` (and the new name, for a first version) is checked
+        first (QuotaExceeded, nothing written). All under the tenant's lock, so the usage
+        checked is the usage the version is added to."""
+        check_name(name)
+        with self.tenant_lock(tenant):
+            if quota is not None:
+                new_adapter = not self.versions(tenant, name)
+                quota.check(self.usage(tenant), new_adapter, new_bytes)
+            return self._write_version(tenant, name, write)
+
+    def _write_version(self, tenant: str, name: str, write: Callable[[Path], None]) -> AdapterRef:
         adapter_dir = self.root / check_tenant(tenant) / check_name(name)
         if not adapter_dir.is_dir():
             adapter_dir.mkdir(parents=True, exist_ok=True)

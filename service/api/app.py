@@ -25,10 +25,10 @@ from service.api.routes import adapters, caption, health, info, openai, samples
 from service.api.routes import files as files_routes
 from service.api.routes import fine_tuning as fine_tuning_routes
 from service.api.state import ServiceState
-from service.auth import KeyStore
+from service.auth import KeyStore, metrics_token
 from service.engine import Engine
 from service.jobs.service import FineTuning, RunnerFactory
-from service.metrics import ServiceMetrics
+from service.metrics import ServiceMetrics, private_labels_allowed
 from service.settings import Settings
 
 _DESCRIPTION = """\
@@ -67,6 +67,10 @@ def create_app(
         keys=keys if keys is not None else KeyStore.from_settings(settings),
         metrics=metrics,
         engine=engine,
+        metrics_token=metrics_token(settings),
+    )
+    metrics.private_labels = private_labels_allowed(
+        has_keys=not state.keys.empty, scrape_token=state.metrics_token is not None
     )
 
     @asynccontextmanager

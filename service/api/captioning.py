@@ -45,6 +45,7 @@ from service.engine import CaptionRequest, CaptionResult
 from service.exceptions import Cancelled, EngineError
 from service.metrics import ServiceMetrics
 from service.settings import Settings
+from service.store import AdapterRef
 
 POLL_S = 0.25  # how often a waiting handler checks for a gone client or an expired drain
 # A stream with nothing to say for this long sends an SSE comment: proxies keep the
@@ -96,14 +97,18 @@ def image_decoder(settings: Settings, data: bytes, param: str | None = None) -> 
 
 class CaptionObservation:
     """Counts one caption request in the metrics: in flight from construction, then its
-    status and duration under each adapter it named (a name that did not resolve, 404, or
-    was invalid, 422, never takes one of the bounded label values), and the rejection reason
-    of a bad input. As a context manager it closes with 200, the ApiError's status or 500;
-    `detach()` hands the closing to a stream that outlives the handler."""
+    status and duration under each adapter it named, and the rejection reason of a bad input.
+    A name takes a label only once the engine resolved it (`refs`: from the results, or from
+    the error of a request that failed after resolving): a name that does not exist, or a
+    request refused before its names were looked up, counts as "none" (see
+    service.metrics). As a context manager it closes with 200 (the handler sets `refs` from
+    its results), the ApiError's status (and its refs) or 500; `detach()` hands the closing
+    to a stream that outlives the handler."""
 
     def __init__(self, metrics: ServiceMetrics) -> None:
         self.metrics = metrics
         self.names: tuple[str, ...] = ()
+        self.refs: tuple[AdapterRef, ...] = ()
         self._started = time.perf_counter()
         self._open = True
         self._detached = False
@@ -121,10 +126,11 @@ class CaptionObservation:
         if status in _REJECTION:
             self.metrics.reject(_REJECTION[status])
         seconds = time.perf_counter() - self._started
-        ok_names = self.names and status not in (404, 422)
-        labels: Sequence[str | None] = self.names if ok_names else (None,)
-        for name in labels:
-            self.metrics.observe_request(name, status, seconds)
+        if self.names and len(self.refs) == len(self.names):
+            for name, ref in zip(self.names, self.refs, strict=True):
+                self.metrics.observe_request(name, ref, status, seconds)
+        else:
+            self.metrics.observe_request(None, None, status, seconds)
 
     def __enter__(self) -> CaptionObservation:
         return self
@@ -137,6 +143,8 @@ class CaptionObservation:
     ) -> None:
         if exc is None and self._detached:
             return
+        if isinstance(exc, ApiError):
+            self.refs = exc.refs
         self.close(200 if exc is None else exc.status if isinstance(exc, ApiError) else 500)
 
 
@@ -260,6 +268,7 @@ class CaptionStream:
         self.results: list[CaptionResult] = []
         self.tails: list[str] = []
         self.status = CLIENT_GONE
+        self.refs: tuple[AdapterRef, ...] = submission.refs  # what the request resolved to
 
     async def __aiter__(self) -> AsyncIterator[TokenText | KeepAlive]:
         try:
@@ -281,9 +290,9 @@ class CaptionStream:
                 try:
                     self.results = self._task.result()
                 except ApiError as exc:
-                    self.status = exc.status
+                    self.status, self.refs = exc.status, exc.refs
                     raise
-                self.status = 200
+                self.status, self.refs = 200, tuple(r.ref for r in self.results)
                 self.tails = [
                     text.finish(result.caption)
                     for text, result in zip(self._texts, self.results, strict=True)
@@ -344,4 +353,5 @@ class EventStreamResponse(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             await self._stream.aclose()
+            self._observed.refs = self._stream.refs
             self._observed.close(self._stream.status)

@@ -7,7 +7,10 @@ import math
 from service.api.errors import ApiError
 from service.exceptions import (
     AdapterLoadError,
+    AdapterNonFinite,
     AdapterNotFound,
+    AdapterQuarantined,
+    AdapterUnservable,
     Cancelled,
     DeadlineExceeded,
     Draining,
@@ -23,6 +26,9 @@ from service.exceptions import (
 _STATUS: tuple[tuple[type[EngineError], int, str], ...] = (
     (AdapterNotFound, 404, "adapter_not_found"),
     (InvalidRequest, 422, "invalid_parameter"),
+    (AdapterUnservable, 422, "adapter_unservable"),
+    (AdapterNonFinite, 422, "adapter_non_finite"),
+    (AdapterQuarantined, 422, "adapter_quarantined"),
     (TenantLimit, 429, "tenant_limit"),
     (QueueFull, 503, "queue_full"),
     (Draining, 503, "draining"),
@@ -43,5 +49,7 @@ def to_api_error(exc: EngineError) -> ApiError:
                 retry = 1.0
             if retry is not None:
                 headers = {"Retry-After": str(max(1, math.ceil(retry)))}
-            return ApiError(status, kind, exc.message, headers=headers)
+            error = ApiError(status, kind, exc.message, headers=headers)
+            error.refs = exc.refs
+            return error
     return ApiError(500, "internal", "internal error")

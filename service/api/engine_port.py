@@ -63,7 +63,11 @@ class DecoderPort(Protocol):
 
 
 class SubmissionPort(Protocol):
-    """An admitted request: its results, or the first error among its adapters."""
+    """An admitted request: its results, or the first error among its adapters; `refs`, the
+    adapters it resolved to (what the metrics may label)."""
+
+    @property
+    def refs(self) -> tuple[AdapterRef, ...]: ...
 
     async def results(self) -> list[CaptionResult]: ...
 

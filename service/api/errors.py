@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from service.exceptions import RequestError
 from service.logging import current_request_id
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ class ErrorBody(BaseModel):
     request_id: str = Field(description="Id of the request; also in the X-Request-ID header.")
 
 
-class ApiError(Exception):
+class ApiError(RequestError):
     """An error answered to the client as-is: status, snake_case type, message, headers."""
 
     def __init__(

@@ -28,6 +28,7 @@ class ServiceState:
     keys: KeyStore
     metrics: ServiceMetrics
     engine: EnginePort | None = None
+    metrics_token: str | None = None  # GET /metrics requires it as a bearer token, when set
     load_error: str | None = None
     draining: bool = False
     # The drain time ran out with requests still in flight: their handlers stop waiting and

@@ -4,8 +4,10 @@ Usage:
     ctxpeft serve                          # settings from CTXPEFT_* env, defaults otherwise
     ctxpeft serve --host 0.0.0.0 --port 8000 --keys-file keys.json
     ctxpeft serve --ray --replicas 2       # on a local Ray cluster: N engine replicas behind
-                                           # one ingress (needs the `ray` extra; see
-                                           # service.scaleout and docs/OPERATIONS.md)
+                                           # one ingress, sized to the machine (needs the
+                                           # `ray` extra; see service.scaleout.launch and
+                                           # docs/OPERATIONS.md, "Scaling out")
+    ctxpeft serve --ray --replicas 8 --address 10.0.0.5:6379   # on a cluster of `ray start`s
 
 On the first SIGTERM (or Ctrl-C): /readyz turns 503 and new requests get 503 while the
 listening socket stays open (load balancers see the 503s and move away); requests already
@@ -32,6 +34,8 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 import uvicorn
+
+from service.scaleout.sizing import DEFAULT_REPLICAS, INGRESS_CPUS
 
 if TYPE_CHECKING:
     from pydantic import ValidationError
@@ -72,13 +76,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="serve on a local Ray cluster: one ingress and --replicas engine replicas",
     )
-    scale.add_argument("--replicas", type=int, help="engine replicas with --ray (default 2)")
     scale.add_argument(
-        "--cpus-per-replica", type=float, help="Ray CPUs of each engine replica (default 1)"
+        "--replicas", type=int, help=f"engine replicas with --ray (default {DEFAULT_REPLICAS})"
+    )
+    scale.add_argument(
+        "--cpus-per-replica",
+        type=float,
+        help="Ray CPUs of each engine replica (default: the cluster's CPUs less the ingress's "
+        f"{INGRESS_CPUS:g}, shared by the replicas); a size that cannot be placed exits 2",
+    )
+    scale.add_argument(
+        "--address",
+        help="join a running Ray cluster (`ray start` on each node) at this address, or "
+        "'auto', instead of starting a local one",
     )
 
 
-_RAY_OPTIONS = ("ray", "replicas", "cpus_per_replica")  # flags of the launcher, not settings
+# Flags of the launcher, not settings.
+_RAY_OPTIONS = ("ray", "replicas", "cpus_per_replica", "address")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -110,10 +125,19 @@ def run(args: argparse.Namespace) -> int:
         return CONFIG_ERROR
     configure_logging(settings.log_level, settings.log_json)
     log.info("starting", extra={"pid": os.getpid(), "uid": os.getuid()})
+    plan = None
     try:
         ray_problem = _check_ray_options(**scale)
         if ray_problem:
             raise StartupError(ray_problem)
+        if scale["ray"]:
+            from service.scaleout.launch import ScaleOut, local_plan
+
+            scale_out = ScaleOut(
+                scale["replicas"] or DEFAULT_REPLICAS, scale["cpus_per_replica"], scale["address"]
+            )
+            if scale_out.own_cluster:  # first: this machine's CPUs say in a second
+                plan = local_plan(scale_out)
         check_files(settings)
         keys = _load_keys(settings)
         check_backbone(settings)
@@ -123,7 +147,11 @@ def run(args: argparse.Namespace) -> int:
     if scale["ray"]:
         from service.scaleout.launch import serve_on_ray
 
-        return serve_on_ray(settings, scale["replicas"] or 2, scale["cpus_per_replica"] or 1.0)
+        try:
+            return serve_on_ray(settings, scale_out, plan)
+        except StartupError as exc:  # a plan the joined cluster cannot place: nothing deployed
+            log.error("%s", exc, extra={"exit_code": CONFIG_ERROR})
+            return CONFIG_ERROR
 
     from huggingface_hub.utils import disable_progress_bars
     from transformers.utils.logging import disable_progress_bar
@@ -158,12 +186,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _check_ray_options(
-    ray: bool | None, replicas: int | None, cpus_per_replica: float | None
+    ray: bool | None,
+    replicas: int | None,
+    cpus_per_replica: float | None,
+    address: str | None = None,
 ) -> str | None:
-    """Why the scale-out flags cannot be used as given, or None."""
+    """Why the scale-out flags cannot be used as given, or None (whether the cluster can
+    place them is the launcher's check: service.scaleout.sizing)."""
     if not ray:
-        if replicas is not None or cpus_per_replica is not None:
-            return "--replicas and --cpus-per-replica need --ray"
+        if replicas is not None or cpus_per_replica is not None or address is not None:
+            return "--replicas, --cpus-per-replica and --address need --ray"
         return None
     if replicas is not None and replicas < 1:
         return f"--replicas must be at least 1, got {replicas}"

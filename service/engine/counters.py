@@ -7,8 +7,9 @@ one) move with the same calls, so the two can never disagree.
     counters.dropped("deadline", rows=2)          # admitted rows that ended unanswered
     counters.joined(rows=[...], adapters=3, waits=[...])   # one prefill
     counters.step(rows=12, adapters=5)            # one decode step
-    counters.completed("describe", tokens=9)      # one row answered with a caption
+    counters.completed("describe", ref, tokens=9)      # one row answered with a caption
     counters.fault("decode")                      # an exception contained at a stage
+    counters.non_finite()                         # a row stopped: its logits were NaN/inf
 
 Thread-safe: the event loop counts admissions, the worker thread everything else.
 """
@@ -20,6 +21,7 @@ from collections import Counter
 from collections.abc import Sequence
 
 from service.metrics import ServiceMetrics
+from service.store import AdapterRef
 
 
 class EngineCounters:
@@ -63,10 +65,10 @@ class EngineCounters:
         """Admitted rows answered with an error (load failure, contained fault, shutdown)."""
         self._add(failed=rows)
 
-    def completed(self, adapter: str, tokens: int) -> None:
+    def completed(self, adapter: str, ref: AdapterRef, tokens: int) -> None:
         self._add(completed=1, tokens=tokens)
         if self.metrics is not None:
-            self.metrics.add_generated_tokens(adapter, tokens)
+            self.metrics.add_generated_tokens(adapter, ref, tokens)
 
     # --- the worker's steps ------------------------------------------------------------------
     def joined(self, rows: int, adapters: int, waits: Sequence[float]) -> None:
@@ -90,6 +92,18 @@ class EngineCounters:
     def first_token(self, seconds: float) -> None:
         if self.metrics is not None:
             self.metrics.time_to_first_token.observe(seconds)
+
+    def non_finite(self) -> None:
+        """A row stopped because its logits were not finite (numeric containment)."""
+        self._add(non_finite=1)
+        if self.metrics is not None:
+            self.metrics.non_finite_rows.inc()
+
+    def quarantined(self) -> None:
+        """An adapter version quarantined for producing non-finite values again and again."""
+        self._add(quarantined=1)
+        if self.metrics is not None:
+            self.metrics.quarantines.inc()
 
     def fault(self, stage: str) -> None:
         """An exception contained at `stage` (see service.metrics.FAULT_STAGES)."""

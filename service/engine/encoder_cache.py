@@ -61,8 +61,12 @@ class EncoderCache:
         if todo:
             features = encoder(torch.stack(list(todo.values())))
             for key, feature in zip(todo, features, strict=True):
-                found[key] = feature
-                self._remember(key, feature)
+                # Its own copy: a view into the batch's tensor would keep the whole batch
+                # alive for as long as the entry lives, and the entry bound would not bound
+                # memory.
+                own = feature.clone()
+                found[key] = own
+                self._remember(key, own)
         self._counters.encoder(hits=hits, misses=len(todo))
         return [found[key] for key in keys]
 

@@ -60,6 +60,7 @@ from adapters.presets import PRESETS
 from service.engine.counters import EngineCounters
 from service.engine.encoder_cache import EncoderCache, content_key
 from service.engine.loop import StepLoop
+from service.engine.probe import ServabilityProbe
 from service.engine.rows import PreparedImage, Row, retrieve_error
 from service.engine.types import CaptionRequest, CaptionResult, EngineStats
 from service.exceptions import (
@@ -69,12 +70,13 @@ from service.exceptions import (
     EngineError,
     EngineStopped,
     InvalidRequest,
+    RequestError,
 )
 from service.metrics import ServiceMetrics
-from service.registry import AdapterRegistry, connector_spec
+from service.registry import AdapterRegistry, AdapterVersion, connector_spec
 from service.scheduler import Scheduler
 from service.settings import EngineConfig, Settings
-from service.store import AdapterStore
+from service.store import AdapterRef, AdapterStore
 
 log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -119,15 +121,25 @@ class Submission:
         except asyncio.CancelledError:  # the caller cancelled this request
             self._engine._abandon(rows, "cancelled")
             raise
+        refs = tuple(row.key.ref for row in rows)
         for future in futures:  # the first error in the order of the names
             error = future.exception() if future in done else None
             if error is not None:
                 self._engine._abandon(rows, "cancelled")  # its siblings stop at once
+                if isinstance(error, EngineError):
+                    error.refs = refs
                 raise error
         if pending:
             self._engine._abandon(rows, "deadline")
-            raise DeadlineExceeded(f"no answer within {self.timeout_s:g} s (request_timeout_s)")
+            late = DeadlineExceeded(f"no answer within {self.timeout_s:g} s (request_timeout_s)")
+            late.refs = refs
+            raise late
         return [future.result() for future in futures]
+
+    @property
+    def refs(self) -> tuple[AdapterRef, ...]:
+        """The adapter versions the request resolved to (for the metrics' labels)."""
+        return tuple(row.key.ref for row in self.rows)
 
     def cancel(self) -> None:
         """Cancel the rows that have not been answered yet (on the event loop's thread)."""
@@ -167,6 +179,11 @@ class Engine:
             metrics,
             config.refresh_s,
             on_change=self._wake,
+            probe=(
+                ServabilityProbe(self.model, self.bank.connector_spec, config.max_rank)
+                if config.adapter_probe
+                else None
+            ),
         )
         self.scheduler: Scheduler[Row] = Scheduler(
             config.max_batch_size,
@@ -285,9 +302,26 @@ class Engine:
         max_new, timeout = check_request(request, self.config)
         if not self.alive:
             raise EngineStopped(f"the engine stopped ({self.stopped}); retry later")
-        loop = asyncio.get_running_loop()
         arrival = time.monotonic()
-        versions = [self.registry.resolve(request.tenant, name) for name in names]
+        # Off the event loop: resolving stats the store (a slow shared file system must not
+        # stall every other request).
+        versions = await asyncio.to_thread(self._resolve, request.tenant, names)
+        try:
+            return await self._admit(request, versions, max_new, timeout, arrival)
+        except RequestError as exc:  # ours, or the caller's image decoder's
+            exc.refs = tuple(v.ref for v in versions)
+            raise
+
+    async def _admit(
+        self,
+        request: CaptionRequest,
+        versions: list[AdapterVersion],
+        max_new: int,
+        timeout: float,
+        arrival: float,
+    ) -> Submission:
+        names = request.adapters
+        loop = asyncio.get_running_loop()
         # Admission before any image work: a refused request never decodes its image.
         self.scheduler.admit(request.tenant, len(names))
         # In the caller's context: what the decoder logs (a Pillow warning) names its request.
@@ -329,6 +363,9 @@ class Engine:
                 raise EngineStopped(f"the engine stopped ({self.stopped}); retry later") from None
             raise
         return Submission(self, rows, timeout)
+
+    def _resolve(self, tenant: str, names: Sequence[str]) -> list[AdapterVersion]:
+        return [self.registry.resolve(tenant, name) for name in names]
 
     def _abandon(self, rows: Sequence[Row], reason: str) -> int:
         """Answer rows that are still open with Cancelled / DeadlineExceeded (counted). The
@@ -395,6 +432,8 @@ class Engine:
             dropped=self.counters.by_prefix("dropped_"),
             rejected=self.counters.by_prefix("rejected_"),
             faults=self.counters.by_prefix("fault_"),
+            non_finite=c["non_finite"],
+            quarantined=c["quarantined"],
             running=len(self.loop.rows),
             tiers=self.registry.cache.stats(),
         )

@@ -20,26 +20,41 @@ while the others carry on; only when a retry on the rest fails again are all row
 stage failed. A decode step that raises leaves the KV cache as it was (DecodeState.step is all
 or nothing). An exception anywhere else in an iteration fails that iteration's running rows and
 the loop continues. If the thread stops anyway, `on_stop` tells the engine, which turns
-readiness and liveness off and fails everything queued at once.
+readiness and liveness off and fails everything queued at once. A fault's message to the
+client names the stage and an incident id, never the exception itself (its text may carry
+paths, shapes or memory figures): the log line with that id has the traceback.
+
+Numeric containment. A row whose logits are not finite comes back as NON_FINITE from the
+step's one host read; that row alone ends with AdapterNonFinite (422) naming its adapter
+version, and a version whose rows do so `quarantine_after` times in a row (no finished
+caption in between) is quarantined by the registry: refused until a new version replaces it.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
 from adapters.bank import AdapterBank
-from adapters.decoding import DecodeState
+from adapters.decoding import NON_FINITE, DecodeState
 from adapters.model import ContextPEFTModel
 from service.engine.counters import EngineCounters
 from service.engine.encoder_cache import EncoderCache
 from service.engine.rows import PreparedImage, Row
 from service.engine.types import CaptionResult, Timings
-from service.exceptions import AdapterNotFound, DeadlineExceeded, EngineError, EngineFault
+from service.exceptions import (
+    AdapterLoadError,
+    AdapterNonFinite,
+    AdapterNotFound,
+    DeadlineExceeded,
+    EngineError,
+    EngineFault,
+)
 from service.registry import AdapterRegistry, AdapterVersion, VersionGone
 from service.scheduler import Scheduler, SlotBudget
 from service.settings import EngineConfig
@@ -74,6 +89,8 @@ class StepLoop:
         self.stopping = False
         self.steps = 0  # iterations run (the loop's clock for prefill_max_wait_steps)
         self._held_since: int | None = None  # step since which ready rows wait to join
+        # Rows per version that ended non-finite since its last finished caption.
+        self._non_finite: dict[AdapterVersion, int] = {}
 
     # --- the thread ------------------------------------------------------------------------
     def run(self, on_stop: Callable[[BaseException | None], None]) -> None:
@@ -88,9 +105,7 @@ class StepLoop:
                 try:
                     self.iterate()
                 except Exception as exc:
-                    log.exception("engine step failed; its running rows fail, serving goes on")
-                    self.counters.fault("loop")
-                    self._fail_running(EngineFault(f"internal error in the engine: {exc!r}"))
+                    self._fail_running(self._fault("loop", exc, "the engine's step"))
         except BaseException as exc:  # nothing can be trusted any more: stop, say so loudly
             log.critical("the engine's worker stops", exc_info=True)
             reason = exc
@@ -146,20 +161,24 @@ class StepLoop:
             return [], None
         joining = [row for _, row in chosen]
         running = len(self.rows)  # joining rows are merged after the running ones
+        requeued: set[int] = set()  # rows `_bind` put back in line: theirs to answer later
         try:
-            return self._admit(chosen)
+            return self._admit(chosen, requeued)
         except Exception as exc:
-            log.exception("rows failed while joining the running batch")
-            self.counters.fault("loop")
+            error = self._fault("loop", exc, "joining the running batch")
             # Rows that did join this step leave too: every joining row fails, none is lost.
             self._keep(range(running))
             for row in joining:
+                if id(row) in requeued:  # back in the queue: not this step's to answer
+                    continue
                 row.unwant(self.registry.cache)
-                self._fail_row(row, EngineFault(f"internal error while joining: {exc!r}"))
+                self._fail_row(row, error)
             return [], None
 
-    def _admit(self, chosen: list[tuple[int, Row]]) -> tuple[list[Row], torch.Tensor | None]:
-        rows = self._bind(chosen)
+    def _admit(
+        self, chosen: list[tuple[int, Row]], requeued: set[int]
+    ) -> tuple[list[Row], torch.Tensor | None]:
+        rows = self._bind(chosen, requeued)
         rows = self._encode(rows)
         if not rows:
             return [], None
@@ -220,10 +239,10 @@ class StepLoop:
             return True
         return False
 
-    def _bind(self, chosen: list[tuple[int, Row]]) -> list[Row]:
+    def _bind(self, chosen: list[tuple[int, Row]], requeued: set[int]) -> list[Row]:
         """Pin a bank slot for each row's adapter version. Rows answered meanwhile end here;
         a version that cannot be bound fails its rows only; rows whose CPU copy was evicted
-        since the readiness check go back in line."""
+        since the readiness check go back in line (their ids are added to `requeued`)."""
         cache = self.registry.cache
         live: list[tuple[int, Row]] = []
         for seq, row in chosen:
@@ -235,7 +254,9 @@ class StepLoop:
         if not live:
             return []
         slots, failed, missing = cache.bind(row.key for _, row in live)
-        self.scheduler.requeue((seq, row) for seq, row in live if row.key in missing)
+        back = [(seq, row) for seq, row in live if row.key in missing]
+        self.scheduler.requeue(back)
+        requeued.update(id(row) for _, row in back)
         bound = []
         for _, row in live:
             if row.key in failed:
@@ -265,15 +286,14 @@ class StepLoop:
                     try:
                         self._encode_images([image])
                     except Exception as exc:
-                        image.error = exc
+                        image.error = incident(exc, "the vision encoder")
         if len(rows) > len(todo):
             self.encoder_cache.count_hits(len(rows) - len(todo))
         seconds = time.monotonic() - started
         kept = []
         for row in rows:
             if row.image.features is None:
-                error = EngineFault(f"the vision encoder failed on this image: {row.image.error!r}")
-                self._fail_row(row, error)
+                self._fail_row(row, EngineFault(row.image.error or "the vision encoder failed"))
             else:
                 row.encode_s = seconds
                 kept.append(row)
@@ -302,7 +322,7 @@ class StepLoop:
                     done.append((unit, *self._prefill_rows(unit)))
                 except Exception as exc:
                     if len(unit) == 1:
-                        self._fail_row(unit[0], EngineFault(f"prefill failed: {exc!r}"))
+                        self._fail_row(unit[0], EngineFault(incident(exc, "the prefill")))
                     continue  # the whole group failed: try its rows one by one
                 if unit is group:
                     break
@@ -353,8 +373,11 @@ class StepLoop:
             if pos < len(nexts):
                 tokens.append(nexts[pos])
             new: list[int] = []
-            ended = False
+            ended = poisoned = False
             for token in tokens:
+                if token == NON_FINITE:
+                    ended = poisoned = True
+                    break
                 if token == self.eos or len(row.token_ids) >= row.max_new_tokens:
                     ended = True
                     break
@@ -366,7 +389,10 @@ class StepLoop:
                     row.first_token = now
                     self.counters.first_token(now - row.arrival)
                 row.emit(new)
-            if ended:
+            if poisoned:
+                self._non_finite_row(row)
+            elif ended:
+                self._non_finite.pop(row.key, None)
                 self.answer(row, self._result(row, now))
             else:
                 keep.append(pos)
@@ -394,6 +420,34 @@ class StepLoop:
             prompt_tokens=prompt,
         )
 
+    def _non_finite_row(self, row: Row) -> None:
+        """The row's logits were not finite: it alone ends (422), counted; its version is
+        quarantined once it did so `quarantine_after` times without a finished caption."""
+        label = row.key.ref.label
+        self.counters.non_finite()
+        self.answer(
+            row,
+            AdapterNonFinite(
+                f"adapter {label} produced non-finite values (NaN or infinity) for this "
+                "request; the request was stopped (other requests are not affected)"
+            ),
+        )
+        count = self._non_finite.get(row.key, 0) + 1
+        self._non_finite[row.key] = count
+        if count >= self.config.quarantine_after:
+            del self._non_finite[row.key]
+            log.warning("adapter %s quarantined after %d non-finite rows", label, count)
+            self.registry.quarantine(
+                row.key, f"it produced non-finite values (NaN or infinity) {count} times in a row"
+            )
+            self.counters.quarantined()
+
+    def _fault(self, stage: str, exc: BaseException, what: str) -> EngineFault:
+        """Count and log an exception contained at `stage`; the error for its rows names the
+        stage and an incident id (the log line has the traceback), never the exception."""
+        self.counters.fault(stage)
+        return EngineFault(incident(exc, what))
+
     # --- answering and ending rows ----------------------------------------------------------------
     def answer(self, row: Row, outcome: CaptionResult | BaseException) -> None:
         """Answer a row taken out of the queue, count it, release its slot pin and end its
@@ -404,7 +458,7 @@ class StepLoop:
                 self._end(row)
                 return
             if isinstance(outcome, CaptionResult):
-                self.counters.completed(row.name, outcome.tokens)
+                self.counters.completed(row.name, row.key.ref, outcome.tokens)
                 self.scheduler.record_row(time.monotonic() - row.joined)
             else:
                 self.counters.failed()
@@ -469,7 +523,8 @@ class StepLoop:
     # --- loads that failed -----------------------------------------------------------------------
     def _sweep_failed_loads(self) -> None:
         """Rows whose adapter version failed to load: re-resolve those whose version was
-        deleted before it was read; fail the others with the load error."""
+        deleted before it was read; fail the others with the load error. Every row taken out
+        of the queue here is put back or answered, whatever the store raises meanwhile."""
         cache = self.registry.cache
         for key in self.scheduler.waiting_keys():
             assert isinstance(key, AdapterVersion)
@@ -477,19 +532,49 @@ class StepLoop:
             if error is None:
                 continue
             back: list[tuple[int, Row]] = []
-            for seq, row in self.scheduler.take(key):
-                row.unwant(cache)
-                if not isinstance(error, VersionGone):
-                    self.answer(row, error)
-                    continue
-                try:
-                    row.key = self.registry.resolve(row.tenant, row.name)
-                except AdapterNotFound as exc:
-                    self.answer(row, exc)
-                    continue
-                row.want(cache)
-                back.append((seq, row))
-            self.scheduler.requeue(back)
+            try:
+                for seq, row in self.scheduler.take(key):
+                    row.unwant(cache)
+                    if not isinstance(error, VersionGone):
+                        self.answer(row, error)
+                    elif self._re_resolve(row):
+                        back.append((seq, row))
+            finally:
+                self.scheduler.requeue(back)
+
+    def _re_resolve(self, row: Row) -> bool:
+        """Move a row whose version was deleted to the adapter's newest version (True), or
+        answer it (False): AdapterNotFound when the adapter is gone, AdapterLoadError when the
+        store cannot be read now (a permission error, a folder changing under the scan)."""
+        try:
+            row.key = self.registry.resolve(row.tenant, row.name)
+            row.want(self.registry.cache)
+            return True
+        except AdapterNotFound as exc:
+            self.answer(row, exc)
+        except Exception as exc:
+            log.warning("re-resolving %r for tenant %r failed: %r", row.name, row.tenant, exc)
+            self.answer(
+                row,
+                AdapterLoadError(
+                    f"adapter {row.name!r} was replaced and its new version could not be read "
+                    "now; retry",
+                    retry_after_s=1.0,
+                ),
+            )
+        return False
+
+
+def incident(exc: BaseException | None, what: str) -> str:
+    """A client-safe message for an exception contained by the engine: what failed and an
+    incident id; the exception (whose text may hold paths, shapes or memory figures) goes to
+    the log under that id."""
+    ident = uuid.uuid4().hex[:12]
+    log.error("%s failed (incident %s)", what, ident, exc_info=exc)
+    return (
+        f"{what} failed for this request (incident {ident}); other requests were not "
+        "affected, retrying may help"
+    )
 
 
 def _by_adapter(rows: Iterable[Row]) -> list[list[Row]]:

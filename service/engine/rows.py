@@ -28,7 +28,7 @@ class PreparedImage:
     pixels: torch.Tensor  # [3, S, S], preprocessed
     key: str  # content hash of the pixels
     features: torch.Tensor | None = None  # set by the first batch that encodes it
-    error: BaseException | None = None  # why the encoder failed on it, if it did
+    error: str | None = None  # why the encoder failed on it, if it did (client-safe)
 
 
 @dataclass(eq=False)

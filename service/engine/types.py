@@ -88,6 +88,8 @@ class EngineStats:
     dropped: dict[str, int]  # rows dropped before or during compute: deadline, cancelled
     rejected: dict[str, int]  # admissions refused: queue_full, tenant_limit, draining
     faults: dict[str, int]  # exceptions contained, by stage (encode, prefill, decode, ...)
+    non_finite: int  # rows stopped because their logits were NaN or infinite
+    quarantined: int  # adapter versions quarantined for that
     running: int  # rows in the running batch now
     tiers: TierStats
 

@@ -182,7 +182,7 @@ class FineTuning:
 
     def _publish(self, tenant: str, name: str, config: bytes, weights: bytes) -> str:
         from adapters.format import AdapterFormatError
-        from service.exceptions import EngineError
+        from service.exceptions import AdapterUnservable, EngineError
         from service.store import QuotaExceeded, StoreQuota
 
         engine = self.state.engine
@@ -201,6 +201,8 @@ class FineTuning:
             raise PublishError("invalid_adapter", str(error)) from None
         except QuotaExceeded as error:
             raise PublishError("quota_exceeded", str(error)) from None
+        except AdapterUnservable as error:  # the servability probe (issue 20) refused it
+            raise PublishError("adapter_unservable", str(error)) from None
         except EngineError as error:
             raise PublishError("publish_failed", str(error)) from None
         return ref.label

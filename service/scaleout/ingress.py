@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import ray
 from fastapi import FastAPI
 
 from service.api.app import create_app
@@ -52,6 +53,7 @@ class Ingress:
             AdapterStore(settings.resolved_store_dir()),
             metrics,
             self.affinity,
+            put=ray.put,
         )
         self._service_app = create_app(
             settings,
@@ -67,8 +69,20 @@ class Ingress:
     async def drain(self, timeout_s: float) -> bool:
         """Refuse new requests (503 draining) and wait for those in flight; True if all
         finished in time (else the waiting ones answer 503 at once)."""
-        assert self._service_app is not None
+        if self._service_app is None:
+            return True  # the app is not built yet: nothing was admitted
         return bool(await asyncio.to_thread(self._service_app.state.service.drain, timeout_s))
 
     def inflight(self) -> int:
         return 0 if self._remote_engine is None else self._remote_engine.inflight
+
+    def stats(self) -> dict[str, int]:
+        """Rows in flight and what was done with request images (tests, operators)."""
+        engine = self._remote_engine
+        if engine is None:
+            return {"inflight": 0, "images_decoded": 0, "images_shared": 0}
+        return {
+            "inflight": engine.inflight,
+            "images_decoded": engine.images.decoded,
+            "images_shared": engine.images.shared,
+        }

@@ -1,7 +1,9 @@
 """The messages between the ingress and the engine replicas: plain dataclasses, picklable by
 Ray, with no Ray import (the remote engine and its tests read them without Ray).
 
-A caption row goes to a replica as a `RowCall`; the replica answers with a stream of events:
+A caption row goes to a replica as a `RowCall`, which carries the request's image as a
+`SharedImage`: a reference into Ray's object store, where the ingress put the decoded pixels
+once for all the request's rows. The replica answers with a stream of events:
 first `Admitted` (or `RemoteError`: the row was refused at admission), then `Token` per
 generated token when the caller streams, then the `CaptionResult` (or `RemoteError`).
 Errors travel as `RemoteError` rather than as raised exceptions: our exception classes take
@@ -11,11 +13,8 @@ single-process service would give (status, type, message, Retry-After, param).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-
-from PIL import Image
 
 from adapters.config import BackboneConfig
 from service import exceptions
@@ -30,15 +29,26 @@ def adapter_id(tenant: str, name: str) -> str:
 
 
 @dataclass(frozen=True)
+class SharedImage:
+    """A request's image, decoded once by the ingress (with the service's image limits) and
+    put once in Ray's object store: `ref` is the ObjectRef of its RGB pixels, a uint8 array
+    [height, width, 3]. Every row of the request carries this same small reference, so the
+    pixels cross to each replica (node) at most once and are never decoded again: a replica
+    reads them (zero-copy on the ingress's node) after its engine admitted the row."""
+
+    ref: Any = field(repr=False)  # ray.ObjectRef (no Ray import here)
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
 class RowCall:
     """One (request, adapter) row for a replica: it resolves `name` for `tenant` itself (the
     newest version at its admission, exactly as the single-process engine does)."""
 
     tenant: str
     name: str
-    # The image: a picklable decoder (service.api.captioning.ImageDecoder: bytes + limits),
-    # called by the replica's engine after admission; or bytes / an image (benchmarks).
-    image: Image.Image | bytes | Callable[[], Image.Image] = field(repr=False)
+    image: SharedImage
     max_new_tokens: int | None
     timeout_s: float | None
     request_id: str

@@ -16,10 +16,15 @@ version again at its own admission, exactly as the single-process engine does: w
 is the newest version on disk at that moment.
 
 Admission keeps the single-process contract: names, max_new_tokens and the tenant's rows in
-flight (`tenant_max_inflight`, 429) are checked here, for the whole service; each replica then
-applies its own queue bound (503 queue_full) and decodes the image after admission. The first
-event of every row is its replica's admission answer, so admission errors (404, 422, 429, 503,
-and the image's 400/413/415) still raise from `submit`, before a stream sends its first byte.
+flight (`tenant_max_inflight`, 429) are checked here, for the whole service; then the image is
+decoded, once, here (its 400/413/415 raise from `submit`), and its pixels are put in Ray's
+object store once (`SharedImage`): the K rows carry one reference, so the image crosses to a
+replica's node at most once and no replica decodes it again, as one process decodes once for
+K adapters. Each replica then applies its own queue bound (503 queue_full) and reads the
+pixels after its admission. The first event of every row is its replica's admission answer,
+so admission errors (404, 422, 429, 503) still raise from `submit`, before a stream sends its
+first byte. (One difference from one process: a request refused by a full replica queue was
+decoded first; the replicas' queues are checked only once a row reaches them.)
 
 Faults: a replica that dies (its process killed, its node gone) fails the rows it held with
 503 `engine_fault` (Ray restarts it; the rows of other replicas are untouched); every wait is
@@ -37,9 +42,12 @@ import asyncio
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
+from PIL import Image
 
 from adapters.config import BackboneConfig
 from adapters.format import AdapterFormatError
@@ -51,6 +59,7 @@ from service.exceptions import (
     Draining,
     EngineError,
     EngineFault,
+    InvalidRequest,
     QueueFull,
     TenantLimit,
 )
@@ -60,6 +69,7 @@ from service.scaleout.messages import (
     RemoteError,
     ReplicaInfo,
     RowCall,
+    SharedImage,
     Token,
     adapter_id,
 )
@@ -245,6 +255,7 @@ class RemoteSubmission:
         self._deadline = deadline
         self._timeout_s = timeout_s
         self._released = False
+        self.refs: tuple[AdapterRef, ...] = ()
 
     async def results(self) -> list[CaptionResult]:
         tasks = [asyncio.ensure_future(self._row(i, s)) for i, s in enumerate(self._streams)]
@@ -301,8 +312,30 @@ async def _events(stream: Any) -> AsyncIterator[Any]:
         yield event
 
 
+@dataclass
+class ImageCounts:
+    """What the ingress did with request images: decoded (each request's image, once) and
+    shared (put in the object store, once per request whatever its number of adapters)."""
+
+    decoded: int = 0
+    shared: int = 0
+
+
+def decode_once(image: Image.Image | bytes | Callable[[], Image.Image]) -> np.ndarray:
+    """The request's image as RGB pixels [height, width, 3]: the HTTP layer's decoder is
+    called (its 400/413/415 pass through unchanged); a decoded image is taken as it is."""
+    if isinstance(image, bytes | bytearray):
+        # Only the HTTP layer's decoder applies the service's image limits: raw bytes would
+        # bypass them, so the Ray path does not take them.
+        raise InvalidRequest("the Ray path takes a decoded image or an image decoder")
+    decoded = image() if callable(image) else image
+    return np.asarray(decoded if decoded.mode == "RGB" else decoded.convert("RGB"))
+
+
 class RemoteEngine:
-    """The HTTP app's engine at the Ray Serve ingress (see the module docstring)."""
+    """The HTTP app's engine at the Ray Serve ingress (see the module docstring). `put` puts
+    a value in Ray's object store and returns its ObjectRef (`ray.put`, passed in by the
+    ingress: this module does not import Ray)."""
 
     def __init__(
         self,
@@ -312,8 +345,12 @@ class RemoteEngine:
         store: AdapterStore,
         metrics: ServiceMetrics | None = None,
         affinity: bool = True,
+        *,
+        put: Callable[[Any], Any],
     ) -> None:
         self.config = config
+        self.images = ImageCounts()
+        self._put = put
         self.registry = RemoteRegistry(replicas, store)
         self.backbone = BackboneView(info.config, info.device)
         self.model = TokenDecoder(info.tokenizer)
@@ -360,12 +397,21 @@ class RemoteEngine:
         self._admission.admit(request.tenant, len(request.adapters))
         streams: list[Any] = []
         submission = RemoteSubmission(self._admission, request, streams, deadline, timeout)
+        # Which adapters the request resolved to, as far as the ingress knows (the owner; the
+        # version is the replica's to choose): what the metrics may label.
+        submission.refs = tuple(
+            AdapterRef(owner, name, 0) for owner, name in zip(owners, request.adapters, strict=True)
+        )
         try:
+            # After admission, as in one process: a refused request never decodes its image.
+            image = await asyncio.to_thread(self._share, request.image)
+            self.images.decoded += 1  # counted on the event loop: one thread writes them
+            self.images.shared += 1
             for owner, name in zip(owners, request.adapters, strict=True):
                 call = RowCall(
                     request.tenant,
                     name,
-                    request.image,
+                    image,
                     max_new,
                     timeout,
                     request.request_id,
@@ -393,6 +439,12 @@ class RemoteEngine:
             submission.cancel()
             raise
         return submission
+
+    def _share(self, image: Image.Image | bytes | Callable[[], Image.Image]) -> SharedImage:
+        """Decode the request's image and put its pixels in the object store, once each (a
+        worker thread: decoding takes the process-wide decode gate of the HTTP layer)."""
+        pixels = decode_once(image)
+        return SharedImage(self._put(pixels), pixels.shape[1], pixels.shape[0])
 
 
 async def _first(stream: Any) -> Admitted | RemoteError:

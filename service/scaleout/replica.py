@@ -29,24 +29,29 @@ a file_sd target file `<targets_dir>/<replica>.json` for Prometheus' `file_sd_co
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
+import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import ray
 import torch
+from PIL import Image
 from prometheus_client import start_http_server
 from ray import serve
 
 from adapters.format import AdapterFormatError
 from service import __version__
 from service.api.errors import ApiError
+from service.auth import KeyStore, metrics_token
 from service.engine import CaptionRequest, CaptionResult, Engine
 from service.exceptions import EngineError
-from service.metrics import ROUTING_RESULTS, ServiceMetrics
+from service.metrics import ROUTING_RESULTS, ServiceMetrics, private_labels_allowed
 from service.scaleout.loopback import bind_replica_grpc_to_node_ip
 from service.scaleout.messages import (
     Admitted,
@@ -54,6 +59,7 @@ from service.scaleout.messages import (
     ReplicaInfo,
     Resolved,
     RowCall,
+    SharedImage,
     Token,
 )
 from service.settings import Settings
@@ -86,12 +92,21 @@ class EngineReplica:
             adapter_labels=settings.metrics_adapter_labels,
             backbone=settings.backbone,
             scaleout=True,
+            private_labels=private_labels_allowed(
+                has_keys=not KeyStore.from_settings(settings).empty,
+                scrape_token=metrics_token(settings) is not None,
+            ),
         )
         self.engine = Engine.from_settings(settings, metrics=self.metrics)
         self.metrics.set_build_info(
             __version__, settings.backbone, str(self.engine.backbone.device)
         )
         self._routed = dict.fromkeys(ROUTING_RESULTS, 0)
+        # Rows whose image this replica read from the object store, and uploads it took
+        # (accepted or refused): for tests and operators, with the engine's own counters.
+        self._counts_lock = threading.Lock()
+        self._images_read = 0
+        self._uploads = 0
         self.replica = serve.get_replica_context().replica_id.unique_id
 
         async def hold(model_id: str) -> str:
@@ -124,7 +139,7 @@ class EngineReplica:
         self.metrics.count_routing(result)
         tokens: asyncio.Queue[int] = asyncio.Queue()
         request = CaptionRequest(
-            call.image,
+            functools.partial(self._read_image, call.image, call.timeout_s),
             (call.name,),
             call.tenant,
             call.max_new_tokens,
@@ -159,6 +174,15 @@ class EngineReplica:
             if not task.done():
                 task.cancel()  # the caller went away: the engine drops the row at its next step
 
+    def _read_image(self, shared: SharedImage, timeout_s: float | None) -> Image.Image:
+        """The row's image from the object store: called by the engine after admitting the
+        row, in its preprocessing pool (a refused row never fetches the pixels). No decode:
+        the ingress decoded them once for every row of the request."""
+        pixels = ray.get(shared.ref, timeout=timeout_s)
+        with self._counts_lock:
+            self._images_read += 1
+        return Image.fromarray(pixels)
+
     # --- management and introspection ---------------------------------------------------
     async def _manage(self, fn: Callable[..., T], *args: Any) -> T | RemoteError:
         try:
@@ -184,6 +208,7 @@ class EngineReplica:
         weights_bytes: bytes,
         quota: StoreQuota | None = None,
     ) -> Any:
+        self._uploads += 1  # on the event loop, like the other counts it writes
         ref = await self._manage(
             self.engine.registry.add_version, tenant, name, config_bytes, weights_bytes, quota
         )
@@ -214,6 +239,10 @@ class EngineReplica:
             "hits": self._routed["hit"],
             "misses": self._routed["miss"],
             "completed": stats.completed,
+            "dropped": dict(stats.dropped),
+            "rejected": dict(stats.rejected),
+            "images_read": self._images_read,
+            "uploads": self._uploads,
             "tiers": asdict(stats.tiers),
         }
 
@@ -225,8 +254,6 @@ class EngineReplica:
             raise RuntimeError("the engine is closed")
 
     def _publish_metrics_target(self) -> None:
-        import ray
-
         host = ray.util.get_node_ip_address()
         server, _ = start_http_server(0, addr=host, registry=self.metrics.registry)
         self._metrics_server = server

@@ -1,6 +1,7 @@
 """RowCache against a plain reference: under random joins, steps and leaves (with small
 buffers, so they grow and move), every row's last `length` columns are exactly its keys and
-values, the padding before them is finite, and nothing is copied that did not change."""
+values, the padding before them is exactly zero whatever other rows held or hold (NaN and
+infinities included), and nothing is copied that did not change."""
 
 from __future__ import annotations
 
@@ -14,14 +15,24 @@ from adapters.kv_cache import RowCache
 LAYERS, HEADS, DIM = 2, 2, 3
 
 
-def fresh(rows: int, width: int, gen: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [
-        (
-            torch.randn(rows, HEADS, width, DIM, generator=gen),
-            torch.randn(rows, HEADS, width, DIM, generator=gen),
-        )
-        for _ in range(LAYERS)
-    ]
+def fresh(
+    rows: int, width: int, gen: torch.Generator, poison: float | None = None
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Random keys and values; with `poison` (NaN, inf, a huge finite value) every value is
+    that instead: what a broken adapter's row writes."""
+    out = []
+    for _ in range(LAYERS):
+        k = torch.randn(rows, HEADS, width, DIM, generator=gen)
+        v = torch.randn(rows, HEADS, width, DIM, generator=gen)
+        if poison is not None:
+            k, v = torch.full_like(k, poison), torch.full_like(v, poison)
+        out.append((k, v))
+    return out
+
+
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equal, NaN equal to NaN."""
+    return torch.equal(torch.nan_to_num(a, nan=7.0), torch.nan_to_num(b, nan=7.0))
 
 
 def check(cache: RowCache, reference: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> None:
@@ -34,12 +45,13 @@ def check(cache: RowCache, reference: list[list[tuple[torch.Tensor, torch.Tensor
     for layer_index, layer in enumerate(cache.row_layers):
         keys, values = layer.view()
         assert keys.shape == (len(reference), HEADS, longest, DIM)
-        assert torch.isfinite(keys).all() and torch.isfinite(values).all()
         for row, per_layer in enumerate(reference):
             k, v = per_layer[layer_index]
             n = k.shape[1]
-            assert torch.equal(keys[row, :, longest - n :], k)
-            assert torch.equal(values[row, :, longest - n :], v)
+            assert same(keys[row, :, longest - n :], k)
+            assert same(values[row, :, longest - n :], v)
+            assert not keys[row, :, : longest - n].any()  # padding: zeros, nothing stale
+            assert not values[row, :, : longest - n].any()
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -53,14 +65,15 @@ def test_random_joins_steps_and_leaves_match_the_reference(seed: int) -> None:
         op = rng.random()
         if op < 0.3 or not reference:  # rows join, with a prefix of their own length
             rows, width = rng.randint(1, 3), rng.randint(2, 9)
-            tensors = fresh(rows, width, gen)
+            poison = rng.choice([None, None, float("nan"), float("inf"), 3e38])
+            tensors = fresh(rows, width, gen, poison)
             before = cache.row_layers[0].k_buf
             cache.append_tensors(tensors, headroom=2)
             grew += before is not None and cache.row_layers[0].k_buf is not before
             for r in range(rows):
                 reference.append([(k[r], v[r]) for k, v in tensors])
         elif op < 0.8:  # a step: one column per row, written in place
-            column = fresh(len(reference), 1, gen)
+            column = fresh(len(reference), 1, gen, rng.choice([None] * 5 + [float("nan")]))
             cache.reserve_column(headroom=2)
             for layer, (k, v) in zip(cache.row_layers, column, strict=True):
                 keys, _ = layer.update(k, v)
@@ -89,3 +102,36 @@ def test_a_leave_moves_only_the_rows_that_fill_the_holes() -> None:
     assert cache.remove([1, 4]) == [0, 5, 2, 3]  # row 5 fills hole 1; hole 4 is past the end
     assert cache.remove([0]) == [3, 1, 2]
     assert cache.rows == 3
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), -float("inf"), 3e38])
+def test_a_row_joining_where_a_poisoned_row_was_sees_only_zeros_as_padding(
+    poison: float,
+) -> None:
+    """The issue-20 defect: a long row of non-finite values leaves, a short row joins into its
+    buffer row; the short row's padding must not be the old row's values."""
+    gen = torch.Generator().manual_seed(1)
+    cache = RowCache(LAYERS)
+    cache.append_tensors(fresh(1, 8, gen))  # a healthy long row keeps the columns in use
+    cache.append_tensors(fresh(1, 8, gen, poison))  # the poisoned row: buffer row 1
+    cache.remove([1])
+    for layer in cache.row_layers:  # the freed buffer row was cleared at once
+        assert all(not buf[1].any() for buf in layer.buffers())
+    cache.append_tensors(fresh(1, 3, gen))  # joins into buffer row 1, 5 columns of padding
+    for layer in cache.row_layers:
+        keys, values = layer.view()
+        assert keys.shape[2] == 8
+        assert not keys[1, :, :5].any() and not values[1, :, :5].any()
+        assert torch.isfinite(keys).all() and torch.isfinite(values).all()
+
+
+def test_a_row_moved_into_a_hole_leaves_nothing_behind() -> None:
+    gen = torch.Generator().manual_seed(2)
+    cache = RowCache(LAYERS)
+    cache.append_tensors(fresh(2, 4, gen))
+    cache.append_tensors(fresh(1, 4, gen, float("nan")))  # row 2, moved into hole 0 below
+    assert cache.remove([0]) == [2, 1]
+    keys, _ = cache.row_layers[0].view()
+    assert keys[0].isnan().all()  # the poisoned row's own data moved with it
+    k_buf, v_buf = cache.row_layers[0].buffers()
+    assert not k_buf[2].any() and not v_buf[2].any()  # its old buffer row is clear

@@ -36,6 +36,7 @@ from tests.service.live_server import live_server
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
+METRICS_TOKEN_FILE = DOCKER / "metrics_token.example"  # what compose gives both by default
 SCRAPE_INTERVAL_S = 1
 READY_TIMEOUT_S = 20.0
 
@@ -54,7 +55,10 @@ class LiveService:
     statuses: list[tuple[str, int]] = field(default_factory=list)  # (adapter, status) sent
 
     def metrics_text(self) -> str:
-        reply = httpx.get(f"{self.base_url}/metrics", timeout=10)
+        token = METRICS_TOKEN_FILE.read_text().strip()
+        reply = httpx.get(
+            f"{self.base_url}/metrics", headers={"Authorization": f"Bearer {token}"}, timeout=10
+        )
         reply.raise_for_status()
         return reply.text
 
@@ -119,7 +123,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveService]:
     for seed, name in enumerate(CAPTIONS):
         put(store, PUBLIC_TENANT, name, random_adapter(backbone, seed))
     metrics = ServiceMetrics(backbone="tiny", device="cpu")
-    settings = Settings(device="cpu", backbone="tiny")
+    settings = Settings(device="cpu", backbone="tiny", metrics_token_file=METRICS_TOKEN_FILE)
     engine = Engine(backbone, store, EngineConfig(max_wait_ms=0), metrics)
     app = create_app(settings, engine=engine, metrics=metrics)
     try:
@@ -184,8 +188,10 @@ def scraped(
     listen = f"127.0.0.1:{free_port()}"
     config = loopback_config(service.base_url.removeprefix("http://"), listen)
     (folder / "prometheus.yml").write_text(yaml.safe_dump(config))
-    # rule_files is relative to the config file: the shipped rules load beside it.
+    # rule_files and credentials_file are relative to the config file: the shipped rules and
+    # the example scrape token load beside it, as in the container.
     shutil.copy(DOCKER / "alerts.yml", folder / "alerts.yml")
+    shutil.copy(METRICS_TOKEN_FILE, folder / "metrics_token")
     log = (folder / "prometheus.log").open("wb")
     process = subprocess.Popen(
         [

@@ -25,7 +25,7 @@ from compose_spec import PyCompose
 
 from adapters.data.synthetic import TASKS
 from service.api.app import create_app
-from service.auth import KeyStore
+from service.auth import KeyStore, metrics_token
 from service.cli import COMMANDS, build_parser
 from service.engine import Engine
 from service.metrics import ServiceMetrics
@@ -284,6 +284,26 @@ def test_prometheus_service_runs_the_shipped_config_against_the_service() -> Non
     port = env_of("cpu")["CTXPEFT_PORT"]
     assert job["static_configs"][0]["targets"] == [f"ctxpeft:{port}"]
     assert job["metrics_path"] == "/metrics"
+
+
+def test_the_service_and_prometheus_share_one_scrape_token_file(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ctxpeft, prometheus = service("ctxpeft"), service("prometheus")
+    env = {k: str(v) for k, v in ctxpeft["environment"].items()}
+    ours = dict(v.removesuffix(":ro").split(":", 1) for v in ctxpeft["volumes"])
+    theirs = dict(v.removesuffix(":ro").split(":", 1) for v in prometheus["volumes"])
+    host_file = next(s for s, t in ours.items() if t == env["CTXPEFT_METRICS_TOKEN_FILE"])
+    assert host_file == "./docker/metrics_token.example"
+    flags = dict(a.removeprefix("--").split("=", 1) for a in prometheus["command"])
+    config = yaml.safe_load((DOCKER / "prometheus.yml").read_text())
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "ctxpeft"]
+    credentials = Path(flags["config.file"]).parent / job["authorization"]["credentials_file"]
+    assert theirs[host_file] == str(credentials)
+    assert job["authorization"]["type"] == "Bearer"
+    settings = settings_from_env(env_of("cpu") | env, monkeypatch)
+    token = metrics_token(settings.model_copy(update={"metrics_token_file": ROOT / host_file}))
+    assert token == (ROOT / host_file).read_text().strip() and len(token) >= 16
 
 
 def test_volumes_are_declared_and_bind_mounts_exist() -> None:

@@ -15,7 +15,13 @@ import yaml
 
 from service import __version__
 from service.metrics import NO_ADAPTER_LABEL
-from tests.deploy.conftest import CAPTIONS, DOCKER, UNKNOWN_ADAPTER, Scraped
+from tests.deploy.conftest import (
+    CAPTIONS,
+    DOCKER,
+    METRICS_TOKEN_FILE,
+    UNKNOWN_ADAPTER,
+    Scraped,
+)
 
 PROMTOOL = shutil.which("promtool")
 needs_promtool = pytest.mark.skipif(
@@ -37,8 +43,12 @@ def alert_rules() -> dict[str, dict[str, object]]:
 
 # --- promtool --------------------------------------------------------------------------------
 @needs_promtool
-def test_promtool_accepts_the_shipped_config_and_its_rule_file() -> None:
-    result = promtool("check", "config", str(DOCKER / "prometheus.yml"))
+def test_promtool_accepts_the_shipped_config_and_its_rule_file(tmp_path: Path) -> None:
+    # Laid out as in the container: the rules and the scrape token beside the config.
+    for name in ("prometheus.yml", "alerts.yml"):
+        shutil.copy(DOCKER / name, tmp_path / name)
+    shutil.copy(METRICS_TOKEN_FILE, tmp_path / "metrics_token")
+    result = promtool("check", "config", str(tmp_path / "prometheus.yml"))
     assert result.returncode == 0, result.stdout + result.stderr
     output = result.stdout + result.stderr
     assert "SUCCESS: 1 rule files found" in output
@@ -49,7 +59,7 @@ def test_promtool_accepts_the_shipped_config_and_its_rule_file() -> None:
 def test_promtool_accepts_the_alert_rules() -> None:
     result = promtool("check", "rules", str(DOCKER / "alerts.yml"))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 6 rules found" in result.stdout
+    assert "SUCCESS: 7 rules found" in result.stdout
 
 
 RULE_TESTS = """
@@ -82,6 +92,9 @@ tests:
         values: '0+100x30'
       - series: 'ctxpeft_request_duration_seconds_bucket{adapter="x", le="+Inf"}'
         values: '0+100x30'
+      # One version quarantined at minute 3; nothing after.
+      - series: 'ctxpeft_adapter_quarantines_total'
+        values: '0 0 0 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1'
     alert_rule_test:
       - eval_time: 2m
         alertname: CtxpeftDown
@@ -125,6 +138,20 @@ tests:
             exp_annotations:
               summary: "95th percentile caption latency above 10 s"
               description: "Check ctxpeft_queue_wait_seconds (queueing) against batch sizes and adapter loads."
+      - eval_time: 2m
+        alertname: CtxpeftAdapterQuarantined
+        exp_alerts: []
+      - eval_time: 6m
+        alertname: CtxpeftAdapterQuarantined
+        exp_alerts:
+          - exp_labels: {severity: warn}
+            exp_annotations:
+              summary: "An adapter version was quarantined for producing NaN or infinity"
+              description: "Its rows kept ending with non-finite values (422 adapter_non_finite, then adapter_quarantined); the log names the version. Its owner must upload a new version."
+      # Fifteen minutes later the increase is gone: it stops firing by itself.
+      - eval_time: 25m
+        alertname: CtxpeftAdapterQuarantined
+        exp_alerts: []
       # Half a request a second with a bad key: below the threshold of one.
       - eval_time: 20m
         alertname: CtxpeftAuthFailures

@@ -69,6 +69,9 @@ KEYS_JSON = json.dumps(
         ]
     }
 )
+# Every test server protects /metrics with this scrape token (so tenants' own adapter names are
+# label values there); `scrape` sends it.
+METRICS_TOKEN = "scrape-token-e2e-00000001"
 # Short captions keep the tiny model's CPU time per request in the tens of milliseconds.
 TINY_SETTINGS: dict[str, Any] = {
     "backbone": "tiny",
@@ -128,8 +131,8 @@ class Scrape:
         return self._samples.get((sample, frozenset(labels.items())), 0.0)
 
 
-def scrape(url: str) -> Scrape:
-    response = httpx.get(f"{url}/metrics", timeout=10)
+def scrape(url: str, token: str | None = METRICS_TOKEN) -> Scrape:
+    response = httpx.get(f"{url}/metrics", headers=bearer(token) if token else {}, timeout=10)
     assert response.status_code == 200, response.text
     return Scrape(response.text)
 
@@ -156,6 +159,7 @@ def running_service(
         "runtime_dir": store_dir.parent,
         "store_dir": store_dir,
         "keys": KEYS_JSON,
+        "metrics_token": METRICS_TOKEN,
     }
     values.update(overrides)
     settings = Settings(**values)

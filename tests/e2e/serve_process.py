@@ -154,19 +154,28 @@ _AS_ROOT_WITHOUT_OVERRIDE = [
 
 @contextmanager
 def serve_process(
-    folder: Path, env: dict[str, str], obey_permissions: bool = False
+    folder: Path,
+    env: dict[str, str],
+    obey_permissions: bool = False,
+    command: list[str] | None = None,
+    new_group: bool = False,
 ) -> Iterator[ServedProcess]:
     """Start `ctxpeft serve` with `env` (on top of base_env's; a port is chosen unless env
     names one), its output in `folder`. `obey_permissions`: file modes bind the process even
-    when the tests run as root. Killed on leaving the block if still running."""
+    when the tests run as root. `command`: another command line than
+    `python -m service.cli serve` (the installed `ctxpeft` with flags, say). `new_group`:
+    the process leads a process group of its own (a test signals the group). Killed on
+    leaving the block if still running."""
     port = int(env.get("CTXPEFT_PORT") or free_port())
     full_env = {**base_env(port), **env}
-    command = [sys.executable, "-m", "service.cli", "serve"]
+    command = command or [sys.executable, "-m", "service.cli", "serve"]
     if obey_permissions and os.geteuid() == 0:
         command = _AS_ROOT_WITHOUT_OVERRIDE + command
     stdout_path, stderr_path = folder / "serve.stdout", folder / "serve.stderr"
     with stdout_path.open("wb") as out, stderr_path.open("wb") as err:
-        process = subprocess.Popen(command, cwd=REPO, env=full_env, stdout=out, stderr=err)
+        process = subprocess.Popen(
+            command, cwd=REPO, env=full_env, stdout=out, stderr=err, start_new_session=new_group
+        )
     served = ServedProcess(process, f"http://127.0.0.1:{port}", stdout_path, stderr_path)
     try:
         yield served

@@ -23,6 +23,7 @@ import pytest
 from service import __version__
 from tests.e2e.conftest import (
     ACME_ADMIN,
+    METRICS_TOKEN,
     Scrape,
     Service,
     bearer,
@@ -41,6 +42,8 @@ FAMILIES = METRIC_FAMILIES
 @pytest.fixture(scope="module")
 def service(tiny_store: Path) -> Iterator[Service]:
     # Read-only use of the shared store; a 64 KiB body limit keeps the 413 cheap to send.
+    # running_service protects /metrics with METRICS_TOKEN: the tenants' own adapter names
+    # (acme/news, acme/sports) are label values.
     with running_service(tiny_store, max_body_bytes=MAX_BODY) as running:
         yield running
 
@@ -82,9 +85,19 @@ def metrics(service: Service, traffic: dict[str, int]) -> Scrape:
 
 
 def test_metrics_endpoint_serves_the_prometheus_text_format(service: Service) -> None:
-    response = httpx.get(f"{service.url}/metrics")
+    response = httpx.get(f"{service.url}/metrics", headers=bearer(METRICS_TOKEN))
     assert response.status_code == 200
     assert response.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+
+
+@pytest.mark.parametrize("token", [None, "wrong-token-0000000000001", ACME_ADMIN])
+def test_metrics_need_the_scrape_token_when_one_is_set(service: Service, token: str | None) -> None:
+    """An API key is not the scrape token: tenants cannot read the operator's metrics."""
+    response = httpx.get(f"{service.url}/metrics", headers=bearer(token) if token else {})
+    assert response.status_code == 401
+    assert response.json()["error"]["type"] == "unauthorized"
+    assert response.headers["www-authenticate"] == "Bearer"
+    assert "ctxpeft_" not in response.text
 
 
 def test_every_family_is_there_with_its_type(metrics: Scrape) -> None:

@@ -1,6 +1,9 @@
 """One real local Ray cluster (loopback) serving the scaled-out service for every test in
-tests/scaleout: 2 engine replicas of the tiny test backbone (saved to a folder, as a replica
-loads it) behind one ingress, the test keys, and a store of 6 public adapters p0..p5.
+tests/scaleout/test_ray_serve.py: 2 engine replicas of the tiny test backbone (saved to a
+folder, as a replica loads it) behind one ingress, the test keys, and a store of 6 public
+adapters p0..p5. The replicas are `GatedEngineReplica`s (EngineReplica with a test gate on
+the vision encoder, gated_replica.py); each tenant may have TENANT_MAX_INFLIGHT rows in flight
+and store TENANT_MAX_ADAPTERS adapters.
 
 Starting the cluster and the application takes about a minute on 2 loaded cores, so it happens
 once per module; the tests run in file order and the last one shuts the service down.
@@ -27,11 +30,14 @@ from service.settings import Settings
 from service.store import AdapterStore
 from tests.e2e.conftest import KEYS_JSON, TINY_SETTINGS
 from tests.e2e.serve_process import free_port
+from tests.scaleout.gated_replica import GatedEngineReplica
 from tests.service.adapter_fixtures import put, random_adapter, tiny_backbone
 
 ROOT = Path(__file__).resolve().parents[2]
 ADAPTERS = tuple(f"p{i}" for i in range(6))
 REPLICAS = 2
+TENANT_MAX_INFLIGHT = 8  # above the load tests' 6 clients; reached on purpose by the 429 test
+TENANT_MAX_ADAPTERS = 2
 
 
 @dataclass
@@ -103,6 +109,8 @@ def ray_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayService
         keys=KEYS_JSON,
         port=port,
         drain_timeout_s=20.0,
+        tenant_max_inflight=TENANT_MAX_INFLIGHT,
+        tenant_max_adapters=TENANT_MAX_ADAPTERS,
     )
     token_file_before = (Path.home() / ".ray" / "auth_token").exists()
     tree_before = untracked_paths()
@@ -116,7 +124,12 @@ def ray_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayService
             adapters_per_replica=16, torch_threads=1, metrics_dir=str(root / "targets")
         )
         app = build_app(
-            settings, REPLICAS, cpus_per_replica=0.5, ingress_cpus=0.25, options=options
+            settings,
+            REPLICAS,
+            cpus_per_replica=0.5,
+            ingress_cpus=0.25,
+            options=options,
+            replica_class=GatedEngineReplica,
         )
         serve.run(app, name=APP_NAME, route_prefix="/")
         yield RayService(

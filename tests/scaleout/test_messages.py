@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import pickle
 
-from service.api.captioning import ImageDecoder, image_decoder
+import numpy as np
+import pytest
+
+from service.api.captioning import image_decoder
 from service.api.engine_errors import to_api_error
 from service.api.errors import ApiError
-from service.exceptions import AdapterNotFound, EngineFault, TenantLimit
+from service.exceptions import AdapterNotFound, EngineFault, InvalidRequest, TenantLimit
 from service.scaleout.messages import RemoteError, adapter_id
+from service.scaleout.remote_engine import decode_once
 from service.settings import Settings
 from tests.e2e.conftest import noise_png
 
@@ -47,18 +51,18 @@ def test_anything_else_is_an_engine_fault_that_names_no_internals() -> None:
     assert "secret" not in str(error) and "KeyError" in str(error)
 
 
-def test_the_image_decoder_travels_and_decodes_the_same_image() -> None:
+def test_the_ingress_decodes_once_with_the_http_layers_limits() -> None:
+    """What RemoteEngine puts in the object store for all the rows of a request: the pixels
+    the HTTP layer's decoder gives, with its 413; raw bytes (no limits) are refused."""
     decoder = image_decoder(Settings(max_image_side=64), noise_png(5), param="image")
-    copy = pickle.loads(pickle.dumps(decoder))
-    assert isinstance(copy, ImageDecoder) and "data" not in repr(copy)
-    assert copy().tobytes() == decoder().tobytes()
-    too_large = pickle.loads(pickle.dumps(image_decoder(Settings(max_image_side=16), noise_png(5))))
-    try:
-        too_large()
-    except ApiError as exc:
-        assert exc.status == 413
-    else:
-        raise AssertionError("a 32 px image passed a 16 px limit")
+    pixels = decode_once(decoder)
+    assert pixels.dtype == np.uint8 and pixels.shape == (32, 32, 3)
+    assert pixels.tobytes() == decoder().tobytes()
+    with pytest.raises(ApiError) as too_large:
+        decode_once(image_decoder(Settings(max_image_side=16), noise_png(5)))
+    assert too_large.value.status == 413
+    with pytest.raises(InvalidRequest, match="decoded image or an image decoder"):
+        decode_once(noise_png(5))
 
 
 def test_adapter_ids_are_tenant_qualified() -> None:

@@ -3,7 +3,10 @@ backbone behind the ingress (our FastAPI app), routed by tenant-qualified adapte
 
 The tests share one cluster (tests/scaleout/conftest.py) and run in file order: the kill test
 restarts a replica, the last test shuts the service down. Nothing is mocked: HTTP through
-Serve's proxy, Ray's router, replicas in their own processes, a real store on disk.
+Serve's proxy, Ray's router, replicas in their own processes, a real store on disk. Where a
+test needs rows held in flight, it closes the replicas' encoder gates (gated_replica.py) and
+waits on events it caused (a stream's first byte, a gate reached, a counter moved), never on
+elapsed time.
 """
 
 from __future__ import annotations
@@ -13,8 +16,9 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +30,25 @@ from adapters.format import CONFIG_FILE, WEIGHTS_FILE, save_adapter
 from service import __version__
 from service.engine import CaptionRequest, Engine, EngineConfig
 from service.store import AdapterStore
-from tests.e2e.conftest import ACME_ADMIN, BETA_ADMIN, Scrape, assert_error, bearer, noise_png
-from tests.scaleout.conftest import ADAPTERS, REPLICAS, ROOT, RayService, untracked_paths
+from tests.e2e.conftest import (
+    ACME_ADMIN,
+    BETA_ADMIN,
+    GAMMA_ADMIN,
+    Scrape,
+    assert_error,
+    bearer,
+    noise_png,
+)
+from tests.e2e.openai_helpers import eventually
+from tests.scaleout.conftest import (
+    ADAPTERS,
+    REPLICAS,
+    ROOT,
+    TENANT_MAX_ADAPTERS,
+    TENANT_MAX_INFLIGHT,
+    RayService,
+    untracked_paths,
+)
 from tests.service.adapter_fixtures import random_adapter, tiny_backbone
 
 pytest.importorskip("ray")
@@ -77,6 +98,46 @@ def scrape_replicas(service: RayService) -> list[Scrape]:
 
 def routed(scrapes: list[Scrape], result: str) -> float:
     return sum(s.value("ctxpeft_routing_requests_total", result=result) for s in scrapes)
+
+
+def replica_stats(service: RayService) -> dict[str, dict[str, Any]]:
+    """Every replica's stats() (a plain call lands on a random replica): id -> stats."""
+    seen: dict[str, dict[str, Any]] = {}
+    for _ in range(60):
+        stats = service.replicas.stats.remote().result(timeout_s=30)
+        seen[stats["replica"]] = stats
+        if len(seen) == REPLICAS:
+            return seen
+    raise AssertionError(f"only replicas {sorted(seen)} answered")
+
+
+def total(stats: dict[str, dict[str, Any]], read: Callable[[dict[str, Any]], int]) -> int:
+    return sum(read(s) for s in stats.values())
+
+
+def on_every_replica(service: RayService, method: str) -> None:
+    """Call a no-argument replica method (it returns its replica id) on each replica."""
+    answered: set[str] = set()
+    for _ in range(60):
+        answered.add(getattr(service.replicas, method).remote().result(timeout_s=30))
+        if len(answered) == REPLICAS:
+            return
+    raise AssertionError(f"only replicas {sorted(answered)} answered {method}")
+
+
+@contextmanager
+def gates_closed(service: RayService) -> Iterator[None]:
+    """Rows that reach a replica's vision encoder wait there until the block ends."""
+    on_every_replica(service, "close_gate")
+    try:
+        yield
+    finally:
+        on_every_replica(service, "open_gate")
+
+
+def ingress_inflight(service: RayService) -> int:
+    inflight: int = service.ingress.inflight.remote().result(timeout_s=30)
+    return inflight
 
 
 def every_replica(service: RayService, call: Callable[[Any], Any]) -> dict[str, Any]:
@@ -218,9 +279,12 @@ def _data_url(png: bytes) -> str:
 
 
 # --- one shared store -------------------------------------------------------------------------
-def _upload(service: RayService, name: str, seed: int, tmp: Path) -> httpx.Response:
+def _upload(
+    service: RayService, name: str, seed: int, tmp: Path, key: str = ACME_ADMIN
+) -> httpx.Response:
     folder = tmp / f"{name}-{seed}"
-    save_adapter(random_adapter(tiny_backbone(), seed), folder)
+    if not folder.exists():
+        save_adapter(random_adapter(tiny_backbone(), seed), folder)
     return httpx.post(
         f"{service.url}/adapters/{name}/versions",
         files={
@@ -231,7 +295,7 @@ def _upload(service: RayService, name: str, seed: int, tmp: Path) -> httpx.Respo
                 "application/octet-stream",
             ),
         },
-        headers=bearer(ACME_ADMIN),
+        headers=bearer(key),
         timeout=HTTP_TIMEOUT_S,
     )
 
@@ -263,16 +327,144 @@ def test_an_upload_serves_on_every_replica_and_a_delete_is_never_served_again(
     assert "fresh" not in {a["name"] for a in listed.json()["adapters"]}
 
 
+def test_concurrent_uploads_across_replicas_take_exactly_the_quota(
+    ray_service: RayService, tmp_path: Path
+) -> None:
+    """Six uploads of new adapters at once by a tenant with room for TENANT_MAX_ADAPTERS:
+    exactly that many are stored, whichever replicas validated them (the quota is checked
+    under the tenant's lock in the shared store). Ray picks the replica of each new adapter,
+    so a round that happened to land on one replica only is repeated (at most twice more)."""
+    url, gamma = ray_service.url, bearer(GAMMA_ADMIN)
+    spread: dict[str, int] = {}
+    for attempt in range(3):
+        before = replica_stats(ray_service)
+        names = [f"q{attempt}-{i}" for i in range(6)]
+        with ThreadPoolExecutor(6) as pool:
+            answers = list(
+                pool.map(lambda n: _upload(ray_service, n, 60, tmp_path, GAMMA_ADMIN), names)
+            )
+        after = replica_stats(ray_service)
+        statuses = Counter(a.status_code for a in answers)
+        assert statuses == {201: TENANT_MAX_ADAPTERS, 413: 6 - TENANT_MAX_ADAPTERS}, statuses
+        for refused in (a for a in answers if a.status_code == 413):
+            assert_error(refused, 413, "quota_exceeded")
+            assert "(tenant_max_adapters)" in refused.json()["error"]["message"]
+        stored = ray_service.store.names("gamma")
+        assert len(stored) == TENANT_MAX_ADAPTERS and set(stored) <= set(names)
+        spread = {r: after[r]["uploads"] - before[r]["uploads"] for r in after if r in before}
+        assert sum(spread.values()) == 6, spread
+        for name in stored:
+            assert (
+                httpx.delete(f"{url}/adapters/{name}", headers=gamma, timeout=30).status_code == 200
+            )
+        if all(spread.values()):
+            break
+    print(f"uploads per replica: {spread}")
+    assert all(spread.values()), f"three rounds of uploads never reached both replicas: {spread}"
+
+
+# --- the single process's guarantees, through Ray ------------------------------------------
+def test_a_three_adapter_request_decodes_and_moves_its_image_once(
+    ray_service: RayService,
+) -> None:
+    ingress_before = ray_service.ingress.stats.remote().result(timeout_s=30)
+    replicas_before = replica_stats(ray_service)
+    answer = httpx.post(
+        f"{ray_service.url}/caption",
+        files={"image": ("i.png", noise_png(220), "image/png")},
+        data={"adapters": "p1,p4,p2"},
+        headers=bearer(ACME_ADMIN),
+        timeout=HTTP_TIMEOUT_S,
+    )
+    assert answer.status_code == 200, answer.text
+    assert [r["adapter"] for r in answer.json()["results"]] == ["p1", "p4", "p2"]
+    ingress_after = ray_service.ingress.stats.remote().result(timeout_s=30)
+    replicas_after = replica_stats(ray_service)
+    # Decoded once at the ingress and put once in the object store ...
+    assert ingress_after["images_decoded"] == ingress_before["images_decoded"] + 1
+    assert ingress_after["images_shared"] == ingress_before["images_shared"] + 1
+    # ... and each of the 3 rows read those pixels on its replica (no decoder travels there).
+    read = total(replicas_after, lambda s: s["images_read"])
+    assert read == total(replicas_before, lambda s: s["images_read"]) + 3
+
+
+def test_a_client_that_leaves_cancels_its_row_on_the_replica(ray_service: RayService) -> None:
+    before = replica_stats(ray_service)
+    with gates_closed(ray_service):
+        with (
+            httpx.Client(base_url=ray_service.url, timeout=HTTP_TIMEOUT_S) as client,
+            client.stream(
+                "POST",
+                "/caption",
+                files={"image": ("i.png", noise_png(230), "image/png")},
+                data={"adapter": "p5", "stream": "true"},
+                headers=bearer(ACME_ADMIN),
+            ) as response,
+        ):
+            assert response.status_code == 200  # a replica admitted the row: the stream began
+            eventually(
+                lambda: bool(ray_service.replicas.gate_entered.remote().result(timeout_s=30)),
+                "the row reached a replica's encoder",
+            )
+        # The client left mid-stream: the proxy, the ingress and the replica let the row go.
+        eventually(
+            lambda: (
+                total(replica_stats(ray_service), lambda s: s["dropped"].get("cancelled", 0))
+                == total(before, lambda s: s["dropped"].get("cancelled", 0)) + 1
+            ),
+            "the replica's engine counted the row cancelled",
+        )
+        eventually(lambda: ingress_inflight(ray_service) == 0, "the tenant's row given back")
+    after = replica_stats(ray_service)
+    assert total(after, lambda s: s["completed"]) == total(before, lambda s: s["completed"])
+
+
+def _caption_many(service: RayService, adapters: str, image: bytes, key: str) -> httpx.Response:
+    return httpx.post(
+        f"{service.url}/caption",
+        files={"image": ("i.png", image, "image/png")},
+        data={"adapters": adapters},
+        headers=bearer(key),
+        timeout=HTTP_TIMEOUT_S,
+    )
+
+
+def test_a_tenant_over_its_row_limit_gets_429_with_retry_after(ray_service: RayService) -> None:
+    assert TENANT_MAX_INFLIGHT == 8  # the two held requests below fill it exactly
+    with ThreadPoolExecutor(3) as pool:
+        with gates_closed(ray_service):
+            held = [
+                pool.submit(
+                    _caption_many, ray_service, ",".join(ADAPTERS), noise_png(240), ACME_ADMIN
+                ),
+                pool.submit(_caption_many, ray_service, "p0,p1", noise_png(241), ACME_ADMIN),
+            ]
+            eventually(lambda: ingress_inflight(ray_service) == 8, "acme's 8 rows in flight")
+            over = caption(ray_service, "p2", noise_png(242))
+            assert_error(over, 429, "tenant_limit")
+            assert over.headers["retry-after"] == "1"
+            assert "tenant_max_inflight" in over.json()["error"]["message"]
+            # Another tenant's rows are not held to acme's limit.
+            beta = pool.submit(_caption_many, ray_service, "p3", noise_png(243), BETA_ADMIN)
+            eventually(lambda: ingress_inflight(ray_service) == 9, "beta's row admitted")
+        answers = [f.result(timeout=HTTP_TIMEOUT_S) for f in [*held, beta]]
+    assert [a.status_code for a in answers] == [200, 200, 200], [a.text for a in answers]
+    assert len(answers[0].json()["results"]) == len(ADAPTERS)
+    eventually(lambda: ingress_inflight(ray_service) == 0, "every row given back")
+    assert caption(ray_service, "p2", noise_png(242)).status_code == 200
+
+
 # --- faults -----------------------------------------------------------------------------------
 class Load:
     """`clients` threads captioning in a loop until `stop()`, with 16-token captions so that
     rows are always in flight: every answer's status and error type, in arrival order. A
     request that hangs (past HTTP_TIMEOUT_S) or loses its connection ends its client with the
-    exception, and `stop()` reports it."""
+    exception, and `stop()` reports it, as it does a 503 without Retry-After."""
 
     def __init__(self, service: RayService, clients: int = 6) -> None:
         self.answers: list[tuple[int, str | None]] = []
         self.failures: list[BaseException] = []
+        self.without_retry_after: list[int] = []  # 503s that did not say when to come back
         self._cond = threading.Condition()
         self._stopping = threading.Event()
         self._threads = [
@@ -295,6 +487,8 @@ class Load:
                     timeout=HTTP_TIMEOUT_S,
                 )
                 kind = None if response.status_code == 200 else response.json()["error"]["type"]
+                if response.status_code == 503 and "retry-after" not in response.headers:
+                    self.without_retry_after.append(response.status_code)
             except Exception as exc:
                 with self._cond:
                     self.failures.append(exc)
@@ -318,6 +512,7 @@ class Load:
             thread.join(timeout=2 * HTTP_TIMEOUT_S)
             assert not thread.is_alive(), "a request hung"
         assert self.failures == [], self.failures
+        assert self.without_retry_after == [], "a 503 without Retry-After"
         return self.answers
 
 

@@ -12,7 +12,7 @@ import pytest
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--replicas", "2"], "--replicas and --cpus-per-replica need --ray"),
+        (["--replicas", "2"], "--replicas, --cpus-per-replica and --address need --ray"),
         (["--ray", "--replicas", "0"], "--replicas must be at least 1, got 0"),
         (["--ray", "--cpus-per-replica", "0"], "--cpus-per-replica must be positive"),
     ],

@@ -14,7 +14,9 @@ from service.metrics import (
     REJECTION_REASONS,
     AdapterLabeler,
     ServiceMetrics,
+    private_labels_allowed,
 )
+from service.store import PUBLIC_TENANT, AdapterRef
 
 FAMILIES = {
     "ctxpeft_requests": "counter",
@@ -27,6 +29,8 @@ FAMILIES = {
     "ctxpeft_running_rows": "gauge",
     "ctxpeft_time_to_first_token_seconds": "histogram",
     "ctxpeft_engine_faults": "counter",
+    "ctxpeft_non_finite_rows": "counter",
+    "ctxpeft_adapter_quarantines": "counter",
     "ctxpeft_engine_up": "gauge",
     "ctxpeft_adapter_loads": "counter",
     "ctxpeft_adapter_load_seconds": "histogram",
@@ -83,11 +87,12 @@ def test_fixed_label_series_exist_at_zero() -> None:
 
 def test_recording_helpers_update_the_right_series() -> None:
     m = ServiceMetrics(adapter_labels=5)
-    m.observe_request("news", 200, seconds=0.3)
-    m.observe_request("news", 200, seconds=0.7)
-    m.observe_request("news", 504, seconds=30.0)
-    m.observe_request(None, 401, seconds=0.001)
-    m.add_generated_tokens("news", 12)
+    news = AdapterRef(PUBLIC_TENANT, "news", 1)
+    m.observe_request("news", news, 200, seconds=0.3)
+    m.observe_request("news", news, 200, seconds=0.7)
+    m.observe_request("news", news, 504, seconds=30.0)
+    m.observe_request(None, None, 401, seconds=0.001)
+    m.add_generated_tokens("news", news, 12)
     m.observe_batch(rows=6, adapters=2)
     m.observe_adapter_load("device", 0.02)
     m.set_resident("cpu", 3)
@@ -174,8 +179,9 @@ def test_labeler_allow_list() -> None:
 def test_adapter_series_are_capped() -> None:
     m = ServiceMetrics(adapter_labels=4)
     for i in range(50):
-        m.observe_request(f"adapter-{i}", 200, 0.01)
-        m.add_generated_tokens(f"adapter-{i}", 1)
+        ref = AdapterRef(PUBLIC_TENANT, f"adapter-{i}", 1)
+        m.observe_request(f"adapter-{i}", ref, 200, 0.01)
+        m.add_generated_tokens(f"adapter-{i}", ref, 1)
     adapters = {s.labels["adapter"] for s in samples(m) if s.name == "ctxpeft_requests_total"}
     assert adapters == {"adapter-0", "adapter-1", "adapter-2", "adapter-3", "other"}
     assert value(m, "ctxpeft_requests_total", adapter="other", status="200") == 46
@@ -199,3 +205,40 @@ def test_labeler_is_thread_safe() -> None:
         t.join()
     assert len(label.kept) == 10
     assert set(results) == set(label.kept) | {"other"}
+
+
+def test_names_that_did_not_resolve_never_take_a_label_place() -> None:
+    """The issue-20 leak: made-up names answered 400/404 took every free place for good."""
+    m = ServiceMetrics(adapter_labels=3)
+    for i in range(25):
+        m.observe_request(f"made-up-{i}", None, 400, 0.01)
+    assert m.adapter_label.kept == frozenset()
+    real = AdapterRef(PUBLIC_TENANT, "describe", 1)
+    m.observe_request("describe", real, 200, 0.01)
+    labels = {s.labels["adapter"] for s in samples(m) if s.name == "ctxpeft_requests_total"}
+    assert labels == {"none", "describe"}
+    assert value(m, "ctxpeft_requests_total", adapter="none", status="400") == 25
+
+
+@pytest.mark.parametrize("private_labels", [False, True])
+def test_a_tenants_own_adapter_names_show_only_when_allowed(private_labels: bool) -> None:
+    m = ServiceMetrics(adapter_labels=10, private_labels=private_labels)
+    own = AdapterRef("acme", "secret-launch", 2)
+    public = AdapterRef(PUBLIC_TENANT, "describe", 1)
+    m.observe_request("secret-launch", own, 200, 0.01)
+    m.add_generated_tokens("secret-launch", own, 5)
+    m.observe_request("describe", public, 200, 0.01)
+    body = m.render()[0].decode()
+    assert ("secret-launch" in body) is private_labels
+    own_label = "secret-launch" if private_labels else "private"
+    assert value(m, "ctxpeft_requests_total", adapter=own_label, status="200") == 1
+    assert value(m, "ctxpeft_generated_tokens_total", adapter=own_label) == 5
+    assert value(m, "ctxpeft_requests_total", adapter="describe", status="200") == 1
+
+
+@pytest.mark.parametrize(
+    ("has_keys", "token", "allowed"),
+    [(False, False, True), (False, True, True), (True, False, False), (True, True, True)],
+)
+def test_private_labels_policy(has_keys: bool, token: bool, allowed: bool) -> None:
+    assert private_labels_allowed(has_keys=has_keys, scrape_token=token) is allowed

@@ -1,13 +1,19 @@
-"""Store hygiene: per-tenant quotas on uploads, start-up cleanup that spares temporary folders
-another process may still be writing, and a directory fsync after the publishing rename."""
+"""Store hygiene: per-tenant quotas on uploads (held atomically by the tenant's lock, across
+threads and processes), start-up cleanup that spares temporary folders another process may
+still be writing, and a directory fsync after the publishing rename."""
 
 from __future__ import annotations
 
 import json
 import os
 import stat
+import subprocess
+import sys
+import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -24,7 +30,10 @@ from service.store import (
     StoreQuota,
     TenantUsage,
 )
+from tests.service import quota_writer
 from tests.service.adapter_fixtures import put, random_adapter, tiny_backbone
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -109,6 +118,76 @@ def test_a_bad_config_is_refused_before_the_disk_is_touched(
         "invalid adapter_config.json: connector_dropout: Input should be less than 1"
     )
     assert not (store.root / "acme").exists()
+
+
+def test_threads_racing_for_the_last_bytes_get_exactly_the_quota(store: AdapterStore) -> None:
+    """Eight uploads at once, room for two more: two accepted, six refused. Each write takes
+    a moment (as validation does) and its bytes count once renamed into place: without the
+    lock all eight would pass the check before any of them counted."""
+    payload = quota_writer.PAYLOAD_BYTES
+    assert quota_writer.write(store, "acme", "kept", 0) == "accepted"  # 0: no limit
+    start = threading.Barrier(8)
+
+    def one(i: int) -> str:
+        start.wait()
+        return quota_writer.write(store, "acme", f"n{i % 3}", 3 * payload)
+
+    with ThreadPoolExecutor(8) as pool:
+        outcomes = Counter(pool.map(one, range(8)))
+    assert outcomes == {"accepted": 2, "refused": 6}
+    assert store.usage("acme").bytes == 3 * payload
+    assert store.tenants() == ["acme"]  # the lock files are no tenant
+
+
+def test_processes_sharing_a_store_get_exactly_the_quota(tmp_path: Path) -> None:
+    """Six processes (as replicas sharing a store are) race for a tenant's last 2 places."""
+    store = AdapterStore(tmp_path / "store")
+    payload = quota_writer.PAYLOAD_BYTES
+    assert quota_writer.write(store, "acme", "kept", 0) == "accepted"
+    go = tmp_path / "go"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "tests.service.quota_writer", str(store.root), "acme"]
+    writers = [
+        subprocess.Popen(
+            [*command, f"n{i}", str(3 * payload), str(go)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(6)
+    ]
+    for writer in writers:  # every one imported and waiting: released together
+        assert writer.stdout is not None and writer.stdout.readline() == "ready\n"
+    go.touch()
+    outcomes = Counter(w.communicate(timeout=180)[0].strip() for w in writers)
+    assert [w.returncode for w in writers] == [0] * 6
+    assert outcomes == {"accepted": 2, "refused": 4}
+    assert store.usage("acme").bytes == 3 * payload
+
+
+def test_a_crashed_writer_never_leaves_the_tenant_locked(tmp_path: Path) -> None:
+    """flock belongs to the open file: a holder killed mid-write releases it with its death."""
+    store = AdapterStore(tmp_path / "store")
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from service.store import AdapterStore\n"
+            "with AdapterStore(Path(sys.argv[1])).tenant_lock('acme'):\n"
+            "    print('held', flush=True); time.sleep(600)",
+            str(store.root),
+        ],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+    holder.kill()
+    holder.wait(timeout=30)
+    assert quota_writer.write(store, "acme", "after", quota_writer.PAYLOAD_BYTES) == "accepted"
+    assert store.versions("acme", "after") == [1]
 
 
 # --- start-up cleanup ---------------------------------------------------------------------------

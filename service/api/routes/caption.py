@@ -194,4 +194,5 @@ async def caption(
             return EventStreamResponse(_events(tokens, multi), tokens, observed)
         # Generated tokens are counted by the engine as it answers each row (not again here).
         results = await run_caption(state, engine, request, caption_request)
+        observed.refs = tuple(r.ref for r in results)
         return _answer(results, request_id, multi)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from importlib import resources
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, Response
 
 from service.api.deps import State
 from service.api.errors import ApiError, error_responses
 from service.api.schemas import Health
+from service.auth import bearer_token, token_matches
 
 router = APIRouter(tags=["health"])
 
@@ -39,8 +40,22 @@ async def readyz(state: State) -> Health:
     return Health(status="ready")
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-async def metrics(state: State) -> Response:
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics (a bearer scrape token when metrics_token is set)",
+    response_class=Response,
+    responses=error_responses(401),
+)
+async def metrics(request: Request, state: State) -> Response:
+    if state.metrics_token is not None and not token_matches(
+        state.metrics_token, bearer_token(request.headers.get("authorization"))
+    ):
+        raise ApiError(
+            401,
+            "unauthorized",
+            "GET /metrics needs the scrape token (metrics_token) as a bearer token",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
     body, content_type = state.metrics.render()
     return Response(content=body, media_type=content_type)
 

@@ -368,4 +368,5 @@ async def chat_completions(
             if exc.type == "adapter_not_found":
                 exc.param = "model"
             raise
+        observed.refs = (results[0].ref,)
         return _completion(results[0], completion_id, created, model)
