@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "list, show, push and delete a running service's adapters; validate a folder offline",
     ),
     "backbone": ("backbone", "build a backbone (e.g. smol: real pretrained weights) offline"),
+    "jobs": ("jobs", "create, list, show, follow and cancel a running service's fine-tuning jobs"),
 }
 
 
