@@ -135,6 +135,21 @@ def _load_tokenizer(config: BackboneConfig) -> PreTrainedTokenizerBase:
     return build_caption_tokenizer(words, extra_vocab_size=extra)
 
 
+def load_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
+    """The tokenizer of a saved backbone folder (or a preset), without its models."""
+    path = Path(source)
+    if path.is_dir() and (path / BACKBONE_FILE).is_file():
+        data = json.loads((path / BACKBONE_FILE).read_text())
+        tokenizer = data.get("tokenizer")
+        if isinstance(tokenizer, str) and (path / tokenizer).exists():
+            data["tokenizer"] = str(path / tokenizer)
+        data.pop("fingerprint", None)
+        return _load_tokenizer(BackboneConfig.from_dict(data))
+    if str(source) in PRESETS:
+        return _load_tokenizer(PRESETS[str(source)])
+    raise FileNotFoundError(f"backbone {str(source)!r} is not a saved backbone folder or a preset")
+
+
 class Backbone(nn.Module):
     """Frozen vision encoder + causal LM + tokenizer + image preprocessing."""
 

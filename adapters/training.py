@@ -22,11 +22,14 @@ Usage::
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from PIL import Image
@@ -171,6 +174,18 @@ def encode_records(
     return _encode(backbone, item, len(paths), batch_size, progress)
 
 
+def encode_items(
+    backbone: Backbone,
+    item: Callable[[int], tuple[Image.Image, list[str]]],
+    n: int,
+    batch_size: int = 128,
+    progress: bool = False,
+) -> EncodedCaptions:
+    """Encode `n` items, `item(i)` being one image and its captions (e.g. a fine-tuning
+    job's upload, grouped by image)."""
+    return _encode(backbone, item, n, batch_size, progress)
+
+
 def _encode(
     backbone: Backbone,
     item: Callable[[int], tuple[Image.Image, list[str]]],
@@ -303,20 +318,138 @@ def _lr_lambda(schedule: Schedule, total_steps: int) -> Callable[[int], float]:
     return factor
 
 
+@dataclass(frozen=True)
+class StepStats:
+    """One optimizer step, as `train_adapter`'s `on_step` sees it (after the update)."""
+
+    epoch: int  # 1-based
+    epoch_step: int  # steps done in this epoch, this one included
+    steps_per_epoch: int
+    step: int  # steps done in the whole run, this one included
+    total_steps: int
+    loss: float  # this batch's token-weighted mean loss
+    tokens: int  # the caption tokens (+EOS) of this batch
+    lr: float  # the learning rate this step used
+    # The set being trained, e.g. to measure a validation loss (`mean_loss`; leaves it as
+    # it was). Read it, never change it.
+    adapter: AdapterSet = field(repr=False, compare=False)
+
+
+_State = dict[str, torch.Tensor]
+
+
+@dataclass
+class TrainCheckpoint:
+    """Everything needed to go on with a run exactly where it stopped, between two steps:
+    resuming from it gives the same adapter, bit for bit, as a run that never stopped (the
+    batch order, the dropout RNG, the optimizer's moments and the schedule are restored).
+
+    `epoch` is the epoch in progress and `epoch_step` the steps of it already done (0 at an
+    epoch boundary). Written by `save`, read by `load` (torch's weights-only loader: tensors,
+    numbers, strings, lists and dicts only, never arbitrary objects).
+    """
+
+    epoch: int
+    epoch_step: int
+    order_generator: torch.Tensor  # the batch-order generator's state at the epoch's start
+    rng: torch.Tensor  # the global CPU RNG (connector dropout) at this point
+    adapter: _State
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    epoch_loss: tuple[float, int]  # (sum of loss x tokens, tokens) of the epoch so far
+    epoch_seconds: float
+    history: list[EpochStats]
+    best_loss: float
+    best_state: _State
+    steps_per_epoch: int
+    total_steps: int
+
+    @property
+    def steps_done(self) -> int:
+        return (self.epoch - 1) * self.steps_per_epoch + self.epoch_step
+
+    def save(self, path: Path) -> None:
+        """Write atomically (a temporary file, fsynced, renamed over `path`)."""
+        data = {
+            "format": 1,
+            "epoch": self.epoch,
+            "epoch_step": self.epoch_step,
+            "order_generator": self.order_generator,
+            "rng": self.rng,
+            "adapter": self.adapter,
+            "optimizer": self.optimizer,
+            "scheduler": self.scheduler,
+            "epoch_loss": list(self.epoch_loss),
+            "epoch_seconds": self.epoch_seconds,
+            "history": [dataclasses.asdict(h) for h in self.history],
+            "best_loss": self.best_loss,
+            "best_state": self.best_state,
+            "steps_per_epoch": self.steps_per_epoch,
+            "total_steps": self.total_steps,
+        }
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "wb") as handle:
+            torch.save(data, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> TrainCheckpoint:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        if data.get("format") != 1:
+            raise TrainingError(f"{path}: unknown checkpoint format {data.get('format')!r}")
+        return cls(
+            epoch=int(data["epoch"]),
+            epoch_step=int(data["epoch_step"]),
+            order_generator=data["order_generator"],
+            rng=data["rng"],
+            adapter=data["adapter"],
+            optimizer=data["optimizer"],
+            scheduler=data["scheduler"],
+            epoch_loss=(float(data["epoch_loss"][0]), int(data["epoch_loss"][1])),
+            epoch_seconds=float(data["epoch_seconds"]),
+            history=[EpochStats(**h) for h in data["history"]],
+            best_loss=float(data["best_loss"]),
+            best_state=data["best_state"],
+            steps_per_epoch=int(data["steps_per_epoch"]),
+            total_steps=int(data["total_steps"]),
+        )
+
+
+class TrainingStopped(Exception):
+    """`on_step` asked the run to stop; `checkpoint` resumes it (`train_adapter(resume=)`)."""
+
+    def __init__(self, checkpoint: TrainCheckpoint) -> None:
+        super().__init__(f"stopped at epoch {checkpoint.epoch}, step {checkpoint.epoch_step}")
+        self.checkpoint = checkpoint
+
+
 def train_adapter(
     model: ContextPEFTModel,
     train: EncodedCaptions,
     val: EncodedCaptions,
     options: TrainOptions = TrainOptions(),
     on_epoch: Callable[[EpochStats], None] | None = None,
+    *,
+    on_step: Callable[[StepStats], bool | None] | None = None,
+    on_checkpoint: Callable[[TrainCheckpoint], None] | None = None,
+    resume: TrainCheckpoint | None = None,
 ) -> TrainResult:
     """Train one adapter set; return the epoch with the lowest validation loss.
 
     With scope "full" the model's LM is trained too and keeps the best epoch's weights: pass a
     copy of a backbone you want to keep.
+
+    Resumable runs (scope "adapter" or "connector"): `on_step` is called after every
+    optimizer step; when it returns True the run stops there and raises `TrainingStopped`,
+    whose checkpoint `resume=` takes to go on. `on_checkpoint` receives a checkpoint at the end
+    of every epoch but the last. A resumed run must get the same data and options.
     """
     if len(train) == 0 or len(val) == 0:
         raise TrainingError("training needs at least one training and one validation caption")
+    if options.scope == "full" and (on_step or on_checkpoint or resume):
+        raise TrainingError("scope 'full' runs cannot be checkpointed or resumed")
     started = time.perf_counter()
     device = resolve_device(options.device)
     model.to(device)
@@ -326,14 +459,16 @@ def train_adapter(
     # Connector dropout draws from the global RNG: seed a private copy of it, so the same
     # seed gives the same adapter and the caller's RNG state is left alone.
     devices = [device.index or 0] if device.type == "cuda" else []
+    run = _Run(model, adapter, params, train, val, options)
     try:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(options.seed)
-            history, best_state, best_lm = _epochs(
-                model, adapter, params, train, val, options, on_epoch
-            )
+            if resume is not None:
+                run.restore(resume)
+            run.epochs(on_epoch, on_step, on_checkpoint)
     finally:
         model.backbone.requires_grad_(False)
+    history, best_state, best_lm = run.history, run.best_state, run.best_lm
     adapter.load_state_dict(best_state)
     if best_lm is not None:
         model.backbone.lm.load_state_dict(best_lm)
@@ -349,66 +484,146 @@ def train_adapter(
     )
 
 
-_State = dict[str, torch.Tensor]
+class _Run:
+    """The epoch loop of one run and its state (what a checkpoint holds)."""
 
-
-def _epochs(
-    model: ContextPEFTModel,
-    adapter: AdapterSet,
-    params: list[torch.nn.Parameter],
-    train: EncodedCaptions,
-    val: EncodedCaptions,
-    options: TrainOptions,
-    on_epoch: Callable[[EpochStats], None] | None,
-) -> tuple[list[EpochStats], _State, _State | None]:
-    """The epoch loop: (history, best adapter state, best LM state for scope "full")."""
-    optimizer = torch.optim.Adam(
-        params, lr=options.lr, betas=options.betas, weight_decay=options.weight_decay
-    )
-    steps_per_epoch = math.ceil(len(train) / options.batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _lr_lambda(options.schedule, options.epochs * steps_per_epoch)
-    )
-    generator = torch.Generator().manual_seed(options.seed)
-    history: list[EpochStats] = []
-    best_loss, best_state, best_lm = math.inf, copy.deepcopy(adapter.state_dict()), None
-    for epoch in range(1, options.epochs + 1):
-        t0 = time.perf_counter()
-        adapter.train()
-        total, count = 0.0, 0
-        bar = tqdm(
-            _batches(len(train), options.batch_size, generator),
-            desc=f"epoch {epoch}/{options.epochs}",
-            unit="batch",
-            leave=False,
-            disable=not options.progress,
+    def __init__(
+        self,
+        model: ContextPEFTModel,
+        adapter: AdapterSet,
+        params: list[torch.nn.Parameter],
+        train: EncodedCaptions,
+        val: EncodedCaptions,
+        options: TrainOptions,
+    ) -> None:
+        self.model, self.adapter, self.train, self.val, self.options = (
+            model,
+            adapter,
+            train,
+            val,
+            options,
         )
-        for step, batch in enumerate(bar):
-            loss, tokens = _batch_loss(model, adapter, train, batch)
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise TrainingError(
-                    f"the loss became {value} at epoch {epoch}, step {step + 1}; "
-                    f"lower the learning rate (lr={options.lr})"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            total += value * tokens
-            count += tokens
-            bar.set_postfix(loss=f"{value:.3f}", refresh=False)
-        val_loss = mean_loss(model, adapter, val, max(options.batch_size, 64))
-        stats = EpochStats(epoch, total / max(count, 1), val_loss, time.perf_counter() - t0)
-        history.append(stats)
-        if on_epoch is not None:
-            on_epoch(stats)
-        if val_loss < best_loss:
-            best_loss = val_loss
-            best_state = copy.deepcopy(adapter.state_dict())
-            if options.scope == "full":
-                best_lm = copy.deepcopy(model.backbone.lm.state_dict())
-    return history, best_state, best_lm
+        self.optimizer = torch.optim.Adam(
+            params, lr=options.lr, betas=options.betas, weight_decay=options.weight_decay
+        )
+        self.steps_per_epoch = math.ceil(len(train) / options.batch_size)
+        self.total_steps = options.epochs * self.steps_per_epoch
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _lr_lambda(options.schedule, self.total_steps)
+        )
+        self.generator = torch.Generator().manual_seed(options.seed)
+        self.history: list[EpochStats] = []
+        self.best_loss = math.inf
+        self.best_state: _State = copy.deepcopy(adapter.state_dict())
+        self.best_lm: _State | None = None
+        # Where the loop starts: (epoch, steps of it done, loss sums, seconds so far).
+        self.first_epoch, self.skip_steps = 1, 0
+        self.epoch_loss: tuple[float, int] = (0.0, 0)
+        self.epoch_seconds = 0.0
+
+    def restore(self, checkpoint: TrainCheckpoint) -> None:
+        if checkpoint.total_steps != self.total_steps:
+            raise TrainingError(
+                f"the checkpoint is of a run of {checkpoint.total_steps} steps, this one has "
+                f"{self.total_steps}: resume with the same data and options"
+            )
+        self.adapter.load_state_dict(checkpoint.adapter)
+        self.optimizer.load_state_dict(checkpoint.optimizer)
+        self.scheduler.load_state_dict(checkpoint.scheduler)
+        self.generator.set_state(checkpoint.order_generator)
+        torch.set_rng_state(checkpoint.rng)
+        self.history = list(checkpoint.history)
+        self.best_loss = checkpoint.best_loss
+        self.best_state = checkpoint.best_state
+        self.first_epoch, self.skip_steps = checkpoint.epoch, checkpoint.epoch_step
+        self.epoch_loss, self.epoch_seconds = checkpoint.epoch_loss, checkpoint.epoch_seconds
+
+    def checkpoint(self, epoch: int, epoch_step: int, order: torch.Tensor) -> TrainCheckpoint:
+        return TrainCheckpoint(
+            epoch=epoch,
+            epoch_step=epoch_step,
+            order_generator=order.clone(),
+            rng=torch.get_rng_state(),
+            adapter=copy.deepcopy(self.adapter.state_dict()),
+            optimizer=copy.deepcopy(self.optimizer.state_dict()),
+            scheduler=copy.deepcopy(self.scheduler.state_dict()),
+            epoch_loss=self.epoch_loss,
+            epoch_seconds=self.epoch_seconds,
+            history=list(self.history),
+            best_loss=self.best_loss,
+            best_state=copy.deepcopy(self.best_state),
+            steps_per_epoch=self.steps_per_epoch,
+            total_steps=self.total_steps,
+        )
+
+    def epochs(
+        self,
+        on_epoch: Callable[[EpochStats], None] | None,
+        on_step: Callable[[StepStats], bool | None] | None,
+        on_checkpoint: Callable[[TrainCheckpoint], None] | None,
+    ) -> None:
+        options, train, model, adapter = self.options, self.train, self.model, self.adapter
+        stop = False
+        for epoch in range(self.first_epoch, options.epochs + 1):
+            t0 = time.perf_counter() - self.epoch_seconds
+            adapter.train()
+            total, count = self.epoch_loss
+            order = self.generator.get_state()
+            batches = _batches(len(train), options.batch_size, self.generator)
+            skip, self.skip_steps = self.skip_steps, 0
+            bar = tqdm(
+                batches[skip:],
+                desc=f"epoch {epoch}/{options.epochs}",
+                unit="batch",
+                leave=False,
+                disable=not options.progress,
+            )
+            for step, batch in enumerate(bar, start=skip):
+                loss, tokens = _batch_loss(model, adapter, train, batch)
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise TrainingError(
+                        f"the loss became {value} at epoch {epoch}, step {step + 1}; "
+                        f"lower the learning rate (lr={options.lr})"
+                    )
+                lr = float(self.optimizer.param_groups[0]["lr"])
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                self.scheduler.step()
+                total += value * tokens
+                count += tokens
+                bar.set_postfix(loss=f"{value:.3f}", refresh=False)
+                if on_step is not None:
+                    done = (epoch - 1) * self.steps_per_epoch + step + 1
+                    stats = StepStats(
+                        epoch, step + 1, self.steps_per_epoch, done, self.total_steps, value,
+                        tokens, lr, adapter,
+                    )  # fmt: skip
+                    stop = bool(on_step(stats))
+                    if stop and step + 1 < len(batches):
+                        self.epoch_loss = (total, count)
+                        self.epoch_seconds = time.perf_counter() - t0
+                        raise TrainingStopped(self.checkpoint(epoch, step + 1, order))
+            val_loss = mean_loss(model, adapter, self.val, max(options.batch_size, 64))
+            stats_epoch = EpochStats(
+                epoch, total / max(count, 1), val_loss, time.perf_counter() - t0
+            )
+            self.history.append(stats_epoch)
+            self.epoch_loss, self.epoch_seconds = (0.0, 0), 0.0
+            if on_epoch is not None:
+                on_epoch(stats_epoch)
+            if val_loss < self.best_loss:
+                self.best_loss = val_loss
+                self.best_state = copy.deepcopy(adapter.state_dict())
+                if options.scope == "full":
+                    self.best_lm = copy.deepcopy(model.backbone.lm.state_dict())
+            if epoch < options.epochs and (stop or on_checkpoint is not None):
+                checkpoint = self.checkpoint(epoch + 1, 0, self.generator.get_state())
+                if on_checkpoint is not None:
+                    on_checkpoint(checkpoint)
+                if stop:  # asked at the epoch's last step: stop at its end
+                    raise TrainingStopped(checkpoint)
 
 
 def _trainable(

@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "backbone": ("backbone", "build a backbone (e.g. smol: real pretrained weights) offline"),
     "usage": ("usage", "a running service's usage ledger: tokens and requests per adapter"),
+    "jobs": ("jobs", "create, list, show, follow and cancel a running service's fine-tuning jobs"),
 }
 
 

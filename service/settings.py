@@ -257,6 +257,84 @@ class Settings(BaseSettings, EngineConfig):
         default=None, description="Adapter used by /caption when the request names none."
     )
 
+    # --- fine-tuning: /v1/files and /v1/fine_tuning/jobs (docs/OPERATIONS.md, "Fine-tuning
+    # jobs") -----------------------------------------------------------------------------------
+    jobs_enabled: bool = Field(
+        default=True, description="Offer /v1/files and /v1/fine_tuning/jobs (training jobs)."
+    )
+    jobs_backbone: str | None = Field(
+        default=None,
+        description="Saved backbone folder the training processes load (default: the served "
+        "backbone's built folder); must be the served backbone (same fingerprint).",
+    )
+    jobs_device: str = Field(
+        default="cpu",
+        min_length=1,
+        description="Torch device of the training processes (cpu keeps the serving device "
+        "for serving).",
+    )
+    jobs_max_running: PositiveInt = Field(
+        default=1, description="Training processes running at once (the others queue)."
+    )
+    jobs_tenant_max_running: PositiveInt = Field(
+        default=1, description="Training processes one tenant may have running at once."
+    )
+    jobs_tenant_max_queued: int = Field(
+        default=4,
+        ge=0,
+        description="Jobs one tenant may have waiting beyond its running ones (429 above).",
+    )
+    jobs_tenant_tokens_per_day: int = Field(
+        default=50_000_000,
+        ge=0,
+        description="Training tokens (caption tokens + end token, times epochs) one tenant may "
+        "train in 24 hours (0: no limit; 429 above).",
+    )
+    jobs_threads: PositiveInt = Field(
+        default=1, description="Torch threads of one training process."
+    )
+    jobs_nice: int = Field(
+        default=10, ge=0, le=19, description="CPU niceness added to training processes."
+    )
+    jobs_sched_idle: bool = Field(
+        default=False,
+        description="Run training processes in Linux's idle scheduling class: only CPU time "
+        "nothing else wants (serving first, strictly; a job may starve under full load).",
+    )
+    jobs_memory_limit_mb: PositiveInt = Field(
+        default=6144,
+        description="Memory bound of one training process (MiB): its private data "
+        "(RLIMIT_DATA) and its resident set; a job over it fails.",
+    )
+    jobs_max_restarts: int = Field(
+        default=3,
+        ge=0,
+        description="Service restarts a running job survives (resumed from its checkpoint) "
+        "before it fails.",
+    )
+    jobs_metrics_every_steps: PositiveInt = Field(
+        default=10, description="A metrics event every this many training steps."
+    )
+    jobs_ray_cpus: float = Field(
+        default=1.0,
+        gt=0,
+        description="Ray CPUs one training task reserves (ctxpeft serve --ray).",
+    )
+    files_max_bytes: PositiveInt = Field(
+        default=64 * MiB, description="Largest uploaded training file (413 above)."
+    )
+    files_max_examples: PositiveInt = Field(
+        default=50_000, description="Most examples (lines) of one training file (400 above)."
+    )
+    files_tenant_max_bytes: int = Field(
+        default=1024 * MiB,
+        ge=0,
+        description="Bytes of all files one tenant may keep (0: no limit; 413 above).",
+    )
+    files_tenant_max_files: int = Field(
+        default=100, ge=0, description="Files one tenant may keep (0: no limit; 413 above)."
+    )
+
     # --- observability ---------------------------------------------------------------------
     metrics_adapter_labels: int = Field(
         default=20,

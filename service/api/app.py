@@ -22,10 +22,13 @@ from service.api.errors import add_error_shape, install_error_handlers
 from service.api.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
 from service.api.openai_schemas import OPENAI_PREFIX, openai_error_content
 from service.api.routes import adapters, caption, health, info, openai, samples, usage
+from service.api.routes import files as files_routes
+from service.api.routes import fine_tuning as fine_tuning_routes
 from service.api.state import ServiceState
 from service.auth import KeyStore, metrics_token
 from service.database import DATABASE_FILE, Database
 from service.engine import Engine
+from service.jobs.service import FineTuning, RunnerFactory
 from service.metrics import ServiceMetrics, private_labels_allowed
 from service.settings import Settings
 from service.usage import UsageLedger
@@ -52,9 +55,12 @@ def create_app(
     keys: KeyStore | None = None,
     metrics: ServiceMetrics | None = None,
     engine_factory: Callable[[ServiceMetrics], EnginePort] | None = None,
+    job_runner: RunnerFactory | None = None,
 ) -> FastAPI:
     """Build the app. With no `engine`, the lifespan loads one from `settings` (or
-    `engine_factory`) in a background thread; the app answers /healthz meanwhile."""
+    `engine_factory`) in a background thread; the app answers /healthz meanwhile.
+    `job_runner` starts fine-tuning workers (default: child processes; the Ray ingress
+    passes Ray tasks)."""
     metrics = metrics or ServiceMetrics(
         adapter_labels=settings.metrics_adapter_labels, backbone=settings.backbone
     )
@@ -80,7 +86,11 @@ def create_app(
             state.usage = UsageLedger(
                 Database(settings.runtime_dir / DATABASE_FILE), settings.usage_flush_s
             )
+        if fine_tuning is not None:
+            fine_tuning.start()
         yield
+        if fine_tuning is not None:  # running jobs pause at their next step, resumable
+            fine_tuning.close()
         state.close()
         if state.usage is not None:  # after the drain: every answered request is recorded
             state.usage.close()
@@ -95,6 +105,9 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.service = state
+    # Fine-tuning (issue 22): /v1/files and /v1/fine_tuning/jobs, training in other processes.
+    fine_tuning = FineTuning(settings, state, job_runner) if settings.jobs_enabled else None
+    app.state.fine_tuning = fine_tuning
     install_error_handlers(app)
     add_error_shape(app, f"{OPENAI_PREFIX}/", openai_error_content)
     app.include_router(caption.router)
@@ -104,11 +117,18 @@ def create_app(
     app.include_router(info.router)
     app.include_router(samples.router)
     app.include_router(usage.router)
+    if fine_tuning is not None:
+        app.include_router(files_routes.router)
+        app.include_router(fine_tuning_routes.router)
     # add_middleware wraps: the last added is outermost, so the request id covers the 413.
     app.add_middleware(
         BodySizeLimitMiddleware,
         max_bytes=settings.max_body_bytes,
         on_reject=lambda: metrics.reject("too_large"),
+        # A training file's upload may be larger than a caption request (+1 MiB of form).
+        path_limits={files_routes.router.prefix: settings.files_max_bytes + (1 << 20)}
+        if fine_tuning is not None
+        else None,
     )
     app.add_middleware(RequestIdMiddleware)
     state.publish_build_info()

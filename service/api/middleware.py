@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import re
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -151,21 +151,28 @@ class BodySizeLimitMiddleware:
     """
 
     def __init__(
-        self, app: ASGIApp, max_bytes: int, on_reject: Callable[[], None] | None = None
+        self,
+        app: ASGIApp,
+        max_bytes: int,
+        on_reject: Callable[[], None] | None = None,
+        path_limits: Mapping[str, int] | None = None,
     ) -> None:
         if max_bytes < 0:
             raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
         self.app = app
         self.max_bytes = max_bytes
         self.on_reject = on_reject  # called once per 413 it answers (e.g. to count it)
+        # Exact paths with a limit of their own (the training-file upload, POST /v1/files).
+        self.path_limits = dict(path_limits or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request = _LimitedRequest(self.app, self.max_bytes, scope, receive, send, self.on_reject)
+        limit = self.path_limits.get(scope.get("path", ""), self.max_bytes)
+        request = _LimitedRequest(self.app, limit, scope, receive, send, self.on_reject)
         declared = _content_length(scope)
-        if declared is not None and declared > self.max_bytes:
+        if declared is not None and declared > limit:
             request.exceeded = True
             await request.reject()
             return

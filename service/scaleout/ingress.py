@@ -17,6 +17,7 @@ from fastapi import FastAPI
 
 from service.api.app import create_app
 from service.auth import KeyStore
+from service.jobs.ray_runner import ray_job_runner
 from service.metrics import ServiceMetrics
 from service.scaleout.loopback import bind_replica_grpc_to_node_ip
 from service.scaleout.messages import ReplicaInfo
@@ -61,6 +62,7 @@ class Ingress:
             engine=self._remote_engine,
             keys=keys,
             metrics=metrics,
+            job_runner=ray_job_runner,  # fine-tuning jobs as Ray tasks (service.jobs)
         )
         # Serve's proxy appends the request id to every answer (request_ids.py).
         self._service_app.add_middleware(WithoutAppRequestId)

@@ -14,7 +14,10 @@ from adapters.data.synthetic import SyntheticCaptions, render, sample_scene
 from adapters.model import ContextPEFTModel
 from adapters.training import (
     EncodedCaptions,
+    StepStats,
+    TrainCheckpoint,
     TrainingError,
+    TrainingStopped,
     TrainOptions,
     adapter_config,
     encode_records,
@@ -192,6 +195,61 @@ def test_empty_data_is_refused(model, data) -> None:
     train, _ = data
     with pytest.raises(TrainingError, match="at least one"):
         train_adapter(model, train, train.subset_images([]), FAST)
+
+
+# 12 captions at batch 4: 3 steps per epoch; stops mid-epoch (2, 7), at an epoch's last step
+# (6: the run goes on to that epoch's end) and at an epoch boundary through the checkpoint.
+@pytest.mark.parametrize("stops", [[2], [7], [6], [2, 3, 7, 8]])
+def test_a_run_stopped_and_resumed_is_the_run_that_never_stopped(
+    model, data, tmp_path, stops: list[int]
+) -> None:
+    train, val = data
+    options = dataclass_replace(FAST, epochs=4, connector_dropout=0.3, schedule="cosine")
+    whole_steps: list[StepStats] = []
+    whole = train_adapter(model, train, val, options, on_step=whole_steps.append)
+    assert [s.step for s in whole_steps] == list(range(1, 13))
+
+    pieces: list[StepStats] = []
+    resume: TrainCheckpoint | None = None
+    pending = list(stops)
+    while True:
+
+        def step(stats: StepStats) -> bool:
+            pieces.append(stats)
+            return bool(pending) and stats.step == pending[0]
+
+        try:
+            result = train_adapter(model, train, val, options, on_step=step, resume=resume)
+            break
+        except TrainingStopped as stopped:
+            pending.pop(0)
+            path = tmp_path / "checkpoint.pt"
+            stopped.checkpoint.save(path)  # through the file, as a job's worker does
+            resume = TrainCheckpoint.load(path)
+            assert resume.steps_done == pieces[-1].step
+    assert not pending
+    assert [s.step for s in pieces] == list(range(1, 13))
+    assert [s.loss for s in pieces] == [s.loss for s in whole_steps]
+    assert [(h.epoch, h.train_loss, h.val_loss) for h in result.history] == [
+        (h.epoch, h.train_loss, h.val_loss) for h in whole.history
+    ]
+    assert result.best_epoch == whole.best_epoch
+    for name, tensor in whole.adapter.tensors().items():
+        assert torch.equal(tensor, result.adapter.tensors()[name]), name
+
+
+def test_epoch_checkpoints_resume_the_run(model, data, tmp_path) -> None:
+    train, val = data
+    options = dataclass_replace(FAST, epochs=3)
+    checkpoints: list[TrainCheckpoint] = []
+    whole = train_adapter(model, train, val, options, on_checkpoint=checkpoints.append)
+    assert [(c.epoch, c.epoch_step, c.steps_done) for c in checkpoints] == [(2, 0, 3), (3, 0, 6)]
+    resumed = train_adapter(model, train, val, options, resume=checkpoints[0])
+    for name, tensor in whole.adapter.tensors().items():
+        assert torch.equal(tensor, resumed.adapter.tensors()[name]), name
+    other = dataclass_replace(options, epochs=5)
+    with pytest.raises(TrainingError, match="same data and options"):
+        train_adapter(model, train, val, other, resume=checkpoints[0])
 
 
 def dataclass_replace(options: TrainOptions, **changes) -> TrainOptions:

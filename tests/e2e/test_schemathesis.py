@@ -34,6 +34,20 @@ OPENAI = [
     ("POST", "/v1/chat/completions"),
     ("GET", "/v1/models"),
     ("GET", "/v1/models/{model}"),
+    # fine-tuning (issue 22)
+    ("POST", "/v1/files"),
+    ("GET", "/v1/files"),
+    ("GET", "/v1/files/{file_id}"),
+    ("DELETE", "/v1/files/{file_id}"),
+    ("GET", "/v1/files/{file_id}/content"),
+    ("POST", "/v1/fine_tuning/jobs"),
+    ("GET", "/v1/fine_tuning/jobs"),
+    ("GET", "/v1/fine_tuning/jobs/{fine_tuning_job_id}"),
+    ("POST", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/cancel"),
+    ("POST", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/pause"),
+    ("POST", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/resume"),
+    ("GET", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/events"),
+    ("GET", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints"),
 ]
 EXAMPLES = {"native": 25, "openai": 40}  # per operation
 

@@ -30,6 +30,10 @@ class ServiceInfo(BaseModel):
     samples: SamplesAbout | None = Field(
         description="GET /samples/random is offered (demo backbone only); null: it is not."
     )
+    fine_tuning: bool = Field(
+        default=False,
+        description="/v1/files and /v1/fine_tuning/jobs are offered (setting jobs_enabled).",
+    )
 
 
 @router.get(
@@ -48,4 +52,5 @@ async def info(state: State, engine: ReadyEngine) -> ServiceInfo:
         default_max_new_tokens=settings.default_max_new_tokens,
         max_new_tokens_limit=settings.max_new_tokens_limit,
         samples=samples_about(engine),
+        fine_tuning=settings.jobs_enabled,
     )
