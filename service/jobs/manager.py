@@ -28,6 +28,7 @@ from typing import Any
 from service.database import Database
 from service.jobs.auto import Chosen, resolve
 from service.jobs.files import FileNotFound, FileRecord, FileStore
+from service.jobs.progress import TrainedHook
 from service.jobs.runner import JobRunner
 from service.jobs.store import ACTIVE, Job, JobStore, new_job_id
 from service.jobs.supervisor import TICK_S, FingerprintSource, JobsConfig, Publisher, Supervisor
@@ -106,12 +107,15 @@ class JobManager:
         publisher: Publisher,
         fingerprint: FingerprintSource = lambda: None,
         model_names: Callable[[], tuple[str, ...]] | None = None,
+        on_trained: TrainedHook | None = None,
     ) -> None:
         self.files = files
         self.jobs = JobStore(db)
         self.config = config
         self.runner = runner
-        self.supervisor = Supervisor(self.jobs, files, root, config, runner, publisher, fingerprint)
+        self.supervisor = Supervisor(
+            self.jobs, files, root, config, runner, publisher, fingerprint, on_trained
+        )
         # What `model` may be: asked at each create (the served backbone's name is known only
         # once the engine has loaded it).
         self.model_names = model_names or (lambda: config.model_names)

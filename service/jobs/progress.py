@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +26,15 @@ from service.jobs.store import Job, JobStore
 EventRow = tuple[Any, str, str, dict[str, Any] | None]  # level, message, type, data
 
 
+# Told about a job's trained tokens once, when its `trained` record is read (usage metering).
+TrainedHook = Callable[[Job, int], None]
+
+
 class EventReader:
-    def __init__(self, jobs: JobStore, root: Path) -> None:
+    def __init__(self, jobs: JobStore, root: Path, on_trained: TrainedHook | None = None) -> None:
         self.jobs = jobs
         self.root = root
+        self.on_trained = on_trained
         # job id -> (total steps, tokens per epoch, first step of this attempt, its start time)
         self._plans: dict[str, tuple[int, int, int, float]] = {}
 
@@ -59,6 +65,9 @@ class EventReader:
         for record in records:
             self._apply(job, record, events, changes)
         self.jobs.add_events(job.id, events, **changes)
+        # After the commit: the line is never read again, so the tokens count once.
+        if self.on_trained is not None and "trained_tokens" in changes:
+            self.on_trained(job, int(changes["trained_tokens"]))
         return records
 
     def _apply(

@@ -28,8 +28,10 @@ from service.jobs.data import DataLimits
 from service.jobs.files import FileStore
 from service.jobs.manager import JobManager
 from service.jobs.runner import JobRunner, MiB, ProcessRunner, WorkerLimits
+from service.jobs.store import Job
 from service.jobs.supervisor import JobsConfig, NotReady, PublishError
 from service.settings import Settings
+from service.usage import UsageRecord
 
 if TYPE_CHECKING:
     from service.api.state import ServiceState
@@ -121,6 +123,7 @@ class FineTuning:
                 self._publish,
                 self._fingerprint,
                 self._model_names,
+                self._count_training,
             )
             self._db, self._files = db, files
         if self._started:
@@ -137,6 +140,16 @@ class FineTuning:
         self._open()
         assert self._manager is not None
         return self._manager
+
+    def _count_training(self, job: Job, tokens: int) -> None:
+        """A job's trained tokens, in the usage ledger (once: see EventReader)."""
+        if self.state.usage is not None:
+            adapter = f"{job.tenant}/{job.adapter_name}"
+            self.state.usage.record(
+                UsageRecord(
+                    job.tenant, adapter, f"job:{job.id}"[:32], "completed", training_tokens=tokens
+                )
+            )
 
     def _model_names(self) -> tuple[str, ...]:
         """What a job's `model` may be: the loaded backbone's name (GET /info), and the

@@ -39,7 +39,7 @@ from typing import Any
 from service.jobs import worker as w
 from service.jobs.data import DataLimits
 from service.jobs.files import FileStore
-from service.jobs.progress import EventReader
+from service.jobs.progress import EventReader, TrainedHook
 from service.jobs.runner import Exit, JobRunner, Launch, WorkerLimits
 from service.jobs.store import Job, JobError, JobStore
 
@@ -101,6 +101,7 @@ class Supervisor:
         runner: JobRunner,
         publisher: Publisher,
         fingerprint: FingerprintSource,
+        on_trained: TrainedHook | None = None,
     ) -> None:
         self.jobs = jobs
         self.files = files
@@ -110,7 +111,7 @@ class Supervisor:
         self.runner = runner
         self.publisher = publisher
         self.fingerprint = fingerprint
-        self.events = EventReader(jobs, self.root)
+        self.events = EventReader(jobs, self.root, on_trained)
         self.stopping = False
         self._launches: dict[str, Launch] = {}
         self._cancel_asked: dict[str, float] = {}

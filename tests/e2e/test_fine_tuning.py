@@ -158,6 +158,22 @@ def test_a_job_trains_and_its_model_serves_at_once(
     assert native.status_code == 200, native.text
     assert native.json()["caption"] == caption_chat(acme, job.fine_tuned_model, image)
 
+    # The usage ledger counts the job's trained tokens under its adapter (issue 23).
+    usage = httpx.get(
+        f"{service.url}/v1/usage",
+        params={"start_time": job.created_at - 60, "group_by": "adapter"},
+        headers=bearer(ACME_ADMIN),
+        timeout=30,
+    )
+    assert usage.status_code == 200, usage.text
+    trained_here = sum(
+        r["training_tokens"]
+        for bucket in usage.json()["data"]
+        for r in bucket["results"]
+        if r["model"] == f"acme/{job.fine_tuned_model}"
+    )
+    assert trained_here == job.trained_tokens
+
 
 def _index(messages: list[str], prefix: str) -> int:
     return next(i for i, m in enumerate(messages) if m.startswith(prefix))
