@@ -316,9 +316,10 @@ class Settings(BaseSettings, EngineConfig):
         default=10, description="A metrics event every this many training steps."
     )
     jobs_ray_cpus: float = Field(
-        default=1.0,
+        default=0.5,
         gt=0,
-        description="Ray CPUs one training task reserves (ctxpeft serve --ray).",
+        description="Ray CPUs one training task reserves (ctxpeft serve --ray keeps "
+        "jobs_max_running of them free beside the ingress).",
     )
     files_max_bytes: PositiveInt = Field(
         default=64 * MiB, description="Largest uploaded training file (413 above)."

@@ -131,10 +131,14 @@ def run(args: argparse.Namespace) -> int:
         if ray_problem:
             raise StartupError(ray_problem)
         if scale["ray"]:
+            from service.jobs.ray_runner import reserved_cpus
             from service.scaleout.launch import ScaleOut, local_plan
 
             scale_out = ScaleOut(
-                scale["replicas"] or DEFAULT_REPLICAS, scale["cpus_per_replica"], scale["address"]
+                scale["replicas"] or DEFAULT_REPLICAS,
+                scale["cpus_per_replica"],
+                scale["address"],
+                reserved_cpus(settings),
             )
             if scale_out.own_cluster:  # first: this machine's CPUs say in a second
                 plan = local_plan(scale_out)

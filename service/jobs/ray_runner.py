@@ -1,8 +1,9 @@
 """Jobs as Ray tasks (`ctxpeft serve --ray`): each job's worker runs under a Ray task that
-reserves `jobs_ray_cpus` of the cluster's CPUs, so Ray places training where the replicas
-leave room and counts it against the same budget.
+reserves `jobs_ray_cpus` of the cluster's CPUs on the ingress's node (where the runtime folder
+with the job folders is), and the launcher keeps `reserved_cpus(settings)` free there beside
+the ingress when it sizes the replicas (sizing.place), so a job's task always finds room.
 
-    runner = RayRunner(cpus=1.0)              # create_app(job_runner=ray_job_runner)
+    runner = RayRunner(cpus=0.5)              # create_app(job_runner=ray_job_runner)
     launch = runner.start(job_dir, limits)     # a Ray task: supervise(job_dir, limits)
     launch.poll(); launch.kill()               # ray.wait / ray.cancel(force=True)
 
@@ -66,15 +67,25 @@ class RayLaunch:
 
 
 class RayRunner:
-    def __init__(self, cpus: float = 1.0) -> None:
+    def __init__(self, cpus: float) -> None:
         self.cpus = cpus
 
     def start(self, job_dir: Path, limits: WorkerLimits) -> RayLaunch:
-        task = _task().options(num_cpus=self.cpus)
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        # This node: the job folder is on its disk, and its CPUs were kept free for jobs.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        task = _task().options(num_cpus=self.cpus, scheduling_strategy=here)
         return RayLaunch(task.remote(str(job_dir), dataclasses.asdict(limits), self.cpus))
 
     def close(self) -> None:
         pass
+
+
+def reserved_cpus(settings: Settings) -> float:
+    """Ray CPUs kept free beside the ingress for training tasks (0 with jobs off)."""
+    return settings.jobs_max_running * settings.jobs_ray_cpus if settings.jobs_enabled else 0.0
 
 
 def ray_job_runner(settings: Settings) -> RayRunner:

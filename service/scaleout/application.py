@@ -23,6 +23,7 @@ import ray
 from ray import serve
 from ray.serve import Application
 
+from service.jobs.ray_runner import reserved_cpus
 from service.scaleout import cluster
 from service.scaleout.ingress import Ingress
 from service.scaleout.replica import EngineReplica, ReplicaOptions
@@ -90,6 +91,7 @@ def app_builder(args: dict[str, str]) -> Application:
         nodes,
         int(args.get("replicas", DEFAULT_REPLICAS)),
         None if asked is None else float(asked),
+        reserved_cpus=reserved_cpus(settings),
     )
     return build_app(
         settings,

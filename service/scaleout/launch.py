@@ -59,6 +59,7 @@ class ScaleOut:
     replicas: int = DEFAULT_REPLICAS
     cpus_per_replica: float | None = None
     address: str | None = None
+    jobs_cpus: float = 0.0  # kept free beside the ingress (ray_runner.reserved_cpus)
 
     @property
     def own_cluster(self) -> bool:
@@ -258,6 +259,7 @@ class _Launch:
                 "cpus_per_replica": plan.cpus_per_replica,
                 "cpus_per_replica_derived": plan.derived,
                 "ingress_cpus": plan.ingress_cpus,
+                "jobs_cpus": plan.reserved_cpus,
                 "torch_threads_per_replica": plan.torch_threads,
             },
         )
@@ -351,7 +353,7 @@ class _DeployFailed(Exception):
 
 def _plan(nodes: list[float], scale: ScaleOut) -> Plan:
     try:
-        return place(nodes, scale.replicas, scale.cpus_per_replica)
+        return place(nodes, scale.replicas, scale.cpus_per_replica, reserved_cpus=scale.jobs_cpus)
     except Unplaceable as exc:
         raise StartupError(str(exc)) from None
 

@@ -2,7 +2,8 @@
 
 - the README's command, exactly (`ctxpeft serve --ray --replicas 2`, the installed console
   script, the CLI's own defaults; settings only for the port, the test backbone and keys, and
-  a short drain), gets ready on this machine, serves, and stops on SIGTERM: exit 0 within
+  a short drain), gets ready on this machine, serves, trains a fine-tuning job in the CPUs it
+  keeps for jobs, and stops on SIGTERM: exit 0 within
   `drain_timeout_s + STOP_GRACE_S`, one drain, every stderr line JSON, Ray's processes gone;
 - a SIGTERM to its whole process group (which stops Ray's own processes too) ends it at once,
   status 0, no 60 s wait for a GCS that is gone;
@@ -27,11 +28,16 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import psutil
 import pytest
 
+from service.jobs.ray_runner import reserved_cpus
 from service.scaleout.sizing import cpus_text
+from service.settings import Settings
 from tests.e2e.conftest import ACME_ADMIN, bearer, noise_png
+from tests.e2e.fine_tuning_helpers import chat_jsonl, examples, wait_status
+from tests.e2e.openai_helpers import image_message
 from tests.e2e.serve_process import base_env, free_port, saved_tiny_service, serve_process
 from tests.scaleout.conftest import ROOT
 
@@ -77,9 +83,11 @@ def test_the_readme_command_gets_ready_with_its_defaults_and_stops_cleanly_on_si
         served.wait_ready(timeout_s=RAY_START_TIMEOUT_S)  # /readyz: the first replica runs
         served.wait_for_log("serving on Ray", timeout_s=RAY_START_TIMEOUT_S)  # and the second
         (plan,) = [e for e in served.json_lines() if e["msg"] == "Ray cluster started"]
-        # The defaults fit the machine: the replicas share what the ingress leaves of it.
+        # The defaults fit the machine: the replicas share what the ingress and the
+        # fine-tuning jobs' reserve (jobs_max_running x jobs_ray_cpus) leave of it.
         assert plan["replicas"] == 2 and plan["cpus_per_replica_derived"] is True, plan
-        used = 2 * plan["cpus_per_replica"] + plan["ingress_cpus"]
+        assert plan["jobs_cpus"] == reserved_cpus(Settings()) > 0, plan
+        used = 2 * plan["cpus_per_replica"] + plan["ingress_cpus"] + plan["jobs_cpus"]
         assert cpus - 0.02 < used <= cpus, plan
         answer = httpx.post(
             f"{served.url}/caption",
@@ -90,6 +98,22 @@ def test_the_readme_command_gets_ready_with_its_defaults_and_stops_cleanly_on_si
         )
         assert answer.status_code == 200, answer.text
         assert answer.json()["adapter_version"] == 1
+        # A fine-tuning job with the defaults finds its CPUs: trains, publishes, is served.
+        client = openai.OpenAI(
+            base_url=f"{served.url}/v1", api_key=ACME_ADMIN, max_retries=0, timeout=120
+        )
+        upload = client.files.create(
+            file=("t.jsonl", chat_jsonl("count", "train", 16, seed=3)), purpose="fine-tune"
+        )
+        model = httpx.get(f"{served.url}/info", timeout=30).json()["backbone"]
+        method = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1}}}
+        job = client.fine_tuning.jobs.create(model=model, training_file=upload.id, method=method)
+        job = wait_status(client, job.id, {"succeeded"})
+        image, _ = examples("count", "test", 1)[0]
+        completion = client.chat.completions.create(
+            model=job.fine_tuned_model, messages=image_message(image)
+        )
+        assert completion.system_fingerprint == f"{job.fine_tuned_model}@v1"
         ray_processes = psutil.Process(served.process.pid).children(recursive=True)
         assert {"gcs_server", "raylet"} <= {p.name() for p in ray_processes}
         served.process.send_signal(signal.SIGTERM)
@@ -197,8 +221,9 @@ def test_a_joined_cluster_too_small_for_the_flags_is_refused_before_deploying(
         lines = json_lines(done.stderr)
         (error,) = [e for e in lines if e["level"] == "error"]
         assert error["msg"].startswith(
-            "cannot place 2 engine replicas of 1 CPU each and the ingress (0.5 CPU): the Ray "
-            "cluster has 1 CPU (1 node), room for 0 such replicas."
+            "cannot place 2 engine replicas of 1 CPU each and the ingress (0.5 CPU) with "
+            "fine-tuning jobs (0.5 CPU): the Ray cluster has 1 CPU (1 node), room for 0 such "
+            "replicas."
         ), error
         assert head.poll() is None  # the operator's cluster is left as it was
     finally:
