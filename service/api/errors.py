@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from service.api.openai_schemas import OpenAIErrorBody
 from service.exceptions import (
     AdapterLoadError,
     AdapterNonFinite,
@@ -199,6 +200,11 @@ def error_responses(
 ) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses=` entries documenting the error shape (`model`) for the statuses."""
     return {status: {"model": model, "description": _phrase(status)} for status in statuses}
+
+
+def openai_error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """`error_responses` for the routes under /v1/, which answer in OpenAI's error shape."""
+    return error_responses(*statuses, model=OpenAIErrorBody)
 
 
 def _validation_message(errors: Iterable[Mapping[str, Any]]) -> str:

@@ -48,6 +48,8 @@ OPENAI = [
     ("POST", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/resume"),
     ("GET", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/events"),
     ("GET", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints"),
+    # usage metering (issue 23)
+    ("GET", "/v1/usage"),
 ]
 EXAMPLES = {"native": 25, "openai": 40}  # per operation
 

@@ -23,14 +23,14 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import FileResponse, Response
 
 from service.api.deps import ManagePrincipal, ReadyEngine
-from service.api.errors import ApiError, error_responses
+from service.api.errors import ApiError, openai_error_responses
 from service.api.fine_tuning_schemas import (
     FileDeleted,
     FileList,
     FileObject,
     TrainingDataSummary,
 )
-from service.api.openai_schemas import OPENAI_PREFIX, OpenAIErrorBody
+from service.api.openai_schemas import OPENAI_PREFIX
 from service.jobs.data import TrainingFileError, parse_training_file
 from service.jobs.files import FileNotFound, FileRecord, FileSummary
 from service.jobs.service import FineTuning
@@ -95,10 +95,6 @@ CHUNK = 1 << 20
 FileId = Annotated[str, Path(description="A file id, file-...", max_length=100)]
 
 
-def _errors(*statuses: int) -> dict[int | str, dict[str, object]]:
-    return error_responses(*statuses, model=OpenAIErrorBody)
-
-
 def fine_tuning(request: Request) -> FineTuning:
     service: FineTuning = request.app.state.fine_tuning
     return service
@@ -124,7 +120,7 @@ def _not_found(file_id: str) -> ApiError:
     response_model=FileObject,
     summary="Upload a training file (purpose fine-tune)",
     dependencies=[only_query()],
-    responses=_errors(400, 401, 403, 413, 503),
+    responses=openai_error_responses(400, 401, 403, 413, 503),
 )
 async def upload_file(
     request: Request,
@@ -214,7 +210,7 @@ def _check(service: FineTuning, temp: FsPath) -> FileSummary:
     response_model=FileList,
     summary="This tenant's files",
     dependencies=[only_query("after", "limit", "order", "purpose")],
-    responses=_errors(400, 401, 403, 404),
+    responses=openai_error_responses(400, 401, 403, 404),
 )
 async def list_files(
     request: Request,
@@ -253,7 +249,7 @@ async def _record(request: Request, tenant: str, file_id: str) -> FileRecord:
     response_model=FileObject,
     summary="One file",
     dependencies=[only_query()],
-    responses=_errors(400, 401, 403, 404),
+    responses=openai_error_responses(400, 401, 403, 404),
 )
 async def get_file(request: Request, file_id: FileId, principal: ManagePrincipal) -> FileObject:
     return file_object(await _record(request, principal.tenant, file_id))
@@ -264,7 +260,7 @@ async def get_file(request: Request, file_id: FileId, principal: ManagePrincipal
     response_model=FileDeleted,
     summary="Delete a file (jobs already created keep their copy until they end)",
     dependencies=[only_query()],
-    responses=_errors(400, 401, 403, 404),
+    responses=openai_error_responses(400, 401, 403, 404),
 )
 async def delete_file(request: Request, file_id: FileId, principal: ManagePrincipal) -> FileDeleted:
     service = fine_tuning(request)
@@ -281,7 +277,10 @@ async def delete_file(request: Request, file_id: FileId, principal: ManagePrinci
     summary="The file's bytes, as uploaded",
     dependencies=[only_query()],
     response_class=FileResponse,
-    responses={200: {"content": {"application/octet-stream": {}}}, **_errors(400, 401, 403, 404)},
+    responses={
+        200: {"content": {"application/octet-stream": {}}},
+        **openai_error_responses(400, 401, 403, 404),
+    },
 )
 async def file_content(
     request: Request, file_id: FileId, principal: ManagePrincipal

@@ -17,7 +17,7 @@ from fastapi import APIRouter, Path, Query, Request
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import AnyPrincipal, ManagePrincipal, ReadyEngine
-from service.api.errors import ApiError, error_responses
+from service.api.errors import ApiError, openai_error_responses
 from service.api.fine_tuning_schemas import (
     AdapterChoice,
     CheckpointMetrics,
@@ -33,16 +33,12 @@ from service.api.fine_tuning_schemas import (
     MethodOut,
     SupervisedOut,
 )
-from service.api.openai_schemas import OPENAI_PREFIX, OpenAIErrorBody
+from service.api.openai_schemas import OPENAI_PREFIX
 from service.api.routes.files import BadRequestRoute, fine_tuning, only_query
 from service.jobs.manager import CreateJob, JobRequestError
 from service.jobs.store import Job, JobNotFound
 
 JobId = Annotated[str, Path(description="A job id, ftjob-...", max_length=100)]
-
-
-def _errors(*statuses: int) -> dict[int | str, dict[str, object]]:
-    return error_responses(*statuses, model=OpenAIErrorBody)
 
 
 def job_object(job: Job) -> FineTuningJob:
@@ -92,7 +88,7 @@ router = APIRouter(
     response_model=FineTuningJob,
     summary="Create a fine-tuning job",
     dependencies=[only_query()],
-    responses=_errors(400, 401, 403, 409, 429, 503),
+    responses=openai_error_responses(400, 401, 403, 409, 429, 503),
 )
 async def create_job(
     request: Request, body: JobCreate, engine: ReadyEngine, principal: ManagePrincipal
@@ -126,7 +122,7 @@ async def create_job(
     response_model=FineTuningJobList,
     summary="This tenant's fine-tuning jobs, newest first",
     dependencies=[only_query("after", "limit", prefix="metadata[")],
-    responses=_errors(400, 401, 404),
+    responses=openai_error_responses(400, 401, 404),
 )
 async def list_jobs(
     request: Request,
@@ -167,7 +163,7 @@ async def _job(request: Request, tenant: str, job_id: str) -> Job:
     response_model=FineTuningJob,
     summary="One fine-tuning job",
     dependencies=[only_query()],
-    responses=_errors(400, 401, 404),
+    responses=openai_error_responses(400, 401, 404),
 )
 async def get_job(
     request: Request, fine_tuning_job_id: JobId, principal: AnyPrincipal
@@ -192,7 +188,7 @@ async def _transition(request: Request, action: str, tenant: str, job_id: str) -
     response_model=FineTuningJob,
     summary="Cancel a job (a running one stops at its next step; nothing is published)",
     dependencies=[only_query()],
-    responses=_errors(400, 401, 403, 404, 409),
+    responses=openai_error_responses(400, 401, 403, 404, 409),
 )
 async def cancel_job(
     request: Request, fine_tuning_job_id: JobId, principal: ManagePrincipal
@@ -205,7 +201,7 @@ async def cancel_job(
     response_model=FineTuningJob,
     summary="Pause a job at its next step (resumable; status queued, paused_at set)",
     dependencies=[only_query()],
-    responses=_errors(400, 401, 403, 404, 409),
+    responses=openai_error_responses(400, 401, 403, 404, 409),
 )
 async def pause_job(
     request: Request, fine_tuning_job_id: JobId, principal: ManagePrincipal
@@ -218,7 +214,7 @@ async def pause_job(
     response_model=FineTuningJob,
     summary="Resume a paused job where it paused",
     dependencies=[only_query()],
-    responses=_errors(400, 401, 403, 404, 409),
+    responses=openai_error_responses(400, 401, 403, 404, 409),
 )
 async def resume_job(
     request: Request, fine_tuning_job_id: JobId, principal: ManagePrincipal
@@ -231,7 +227,7 @@ async def resume_job(
     response_model=FineTuningJobEventList,
     summary="A job's events, newest first (type metrics: step, losses, perplexity)",
     dependencies=[only_query("after", "limit")],
-    responses=_errors(400, 401, 404),
+    responses=openai_error_responses(400, 401, 404),
 )
 async def job_events(
     request: Request,
@@ -267,7 +263,7 @@ async def job_events(
     response_model=FineTuningJobCheckpointList,
     summary="A job's epoch checkpoints, newest first",
     dependencies=[only_query("after", "limit")],
-    responses=_errors(400, 401, 404),
+    responses=openai_error_responses(400, 401, 404),
 )
 async def job_checkpoints(
     request: Request,

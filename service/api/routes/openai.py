@@ -33,7 +33,12 @@ from service.api.captioning import (
 )
 from service.api.deps import AnyPrincipal, CaptionPrincipal, ReadyEngine, RequestPriority, State
 from service.api.engine_port import EnginePort
-from service.api.errors import ApiError, error_responses, request_id_from_scope, to_api_error
+from service.api.errors import (
+    ApiError,
+    openai_error_responses,
+    request_id_from_scope,
+    to_api_error,
+)
 from service.api.openai_schemas import (
     OPENAI_PREFIX,
     AssistantMessage,
@@ -44,7 +49,6 @@ from service.api.openai_schemas import (
     ImageURL,
     Model,
     ModelList,
-    OpenAIErrorBody,
     PromptTokensDetails,
     Usage,
     openai_error_content,
@@ -67,10 +71,6 @@ _MESSAGES_HELP = (
     "send one message with role `user` whose content holds the image as one image_url part "
     "(a data: URL); captioning adapters take no prompt"
 )
-
-
-def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    return error_responses(*statuses, model=OpenAIErrorBody)
 
 
 def _model_not_found(model: str) -> ApiError:
@@ -115,7 +115,7 @@ def _visible_models(engine: EnginePort, tenant: str) -> list[Model]:
     "/models",
     response_model=ModelList,
     summary="Models (adapters) this key can use",
-    responses=_errors(401, 503),
+    responses=openai_error_responses(401, 503),
 )
 async def list_models(engine: ReadyEngine, principal: AnyPrincipal) -> ModelList:
     models = await run_in_threadpool(_visible_models, engine, principal.tenant)
@@ -126,7 +126,7 @@ async def list_models(engine: ReadyEngine, principal: AnyPrincipal) -> ModelList
     "/models/{model}",
     response_model=Model,
     summary="One model (adapter)",
-    responses=_errors(401, 404, 503),
+    responses=openai_error_responses(401, 404, 503),
 )
 async def get_model(
     model: Annotated[str, Path(description="An adapter name.", max_length=200)],
@@ -326,7 +326,7 @@ async def _chunks(
             "description": _STREAM_DOC,
             "content": {SSE_MEDIA_TYPE: {"schema": {"type": "string"}}},
         },
-        **_errors(400, 401, 403, 404, 413, 415, 422, 429, 503, 504),
+        **openai_error_responses(400, 401, 403, 404, 413, 415, 422, 429, 503, 504),
     },
 )
 async def chat_completions(

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
 from service.api.deps import AnyPrincipal, State
-from service.api.errors import ApiError, error_responses
+from service.api.errors import ApiError, openai_error_responses
 from service.api.openai_schemas import OPENAI_PREFIX
 from service.auth import OPERATOR
 from service.tenancy import InvalidId, check_tenant
@@ -70,7 +70,7 @@ class UsagePage(BaseModel):
     "/usage",
     response_model=UsagePage,
     summary="Usage of your tenant (any tenant's with the operator right), in time buckets",
-    responses=error_responses(400, 401, 403, 422, 503),
+    responses=openai_error_responses(400, 401, 403, 422, 503),
 )
 async def get_usage(
     state: State,
