@@ -26,10 +26,10 @@ import pytest
 import uvicorn
 
 from service.api.app import create_app
-from service.commands.serve import ANSWER_GRACE_S, GRACEFUL_S, DrainingServer
+from service.commands.serve import GRACEFUL_S, DrainingServer
 from service.engine import Engine, EngineConfig
 from service.metrics import ServiceMetrics
-from service.settings import Settings
+from service.settings import ANSWER_GRACE_S, Settings
 from service.store import AdapterStore
 from tests.e2e.conftest import (
     ACME_ADMIN,
