@@ -19,7 +19,6 @@ from service.commands.common import CommandError
 # (torch, transformers) inside run(), so `ctxpeft --help` stays fast.
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("info", "print versions, the selected device and the backbone presets"),
-    "bench": ("bench", "serving throughput benchmark: the engine against its baselines"),
     "serve": ("serve", "run the HTTP service (graceful drain on SIGTERM)"),
     "train": ("train", "train an adapter set; its best epoch becomes a new store version"),
     "eval": ("eval", "perplexity, exact match, BLEU-4 and CIDEr of an adapter version"),

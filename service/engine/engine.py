@@ -53,6 +53,7 @@ from PIL import Image
 from adapters.backbone import DTYPES, Backbone, connector_spec, resolve_device
 from adapters.backbone_build import resolve_backbone
 from adapters.bank import AdapterBank
+from adapters.data.samples import SceneSamples, samples_for
 from adapters.model import ContextPEFTModel
 from service.admission import Admission
 from service.engine.encoder_cache import EncoderCache, content_key
@@ -279,6 +280,12 @@ class Engine:
         log.critical("the engine's worker stopped: %s", self.stopped)
         self.begin_drain()
         self.loop.fail_all(EngineStopped(f"the engine stopped ({self.stopped}); retry later"))
+
+    # --- sample pictures (the port's `samples`, for GET /samples/random) ---------------
+    @property
+    def samples(self) -> SceneSamples | None:
+        """The demo backbone's synthetic scenes at its image size; None on another backbone."""
+        return samples_for(self.backbone.config)
 
     # --- the asyncio side ---------------------------------------------------------------
     async def caption(self, request: CaptionRequest) -> list[CaptionResult]:
