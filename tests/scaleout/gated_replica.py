@@ -6,6 +6,8 @@ its own Ray process, so the gate is driven through the deployment handle):
     every_replica(service, lambda h: h.close_gate.remote())   # rows now wait in the encoder
     ... send requests; `gate_entered` says when a batch reached it ...
     every_replica(service, lambda h: h.open_gate.remote())
+    every_replica(service, lambda h: h.open_gate_unless.remote(victim))  # all but one
+    every_replica(service, lambda h: h.gate.remote())   # Gate(replica, pid, entered) each
 
 Everything else is EngineReplica's, unchanged. Imported by Ray's workers from the checkout
 (the fixture puts it on PYTHONPATH).
@@ -13,13 +15,22 @@ Everything else is EngineReplica's, unchanged. Imported by Ray's workers from th
 
 from __future__ import annotations
 
+import os
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 from service.scaleout.replica import EngineReplica
 
 # A closed gate lets its rows go after this long even if a test never opens it.
 SAFETY_S = 120.0
+
+
+@dataclass(frozen=True)
+class Gate:
+    replica: str
+    pid: int
+    entered: bool  # a batch reached the closed gate since it was closed
 
 
 class GatedEngineReplica(EngineReplica):
@@ -47,5 +58,14 @@ class GatedEngineReplica(EngineReplica):
         self._open.set()
         return self.replica
 
+    def open_gate_unless(self, replica: str) -> str:
+        """Open the gate unless this is `replica` (whose rows stay held)."""
+        if self.replica != replica:
+            self._open.set()
+        return self.replica
+
     def gate_entered(self) -> bool:
         return self._entered.is_set()
+
+    def gate(self) -> Gate:
+        return Gate(self.replica, os.getpid(), self._entered.is_set())

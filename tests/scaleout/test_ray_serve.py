@@ -1,12 +1,13 @@
 """The service scaled out on a real local Ray cluster (loopback): 2 engine replicas of the tiny
 backbone behind the ingress (our FastAPI app), routed by tenant-qualified adapter id.
 
-The tests share one cluster (tests/scaleout/conftest.py) and run in file order: the kill test
-restarts a replica, the last test shuts the service down. Nothing is mocked: HTTP through
-Serve's proxy, Ray's router, replicas in their own processes, a real store on disk. Where a
-test needs rows held in flight, it closes the replicas' encoder gates (gated_replica.py) and
-waits on events it caused (a stream's first byte, a gate reached, a counter moved), never on
-elapsed time.
+The tests share one cluster (tests/scaleout/conftest.py) and each stands alone, in any order:
+the fixture deploys the application again after the shutdown test deleted it, the kill test
+waits for Ray's replacement replica. Nothing is mocked: HTTP through Serve's proxy, Ray's
+router, replicas in their own processes, a real store on disk. Where a test needs rows held
+in flight, it closes the replicas' encoder gates (gated_replica.py) and waits on events it
+caused (a stream's first byte, a gate reached, a counter moved, a round of requests routed),
+never on elapsed time.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from tests.scaleout.conftest import (
     RayService,
     untracked_paths,
 )
+from tests.scaleout.gated_replica import Gate
 from tests.service.adapter_fixtures import random_adapter, tiny_backbone
 
 pytest.importorskip("ray")
@@ -152,6 +154,34 @@ def every_replica(service: RayService, call: Callable[[Any], Any]) -> dict[str, 
     raise AssertionError(f"only replicas {sorted(answers)} answered")
 
 
+def settle_routing(service: RayService) -> None:
+    """Warm up until the router routes by adapter: each adapter's first rows claim a replica,
+    and the replicas tell the router which ids they hold asynchronously (pushed every 0.1 s),
+    so the event that says the router knows them all is a round of requests, one per
+    adapter, in which every row was a hit. Repeated until then; a safety net bounds it."""
+    deadline = time.monotonic() + HTTP_TIMEOUT_S
+    while True:
+        before = routed(scrape_replicas(service), "hit")
+        for name in ADAPTERS:
+            assert caption(service, name).status_code == 200
+        if routed(scrape_replicas(service), "hit") - before == len(ADAPTERS):
+            return
+        assert time.monotonic() < deadline, "a round of requests never routed to its replicas"
+
+
+def held_gate(service: RayService) -> Gate:
+    """With every gate closed under load: the gate of a replica holding a batch."""
+    held: list[Gate] = []
+
+    def entered() -> bool:
+        gates = every_replica(service, lambda h: h.gate.remote()).values()
+        held[:] = [gate for gate in gates if gate.entered]
+        return bool(held)
+
+    eventually(entered, "a batch reached a closed encoder gate")
+    return held[0]
+
+
 # --- the cluster itself ---------------------------------------------------------------------
 def test_cluster_listens_on_loopback_only_and_leaves_no_files_in_the_tree(
     ray_service: RayService,
@@ -185,10 +215,7 @@ def test_rows_land_on_the_replica_holding_their_adapter_and_captions_match_one_p
     ray_service: RayService,
 ) -> None:
     pairs = [(name, image) for name in ADAPTERS for image in IMAGES]
-    for name in ADAPTERS:  # warm-up: each adapter finds a replica, which claims it
-        for _ in range(2):
-            assert caption(ray_service, name).status_code == 200
-    time.sleep(0.5)  # replicas push their multiplexed ids every 0.1 s
+    settle_routing(ray_service)
     before = scrape_replicas(ray_service)
     assert len(before) == REPLICAS
     with ThreadPoolExecutor(4) as pool:
@@ -524,17 +551,14 @@ def test_killing_a_replica_under_load_answers_200_or_503_and_serves_after_restar
     from service.scaleout.application import APP_NAME
 
     assert len(ray_service.replica_pids()) == REPLICAS
-    (group, *_) = ray_service.replica_targets()
-    victim = int(group["labels"]["pid"])
     load = Load(ray_service)
     load.wait_for(12)
-    # Kill it while its engine runs rows (their answers are then 503), read from its metrics.
-    metrics_url = f"http://{group['targets'][0]}/metrics"
-    for _ in range(1000):
-        if Scrape(httpx.get(metrics_url, timeout=10).text).value("ctxpeft_running_rows") >= 1:
-            break
-    else:
-        raise AssertionError("the replica never ran a row")
+    # Kill a replica while its engine holds rows (their answers are then 503): close every
+    # encoder gate, take a replica whose gate holds a batch, let the others go on.
+    on_every_replica(ray_service, "close_gate")
+    gate = held_gate(ray_service)
+    every_replica(ray_service, lambda h: h.open_gate_unless.remote(gate.replica))
+    victim = gate.pid
     os.kill(victim, signal.SIGKILL)
     killed = time.monotonic()
     at_kill = load.wait_for(0)
@@ -565,8 +589,11 @@ def test_killing_a_replica_under_load_answers_200_or_503_and_serves_after_restar
 
 def test_shutdown_under_load_answers_every_request(ray_service: RayService) -> None:
     """The drain `ctxpeft serve --ray` runs on SIGTERM, under load: requests in flight finish
-    (200), later ones get 503 draining; none is lost or hangs. Then Serve stops."""
+    (200), later ones get 503 draining; none is lost or hangs. Then the application is
+    deleted (the next test's fixture deploys it again)."""
     from ray import serve
+
+    from service.scaleout.application import APP_NAME
 
     load = Load(ray_service)
     load.wait_for(12)
@@ -585,7 +612,6 @@ def test_shutdown_under_load_answers_every_request(ray_service: RayService) -> N
     print(f"drain under load: {statuses}")
     assert_error(httpx.get(f"{ray_service.url}/readyz", timeout=10), 503, "unavailable")
     assert ray_service.ingress.inflight.remote().result(timeout_s=30) == 0
-    serve.shutdown()  # replicas stop gracefully: their metrics targets are removed
-    left = ray_service.replica_targets()  # only the killed replica's (Prometheus: up 0)
-    assert len(left) <= 1
+    serve.delete(APP_NAME)  # replicas stop gracefully: their metrics targets are removed
+    left = ray_service.replica_targets(live_only=False)  # a killed replica's only (up 0)
     assert all(not psutil.pid_exists(int(g["labels"]["pid"])) for g in left), left
