@@ -51,6 +51,7 @@ from service.exceptions import (
     TenantLimit,
 )
 from service.logging import current_request_id
+from service.tenancy import InvalidId, check_name
 
 log = logging.getLogger(__name__)
 
@@ -342,6 +343,14 @@ _STATUS: tuple[tuple[type[EngineError], int, str], ...] = (
     (DeadlineExceeded, 504, "deadline_exceeded"),
     (Cancelled, 499, "cancelled"),
 )
+
+
+def checked_name(name: str) -> str:
+    """An adapter name from a request, or ApiError 422 invalid_parameter saying the rule."""
+    try:
+        return check_name(name)
+    except InvalidId as exc:
+        raise ApiError(422, "invalid_parameter", str(exc)) from None
 
 
 def to_api_error(exc: EngineError) -> ApiError:
