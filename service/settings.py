@@ -180,7 +180,8 @@ class Settings(BaseSettings, EngineConfig):
     backbone: str = Field(
         default="demo",
         min_length=1,
-        description="Backbone: a preset name, a local folder or a hub id.",
+        description="Backbone: a preset name, a name built under <runtime_dir>/backbones, a "
+        "saved backbone folder or a backbone config JSON.",
     )
     device: str = Field(
         default="auto", min_length=1, description="Torch device: auto, cpu, cuda, cuda:1."
