@@ -12,6 +12,7 @@ never on elapsed time.
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import threading
@@ -26,10 +27,12 @@ from typing import Any
 import httpx
 import psutil
 import pytest
+from PIL import Image
 
 from adapters.format import CONFIG_FILE, WEIGHTS_FILE, save_adapter
 from service import __version__
 from service.engine import CaptionRequest, Engine, EngineConfig
+from service.scaleout.messages import adapter_id
 from service.store import AdapterStore
 from tests.e2e.conftest import (
     ACME_ADMIN,
@@ -81,7 +84,8 @@ def single_process_captions(store_dir: Path, pairs: list[tuple[str, bytes]]) -> 
         async def run() -> list[str]:
             out = []
             for name, image in pairs:
-                (result,) = await engine.caption(CaptionRequest(image, (name,), "acme"))
+                decoded = Image.open(io.BytesIO(image))  # the engine takes decoded images
+                (result,) = await engine.caption(CaptionRequest(decoded, (name,), "acme"))
                 out.append(result.caption)
             return out
 
@@ -117,11 +121,11 @@ def total(stats: dict[str, dict[str, Any]], read: Callable[[dict[str, Any]], int
     return sum(read(s) for s in stats.values())
 
 
-def on_every_replica(service: RayService, method: str) -> None:
-    """Call a no-argument replica method (it returns its replica id) on each replica."""
+def on_every_replica(service: RayService, method: str, *args: Any) -> None:
+    """Call a replica method (it returns its replica id) on each replica."""
     answered: set[str] = set()
     for _ in range(60):
-        answered.add(getattr(service.replicas, method).remote().result(timeout_s=30))
+        answered.add(getattr(service.replicas, method).remote(*args).result(timeout_s=30))
         if len(answered) == REPLICAS:
             return
     raise AssertionError(f"only replicas {sorted(answered)} answered {method}")
@@ -169,17 +173,13 @@ def settle_routing(service: RayService) -> None:
         assert time.monotonic() < deadline, "a round of requests never routed to its replicas"
 
 
-def held_gate(service: RayService) -> Gate:
-    """With every gate closed under load: the gate of a replica holding a batch."""
-    held: list[Gate] = []
-
-    def entered() -> bool:
-        gates = every_replica(service, lambda h: h.gate.remote()).values()
-        held[:] = [gate for gate in gates if gate.entered]
-        return bool(held)
-
-    eventually(entered, "a batch reached a closed encoder gate")
-    return held[0]
+def gate_entered(service: RayService, replica: str) -> bool:
+    """Whether `replica`'s closed gate holds a batch, read from its own metrics endpoint (a
+    call through the handle would go to the replica with the shorter queue)."""
+    (group,) = [g for g in service.replica_targets() if g["labels"]["replica"] == replica]
+    (target,) = group["targets"]
+    scrape = Scrape(httpx.get(f"http://{target}/metrics", timeout=10).text)
+    return scrape.value("ctxpeft_test_gate_entered") == 1
 
 
 # --- the cluster itself ---------------------------------------------------------------------
@@ -359,10 +359,12 @@ def test_concurrent_uploads_across_replicas_take_exactly_the_quota(
 ) -> None:
     """Six uploads of new adapters at once by a tenant with room for TENANT_MAX_ADAPTERS:
     exactly that many are stored, whichever replicas validated them (the quota is checked
-    under the tenant's lock in the shared store). Ray picks the replica of each new adapter,
-    so a round that happened to land on one replica only is repeated (at most twice more)."""
+    under the tenant's lock in the shared store). Ray sends a new adapter id to the replicas
+    holding the fewest ids, so one round may land on one replica alone (it then holds more,
+    and the next round goes to the other): rounds repeat until both replicas validated
+    uploads, at most three."""
     url, gamma = ray_service.url, bearer(GAMMA_ADMIN)
-    spread: dict[str, int] = {}
+    spread: Counter[str] = Counter()
     for attempt in range(3):
         before = replica_stats(ray_service)
         names = [f"q{attempt}-{i}" for i in range(6)]
@@ -378,16 +380,19 @@ def test_concurrent_uploads_across_replicas_take_exactly_the_quota(
             assert "(tenant_max_adapters)" in refused.json()["error"]["message"]
         stored = ray_service.store.names("gamma")
         assert len(stored) == TENANT_MAX_ADAPTERS and set(stored) <= set(names)
-        spread = {r: after[r]["uploads"] - before[r]["uploads"] for r in after if r in before}
-        assert sum(spread.values()) == 6, spread
+        round_spread = {r: after[r]["uploads"] - before[r]["uploads"] for r in after if r in before}
+        assert sum(round_spread.values()) == 6, round_spread
+        spread.update(round_spread)
         for name in stored:
             assert (
                 httpx.delete(f"{url}/adapters/{name}", headers=gamma, timeout=30).status_code == 200
             )
-        if all(spread.values()):
+        if len(+spread) == REPLICAS:
             break
     print(f"uploads per replica: {spread}")
-    assert all(spread.values()), f"three rounds of uploads never reached both replicas: {spread}"
+    assert len(+spread) == REPLICAS, (
+        f"three rounds of uploads never reached both replicas: {spread}"
+    )
 
 
 # --- the single process's guarantees, through Ray ------------------------------------------
@@ -488,7 +493,8 @@ class Load:
     request that hangs (past HTTP_TIMEOUT_S) or loses its connection ends its client with the
     exception, and `stop()` reports it, as it does a 503 without Retry-After."""
 
-    def __init__(self, service: RayService, clients: int = 6) -> None:
+    def __init__(self, service: RayService, clients: int = 6, images: list[bytes] = IMAGES) -> None:
+        self.images = images
         self.answers: list[tuple[int, str | None]] = []
         self.failures: list[BaseException] = []
         self.without_retry_after: list[int] = []  # 503s that did not say when to come back
@@ -508,7 +514,7 @@ class Load:
             try:
                 response = httpx.post(
                     f"{service.url}/caption",
-                    files={"image": ("i.png", IMAGES[i % len(IMAGES)], "image/png")},
+                    files={"image": ("i.png", self.images[i % len(self.images)], "image/png")},
                     data={"adapter": ADAPTERS[i % len(ADAPTERS)], "max_new_tokens": "16"},
                     headers=bearer(ACME_ADMIN),
                     timeout=HTTP_TIMEOUT_S,
@@ -551,19 +557,23 @@ def test_killing_a_replica_under_load_answers_200_or_503_and_serves_after_restar
     from service.scaleout.application import APP_NAME
 
     assert len(ray_service.replica_pids()) == REPLICAS
-    load = Load(ray_service)
-    load.wait_for(12)
-    # Kill a replica while its engine holds rows (their answers are then 503): close every
-    # encoder gate, take a replica whose gate holds a batch, let the others go on.
-    on_every_replica(ray_service, "close_gate")
-    gate = held_gate(ray_service)
-    every_replica(ray_service, lambda h: h.open_gate_unless.remote(gate.replica))
-    victim = gate.pid
-    os.kill(victim, signal.SIGKILL)
-    killed = time.monotonic()
-    at_kill = load.wait_for(0)
-    load.wait_for(at_kill + 30)  # the service keeps answering
-    answers = load.stop()
+    # Kill a replica while its engine holds rows (their answers are then 503): the replica
+    # holding p0 (reached through a handle routed by p0's id) closes its encoder gate before
+    # the load starts, the other's stays open, and it is killed once a batch of the load's p0
+    # rows waits there.
+    assert caption(ray_service, "p0").status_code == 200  # a replica holds p0
+    holder = ray_service.replicas.options(multiplexed_model_id=adapter_id("public", "p0"))
+    victim: Gate = holder.close_gate_here.remote().result(timeout_s=30)
+    # Images no replica has seen: the encoder cache would let a seen one pass the gate.
+    load = Load(ray_service, images=[noise_png(400 + k) for k in range(3)])
+    try:
+        eventually(lambda: gate_entered(ray_service, victim.replica), "a batch held on it")
+        os.kill(victim.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        at_kill = load.wait_for(0)
+        load.wait_for(at_kill + 30)  # the service keeps answering
+    finally:
+        answers = load.stop()
     statuses = Counter(status for status, _ in answers)
     assert set(statuses) <= {200, 503}, statuses
     assert {kind for _, kind in answers if kind} <= {"engine_fault"}, answers
@@ -582,7 +592,7 @@ def test_killing_a_replica_under_load_answers_200_or_503_and_serves_after_restar
     else:
         raise AssertionError(f"no replacement replica: {status}, processes {new_pids}")
     print(f"replacement running {time.monotonic() - killed:.1f} s after the kill; {statuses}")
-    assert victim not in new_pids
+    assert victim.pid not in new_pids
     for name in ADAPTERS:
         assert caption(ray_service, name).status_code == 200
 
