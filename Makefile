@@ -54,8 +54,9 @@ run: demo
 smol: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/ctxpeft backbone build smol
 
+# The serving benchmark from this checkout (benchmarks/ is not installed; docs/BENCHMARKS.md).
 bench: $(STAMP)
-	$(PY) -m benchmarks.run_all
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m benchmarks.serving
 
 # --- the lock ----------------------------------------------------------------------------
 # pip-compile runs pip's own resolver with pip's configuration (indexes, find-links, the

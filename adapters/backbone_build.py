@@ -1,4 +1,5 @@
-"""Building a backbone once into the runtime folder: `ctxpeft backbone build NAME`.
+"""Building a backbone once into the runtime folder: `ctxpeft backbone build NAME`, and
+which backbone a name means (`resolve_backbone`: `ctxpeft serve`, the engine and the commands).
 
     <runtime>/backbones/<name>/     backbone.json + vision/ lm/ tokenizer/ (Hugging Face folders)
                                     build_stamp.json (what it was built from)
@@ -29,6 +30,7 @@ import torch
 from adapters import packaged
 from adapters.backbone import BACKBONE_FILE, Backbone
 from adapters.config import BackboneConfig
+from adapters.presets import PRESETS
 
 BACKBONES_DIR = "backbones"
 STAMP_FILE = "build_stamp.json"
@@ -37,6 +39,70 @@ STAMP_FILE = "build_stamp.json"
 def backbone_dir(runtime_dir: Path, name: str) -> Path:
     """Where a built backbone lives: <runtime>/backbones/<name>."""
     return Path(runtime_dir) / BACKBONES_DIR / name
+
+
+class BackboneNotFound(ValueError):
+    """A backbone name that names nothing loadable, or only random weights; says how to fix."""
+
+
+@dataclass(frozen=True)
+class BackboneSource:
+    """What `Backbone.load(source)` loads for a name, and the fingerprint its saved folder
+    recorded (None: not known before loading, i.e. not a saved folder)."""
+
+    source: str
+    fingerprint: str | None
+
+
+def resolve_backbone(
+    spec: str, runtime_dir: Path, *, spec_from: str = "", runtime_from: str = "--runtime-dir"
+) -> BackboneSource:
+    """The backbone `spec` names, first match: a saved backbone folder, a backbone config
+    JSON, a backbone built under <runtime_dir>/backbones/ (`ctxpeft demo`, `ctxpeft backbone
+    build`), a preset made of pretrained sources. A preset of inline configs that is not built
+    is refused: built at each start it would get random weights, which no adapter was trained
+    on. Messages name where the values came from: `spec_from` after the name (e.g.
+    " (CTXPEFT_BACKBONE)"), `runtime_from` for the runtime folder (e.g. "CTXPEFT_RUNTIME_DIR").
+    """
+    path = Path(spec)
+    if path.is_dir() and (path / BACKBONE_FILE).is_file():
+        return _saved(path)
+    if path.is_file() and path.suffix == ".json":
+        return BackboneSource(str(path), None)
+    built = backbone_dir(runtime_dir, spec)
+    if "/" not in spec and (built / BACKBONE_FILE).is_file():
+        return _saved(built)
+    preset = PRESETS.get(spec)
+    if preset is None:
+        raise BackboneNotFound(
+            f"backbone {spec!r}{spec_from} is neither a preset ({', '.join(PRESETS)}), a saved "
+            f"backbone folder (with {BACKBONE_FILE}), a backbone built under "
+            f"{Path(runtime_dir) / BACKBONES_DIR} nor a backbone config JSON"
+        )
+    if isinstance(preset.vision, dict) or isinstance(preset.lm, dict):
+        how = (
+            "run `ctxpeft demo` to build it (with the same runtime folder)"
+            if spec == "demo"
+            else f"run `ctxpeft backbone build {spec}` to build it"
+        )
+        raise BackboneNotFound(
+            f"backbone {spec!r} is not built: {built / BACKBONE_FILE} does not exist "
+            f"({runtime_from}={runtime_dir}). Built now it would get random weights, on which no "
+            f"stored adapter was trained. Fix: {how}, or point {runtime_from} at the folder it "
+            "was built in"
+        )
+    return BackboneSource(spec, None)  # pretrained sources: the same weights every time
+
+
+def _saved(folder: Path) -> BackboneSource:
+    try:
+        recorded = json.loads((folder / BACKBONE_FILE).read_text()).get("fingerprint")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise BackboneNotFound(
+            f"backbone file {folder / BACKBONE_FILE} cannot be read: {exc}. Fix: rebuild it "
+            "(`ctxpeft demo --force` for the demo) or name another backbone"
+        ) from None
+    return BackboneSource(str(folder), recorded if isinstance(recorded, str) else None)
 
 
 def build_key(config: BackboneConfig, seed: int = 0) -> str:

@@ -281,8 +281,8 @@ def _overhead(
     args: argparse.Namespace,
 ) -> dict[str, Any]:
     from adapters.backbone import Backbone
+    from benchmarks.live_server import live_server
     from service.api.app import create_app
-    from tests.service.live_server import live_server
 
     # The replica's settings and backbone folder, in this process.
     backbone = Backbone.load(settings.backbone)

@@ -4,7 +4,9 @@ machine, so that the ratios are comparable.
 Usage:
     python -m benchmarks.serving                 # full run (~8 min on 2 CPU cores)
     python -m benchmarks.serving --quick         # smoke run (~1 min)
-    ctxpeft bench [--quick] [...]                # the same, from the CLI
+
+Run from a source checkout: the benchmarks are not part of the installed package, and the
+`ctxpeft` CLI does not import them (docs/ARCHITECTURE.md, "Benchmarks stay in the checkout").
 
 Systems, all on the `small` preset, adapters drawn by Zipf (alpha = 1) over N adapters:
     engine         this engine: grouping + mixing up to the device slots

@@ -1,6 +1,5 @@
-"""Command-line flags of the serving benchmark, kept light (argparse only) so that
-`ctxpeft --help` can list them without importing torch. Used by benchmarks/serving.py and
-`ctxpeft bench`."""
+"""Command-line flags of the serving benchmark (argparse only, no torch), and the checkout's
+root. Used by benchmarks/serving.py and benchmarks/continuous.py."""
 
 from __future__ import annotations
 

@@ -72,7 +72,7 @@ def set_nbytes(adapter: AdapterSet) -> int:
 
 @dataclass(frozen=True)
 class TierStats:
-    """A snapshot of the tiers, for tests, `ctxpeft bench` and the metrics gauges."""
+    """A snapshot of the tiers, for tests, the benchmarks and the metrics gauges."""
 
     device_resident: int
     cpu_resident: int

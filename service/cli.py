@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 from collections.abc import Sequence
+
+from service.commands.common import CommandError
 
 # name -> (module under service.commands, one-line help). Each module keeps its heavy imports
 # (torch, transformers) inside run(), so `ctxpeft --help` stays fast.
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("info", "print versions, the selected device and the backbone presets"),
-    "bench": ("bench", "serving throughput benchmark: the engine against its baselines"),
     "serve": ("serve", "run the HTTP service (graceful drain on SIGTERM)"),
     "train": ("train", "train an adapter set; its best epoch becomes a new store version"),
     "eval": ("eval", "perplexity, exact match, BLEU-4 and CIDEr of an adapter version"),
@@ -44,7 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    code: int = args._module.run(args)
+    try:
+        code: int = args._module.run(args)
+    except CommandError as error:
+        if getattr(args, "json", False) and error.body is not None:
+            print(json.dumps(error.body, indent=2))
+        print(f"error: {error}", file=sys.stderr)
+        return error.code
     return code
 
 

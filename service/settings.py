@@ -24,6 +24,10 @@ MiB = 1024 * 1024
 PositiveInt = Annotated[int, Field(gt=0)]
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
+# How the end of a drain is spent once `drain_timeout_s` ran out with requests unfinished
+# (`ctxpeft serve` and `ctxpeft serve --ray` keep both inside drain_timeout_s):
+ANSWER_GRACE_S = 0.5  # waiting handlers notice the expired drain (within a poll), answer 503
+CLOSE_GRACE_S = 0.5  # then the engine's close is waited for this long (ServiceState.close)
 
 
 class EngineConfig(BaseModel):
@@ -190,7 +194,8 @@ class Settings(BaseSettings, EngineConfig):
     backbone: str = Field(
         default="demo",
         min_length=1,
-        description="Backbone: a preset name, a local folder or a hub id.",
+        description="Backbone: a preset name, a name built under <runtime_dir>/backbones, a "
+        "saved backbone folder or a backbone config JSON.",
     )
     device: str = Field(
         default="auto", min_length=1, description="Torch device: auto, cpu, cuda, cuda:1."

@@ -21,11 +21,14 @@ import json
 import os
 import tempfile
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from service.settings import Settings
 from service.store import AdapterStore
+
+if TYPE_CHECKING:
+    from adapters.backbone_build import BackboneSource
 
 
 class StartupError(Exception):
@@ -105,62 +108,23 @@ def check_writable_dir(path: Path, what: str, env: str) -> None:
         ) from None
 
 
-@dataclass(frozen=True)
-class BackboneSource:
-    """What `Engine.from_settings` will load, and the fingerprint it recorded when saved."""
-
-    path: str
-    fingerprint: str | None  # None: not known before loading (not a saved folder)
-
-
 def resolve_backbone(settings: Settings) -> BackboneSource:
-    """The backbone folder or source the engine will load (Engine.from_settings' rules),
-    refusing one that would be built with random weights at every start. (Imports torch:
-    the file and folder checks above come first, so that they fail within a second.)"""
-    from adapters.backbone import BACKBONE_FILE
-    from adapters.demo import backbone_dir
-    from adapters.presets import PRESETS
+    """The backbone the engine will load (`adapters.backbone_build.resolve_backbone`, as
+    `Engine.from_settings` resolves it), refusing one that would be built with random weights
+    at every start. (Imports torch: the file and folder checks above come first, so that they
+    fail within a second.)"""
+    from adapters.backbone_build import BackboneNotFound
+    from adapters.backbone_build import resolve_backbone as resolve
 
-    spec = settings.backbone
-    runtime = settings.runtime_dir
-    if spec in PRESETS:
-        built = backbone_dir(runtime, spec)
-        if (built / BACKBONE_FILE).is_file():
-            return _saved(built, BACKBONE_FILE)
-        preset = PRESETS[spec]
-        if isinstance(preset.vision, dict) or isinstance(preset.lm, dict):
-            how = (
-                "run `ctxpeft demo` with the same CTXPEFT_RUNTIME_DIR first"
-                if spec == "demo"
-                else "save a built backbone there (Backbone.save) or set CTXPEFT_BACKBONE to one"
-            )
-            raise StartupError(
-                f"backbone {spec!r} is not built: {built / BACKBONE_FILE} does not exist "
-                f"(CTXPEFT_RUNTIME_DIR={runtime}). Built now it would get random weights, on "
-                f"which no stored adapter was trained. Fix: {how}, or point CTXPEFT_RUNTIME_DIR "
-                "at the folder it was built in"
-            )
-        return BackboneSource(spec, None)  # pretrained sources: the same weights every time
-    path = Path(spec)
-    if path.is_dir() and (path / BACKBONE_FILE).is_file():
-        return _saved(path, BACKBONE_FILE)
-    if path.is_file() and path.suffix == ".json":
-        return BackboneSource(str(path), None)
-    raise StartupError(
-        f"backbone {spec!r} (CTXPEFT_BACKBONE) is neither a preset ({', '.join(PRESETS)}), a "
-        f"saved backbone folder (with {BACKBONE_FILE}) nor a backbone config JSON"
-    )
-
-
-def _saved(folder: Path, backbone_file: str) -> BackboneSource:
     try:
-        recorded = json.loads((folder / backbone_file).read_text()).get("fingerprint")
-    except (OSError, ValueError, AttributeError) as exc:
-        raise StartupError(
-            f"backbone file {folder / backbone_file} cannot be read: {exc}. Fix: rebuild it "
-            "(`ctxpeft demo --force` for the demo) or set CTXPEFT_BACKBONE to another one"
-        ) from None
-    return BackboneSource(str(folder), recorded if isinstance(recorded, str) else None)
+        return resolve(
+            settings.backbone,
+            settings.runtime_dir,
+            spec_from=" (CTXPEFT_BACKBONE)",
+            runtime_from="CTXPEFT_RUNTIME_DIR",
+        )
+    except BackboneNotFound as exc:
+        raise StartupError(str(exc)) from None
 
 
 def store_fingerprints(store_dir: Path) -> Counter[str]:
@@ -191,7 +155,7 @@ def check_store_matches(store_dir: Path, backbone: BackboneSource) -> None:
     more = f" and {len(counts) - 3} more" if len(counts) > 3 else ""
     raise StartupError(
         f"none of the {sum(counts.values())} adapters in the store {store_dir} was trained on "
-        f"backbone {backbone.path} (fingerprint {backbone.fingerprint}): they name {named}{more}. "
+        f"backbone {backbone.source} (fingerprint {backbone.fingerprint}): they name {named}{more}. "
         "Fix: serve the backbone they were trained on (CTXPEFT_BACKBONE, CTXPEFT_RUNTIME_DIR), "
         "point CTXPEFT_STORE_DIR at this backbone's store, or train them again on this one "
         "(`ctxpeft demo --force` for the demo's)"

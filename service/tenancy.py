@@ -25,21 +25,20 @@ class InvalidId(ValueError):
 
 
 def check_tenant(tenant: str) -> str:
-    if not isinstance(tenant, str) or not TENANT_PATTERN.fullmatch(tenant):
-        raise InvalidId(
-            f"invalid tenant name {tenant!r}: use 1-32 of a-z, 0-9, '_' and '-', starting with a "
-            "letter or digit"
-        )
-    return tenant
+    return _checked(tenant, TENANT_PATTERN, "tenant name", 32)
 
 
 def check_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+    return _checked(name, NAME_PATTERN, "adapter name", 64)
+
+
+def _checked(value: str, pattern: re.Pattern[str], what: str, most: int) -> str:
+    if not isinstance(value, str) or not pattern.fullmatch(value):
         raise InvalidId(
-            f"invalid adapter name {name!r}: use 1-64 of a-z, 0-9, '_' and '-', starting with a "
+            f"invalid {what} {value!r}: use 1-{most} of a-z, 0-9, '_' and '-', starting with a "
             "letter or digit"
         )
-    return name
+    return value
 
 
 def owners(tenant: str) -> tuple[str, ...]:

@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
 from service import __version__
+from service.api.contract import install_contract
 from service.api.engine_port import EnginePort
 from service.api.errors import add_error_shape, install_error_handlers
 from service.api.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
@@ -109,6 +110,7 @@ def create_app(
     fine_tuning = FineTuning(settings, state, job_runner) if settings.jobs_enabled else None
     app.state.fine_tuning = fine_tuning
     install_error_handlers(app)
+    install_contract(app, settings)
     add_error_shape(app, f"{OPENAI_PREFIX}/", openai_error_content)
     app.include_router(caption.router)
     app.include_router(adapters.router)

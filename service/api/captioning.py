@@ -344,6 +344,18 @@ async def start_stream(
 
 # --- Server-Sent Events -----------------------------------------------------------------------
 SSE_MEDIA_TYPE = "text/event-stream"
+
+
+def stream_response(description: str) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI 200 of a route that answers JSON, or Server-Sent Events when asked to."""
+    return {
+        200: {
+            "description": description,
+            "content": {SSE_MEDIA_TYPE: {"schema": {"type": "string"}}},
+        }
+    }
+
+
 # No proxy buffering (nginx honours X-Accel-Buffering) and no caching of a live stream.
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 SSE_KEEPALIVE = ": keep-alive\n\n"  # a comment line: every SSE client skips it

@@ -11,6 +11,7 @@ the same contract, limits and error shape.
     engine.registry.list_adapters(tenant)          # describe / add_version / delete; .store
     engine.backbone.config.name, engine.model.decode(token_ids)
     engine.ready, engine.alive, engine.stopped, engine.begin_drain(), engine.drain(t), close()
+    engine.samples                                  # sample pictures (demo backbone) or None
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from adapters.config import BackboneConfig
+from adapters.data.samples import SceneSamples
 from service.engine.types import CaptionRequest, CaptionResult
 from service.registry import AdapterInfo
 from service.store import AdapterRef, AdapterStore, StoreQuota
@@ -92,6 +94,11 @@ class EnginePort(Protocol):
 
     @property
     def stopped(self) -> str | None: ...
+
+    @property
+    def samples(self) -> SceneSamples | None:
+        """Sample pictures for this backbone (`adapters.data.samples`: the demo's scenes)."""
+        ...
 
     async def submit(self, request: CaptionRequest) -> SubmissionPort: ...
 

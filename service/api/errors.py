@@ -54,6 +54,7 @@ from service.exceptions import (
     TokenRateLimit,
 )
 from service.logging import current_request_id
+from service.tenancy import InvalidId, check_name
 
 log = logging.getLogger(__name__)
 
@@ -271,14 +272,33 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
         message = f"no route for {request.method} {request.url.path}"
     elif message == phrase and status == 405:
         message = f"method {request.method} is not allowed on {request.url.path}"
+    headers = exc.headers
+    if status == 405:
+        # Starlette names only the methods of the first route whose path matched; a path
+        # served by several routes (GET and DELETE /adapters/{name}) allows them all.
+        allowed = _allowed_methods(request)
+        if allowed:
+            headers = {**(headers or {}), "Allow": allowed}
     return error_response(
         status,
         default_error_type(status),
         message,
         request_id_from_scope(request.scope),
-        exc.headers,
+        headers,
         scope=request.scope,
     )
+
+
+def _allowed_methods(request: Request) -> str:
+    """The methods the published contract lists for this request's path ("" if none)."""
+    methods: set[str] = set()
+    for path, item in request.app.openapi().get("paths", {}).items():
+        if re.fullmatch(re.sub(r"\\{[^/}]+\\}", "[^/]+", re.escape(path)), request.url.path):
+            methods |= {method.upper() for method in item if method in _HTTP_METHODS}
+    return ", ".join(sorted(methods))
+
+
+_HTTP_METHODS = frozenset({"get", "put", "post", "delete", "options", "head", "patch", "trace"})
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
@@ -333,6 +353,14 @@ _STATUS: tuple[tuple[type[EngineError], int, str], ...] = (
     (DeadlineExceeded, 504, "deadline_exceeded"),
     (Cancelled, 499, "cancelled"),
 )
+
+
+def checked_name(name: str) -> str:
+    """An adapter name from a request, or ApiError 422 invalid_parameter saying the rule."""
+    try:
+        return check_name(name)
+    except InvalidId as exc:
+        raise ApiError(422, "invalid_parameter", str(exc)) from None
 
 
 def to_api_error(exc: EngineError) -> ApiError:

@@ -16,11 +16,10 @@ from service import __version__
 from service.api.engine_port import EnginePort
 from service.auth import KeyStore
 from service.metrics import ServiceMetrics
-from service.settings import Settings
+from service.settings import CLOSE_GRACE_S, Settings
 from service.usage import UsageLedger
 
 log = logging.getLogger(__name__)
-_CLOSE_AFTER_EXPIRED_DRAIN_S = 0.5
 
 
 @dataclass
@@ -107,4 +106,4 @@ class ServiceState:
         # way out (the drain time is spent), so wait only briefly: the worker is a daemon.
         closer = threading.Thread(target=self.engine.close, name="ctxpeft-close", daemon=True)
         closer.start()
-        closer.join(timeout=_CLOSE_AFTER_EXPIRED_DRAIN_S)
+        closer.join(timeout=CLOSE_GRACE_S)

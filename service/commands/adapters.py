@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import re
-import sys
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -37,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from service.commands.common import CommandError, load_backbone
+
 if TYPE_CHECKING:
     from adapters.adapter_set import AdapterSet
     from adapters.backbone import Backbone
@@ -45,17 +46,9 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 URL_ENV = "CTXPEFT_URL"
 KEY_ENV = "CTXPEFT_API_KEY"
 
-OK, REFUSED, USAGE, NOT_FOUND, AUTH, UNAVAILABLE = 0, 1, 2, 3, 4, 5
+# 2, usage, is CommandError's default (service.commands.common.USAGE)
+OK, REFUSED, NOT_FOUND, AUTH, UNAVAILABLE = 0, 1, 3, 4, 5
 _VERSION_FOLDER = re.compile(r"^v\d+$")
-
-
-class CommandError(Exception):
-    """Ends the command with `code`; the message goes to stderr as `error: ...`."""
-
-    def __init__(self, message: str, code: int = USAGE, body: Any = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.body = body  # the service's JSON answer, for --json
 
 
 # --- arguments ---------------------------------------------------------------------------------
@@ -107,13 +100,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        return _ACTIONS[args.action](args)
-    except CommandError as error:
-        if args.json and error.body is not None:
-            print(json.dumps(error.body, indent=2))
-        print(f"error: {error}", file=sys.stderr)
-        return error.code
+    return _ACTIONS[args.action](args)
 
 
 # --- talking to the service ------------------------------------------------------------------
@@ -311,7 +298,6 @@ def _validate(args: argparse.Namespace) -> int:
     from transformers.utils.logging import disable_progress_bar
 
     from adapters.format import AdapterFormatError
-    from service.commands import train
     from service.settings import Settings
 
     disable_progress_bar()  # the backbone's loading bars would bury the one-line verdict
@@ -324,10 +310,7 @@ def _validate(args: argparse.Namespace) -> int:
         raise CommandError(f"--max-rank must be >= 1, got {max_rank}")
     spec = args.backbone or settings.backbone
     runtime = args.runtime_dir or settings.runtime_dir
-    try:
-        backbone = train.load_backbone(spec, runtime, "cpu")
-    except train.CommandError as error:
-        raise CommandError(str(error)) from None
+    backbone = load_backbone(spec, runtime, "cpu")
     report: dict[str, Any] = {"folder": str(folder), "backbone": backbone.fingerprint()}
     try:
         adapter = check_adapter_folder(folder, backbone, max_rank)

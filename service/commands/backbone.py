@@ -18,7 +18,7 @@ import argparse
 import json
 from pathlib import Path
 
-from service.commands.train import CommandError
+from service.commands.common import CommandError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,11 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        return _build(args) if args.action == "build" else _list(args)
-    except CommandError as error:
-        print(f"error: {error}")
-        return 2
+    return _build(args) if args.action == "build" else _list(args)
 
 
 def _runtime(args: argparse.Namespace) -> Path:

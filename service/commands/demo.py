@@ -18,7 +18,12 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from service.commands.train import CommandError, add_common_arguments
+from service.commands.common import (
+    CommandError,
+    add_common_arguments,
+    resolve_common,
+    write_adapter_version,
+)
 
 if TYPE_CHECKING:
     from adapters.adapter_set import AdapterSet
@@ -45,8 +50,6 @@ class StoreSink:
         return ref.label if config.base_fingerprint == fingerprint else None
 
     def write(self, task: str, adapter: AdapterSet) -> str:
-        from service.commands.train import write_adapter_version
-
         return write_adapter_version(self.store, self.tenant, task, adapter).label
 
 
@@ -60,18 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except CommandError as error:
-        print(f"error: {error}")
-        return 2
-
-
-def _run(args: argparse.Namespace) -> int:
     import dataclasses
 
     from adapters.demo import DemoPlan, build_demo
-    from service.commands.train import resolve_common
     from service.store import AdapterStore
 
     if args.backbone not in (None, "demo"):

@@ -15,7 +15,12 @@ import argparse
 import json
 from pathlib import Path
 
-from service.commands.train import CommandError, add_common_arguments
+from service.commands.common import (
+    CommandError,
+    add_common_arguments,
+    load_backbone,
+    resolve_common,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,14 +40,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--examples", type=int, default=3, help="example captions to print")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except CommandError as error:
-        print(f"error: {error}")
-        return 2
 
 
 def _adapter_folder(args: argparse.Namespace, store_dir: Path) -> tuple[Path, str]:
@@ -70,14 +67,13 @@ def _adapter_folder(args: argparse.Namespace, store_dir: Path) -> tuple[Path, st
     return store.path(ref), ref.label
 
 
-def _run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from adapters.data.captions import CaptionDataError, load_caption_records
     from adapters.data.synthetic import TASKS, SyntheticCaptions
     from adapters.evaluation import evaluate
     from adapters.format import AdapterFormatError, load_adapter
     from adapters.model import ContextPEFTModel
     from adapters.training import encode_records, encode_source
-    from service.commands.train import load_backbone, resolve_common
 
     runtime, store_dir, backbone_spec, device = resolve_common(args)
     folder, label = _adapter_folder(args, store_dir)

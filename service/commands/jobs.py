@@ -21,21 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 import urllib.parse
 from pathlib import Path
 from typing import Any
 
-from service.commands.adapters import (
-    OK,
-    REFUSED,
-    USAGE,
-    CommandError,
-    Service,
-    _multipart,
-    _table,
-)
+from service.commands.adapters import OK, REFUSED, Service, _multipart, _table
+from service.commands.common import USAGE, CommandError
 
 FINAL = ("succeeded", "failed", "cancelled")
 POLL_S = 1.0
@@ -93,14 +85,12 @@ def run(args: argparse.Namespace) -> int:
             isinstance(body, dict)
             and isinstance(body.get("error"), dict)
             and "code" in body["error"]
-        ):
+        ):  # OpenAI's error shape: say its code and param (cli.main prints the error)
             detail = body["error"]
             param = f" ({detail['param']})" if detail.get("param") else ""
-            error = CommandError(f"{detail['code']}{param}: {detail['message']}", error.code, body)
-        if args.json and error.body is not None:
-            print(json.dumps(error.body, indent=2))
-        print(f"error: {error}", file=sys.stderr)
-        return error.code
+            message = f"{detail['code']}{param}: {detail['message']}"
+            raise CommandError(message, error.code, body) from error
+        raise
 
 
 def _service(args: argparse.Namespace) -> Service:

@@ -45,7 +45,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("service.serve")
 GRACEFUL_S = 1  # uvicorn's own shutdown: close connections once their answers are out
-ANSWER_GRACE_S = 0.5  # after an expired drain, for waiting handlers to answer 503
 CONFIG_ERROR = 2  # exit status of a start-up the configuration makes impossible
 
 
@@ -161,6 +160,7 @@ def run(args: argparse.Namespace) -> int:
     from transformers.utils.logging import disable_progress_bar
 
     from service.api.app import create_app
+    from service.settings import ANSWER_GRACE_S, CLOSE_GRACE_S
 
     # Weight-loading progress bars would break the one-JSON-object-per-line log stream.
     disable_progress_bar()
@@ -178,8 +178,8 @@ def run(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=GRACEFUL_S,
     )
     # Waiting for the engine gets what is left of drain_timeout_s after the answer grace,
-    # uvicorn's shutdown and up to 0.5 s for the engine to close (ServiceState.close).
-    budget = max(0.5, settings.drain_timeout_s - GRACEFUL_S - ANSWER_GRACE_S - 0.5)
+    # uvicorn's shutdown and the wait for the engine to close (ServiceState.close).
+    budget = max(0.5, settings.drain_timeout_s - GRACEFUL_S - ANSWER_GRACE_S - CLOSE_GRACE_S)
     DrainingServer(config, state.drain, budget).run()
     if state.loading:
         # Stopped before the backbone finished loading: the loading thread is inside torch's
@@ -272,6 +272,8 @@ class DrainingServer(uvicorn.Server):
         finished = self._drain(self._timeout_s)
         log.info("drain finished", extra={"all_finished": finished})
         if not finished:
+            from service.settings import ANSWER_GRACE_S
+
             # Handlers still waiting notice the expired drain within a poll and answer 503;
             # give them that long before uvicorn starts closing connections.
             time.sleep(ANSWER_GRACE_S)

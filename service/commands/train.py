@@ -20,35 +20,17 @@ import random
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from service.commands.common import (
+    CommandError,
+    add_common_arguments,
+    load_backbone,
+    resolve_common,
+    write_adapter_version,
+)
+
 if TYPE_CHECKING:
-    from adapters.adapter_set import AdapterSet
     from adapters.backbone import Backbone
     from adapters.training import EncodedCaptions
-    from service.store import AdapterRef, AdapterStore
-
-
-class CommandError(Exception):
-    """Stops a command before it does work; the message is printed as `error: ...`."""
-
-
-def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options shared by train, eval and demo (defaults come from CTXPEFT_* settings)."""
-    parser.add_argument("--runtime-dir", type=Path, help="runtime folder (default: var)")
-    parser.add_argument(
-        "--store",
-        type=Path,
-        help="adapter store folder (default: <runtime-dir>/adapters for the demo backbone, "
-        "<runtime-dir>/adapters-<name> for another backbone named by name)",
-    )
-    parser.add_argument(
-        "--backbone",
-        help="a saved backbone folder, or the name of one built under <runtime-dir>/backbones "
-        "(default: demo, built by `ctxpeft demo`)",
-    )
-    parser.add_argument("--device", help="torch device: auto (default), cpu, cuda, cuda:1")
-    parser.add_argument(
-        "--threads", type=int, help="CPU threads for torch (default: torch's choice)"
-    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -86,74 +68,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     method.add_argument("--connector-dropout", type=float, default=0.1)
     method.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def resolve_common(args: argparse.Namespace) -> tuple[Path, Path, str, str]:
-    """(runtime dir, store dir, backbone spec, device) from flags, else CTXPEFT_* settings.
-    Applies --threads."""
-    from service.logging import configure_logging
-    from service.settings import Settings, default_store_dir
-
-    if args.threads is not None:
-        import torch
-
-        if args.threads < 1:
-            raise CommandError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-
-    settings = Settings()
-    # Library warnings and log records as JSON lines on stderr, as in `ctxpeft serve`; the
-    # command's own report (stdout) and progress bars (--no-progress) are for a person.
-    configure_logging(settings.log_level, settings.log_json)
-    if getattr(args, "no_progress", False):
-        # No progress bars at all, Hugging Face's (weight loading and saving) included.
-        from huggingface_hub.utils import disable_progress_bars
-        from transformers.utils.logging import disable_progress_bar
-
-        disable_progress_bar()
-        disable_progress_bars()
-    runtime = args.runtime_dir or settings.runtime_dir
-    backbone = args.backbone or settings.backbone
-    store = args.store or (
-        settings.store_dir
-        if settings.store_dir is not None
-        else default_store_dir(runtime, backbone)
-    )
-    return runtime, store, backbone, args.device or settings.device
-
-
-def load_backbone(spec: str, runtime_dir: Path, device: str) -> Backbone:
-    """A saved backbone folder, a backbone config JSON, or a backbone built under runtime."""
-    from adapters.backbone import BACKBONE_FILE, Backbone
-    from adapters.backbone_build import backbone_dir
-
-    path = Path(spec)
-    if path.is_dir() and (path / BACKBONE_FILE).is_file():
-        return Backbone.load(path, device)
-    if path.is_file() and path.suffix == ".json":
-        return Backbone.load(path, device)
-    built = backbone_dir(runtime_dir, spec)
-    if "/" not in spec and (built / BACKBONE_FILE).is_file():
-        return Backbone.load(built, device)
-    hint = (
-        " (run `ctxpeft demo` to build it)"
-        if spec == "demo"
-        else f" (run `ctxpeft backbone build {spec}` to build it)"
-        if "/" not in spec
-        else ""
-    )
-    raise CommandError(
-        f"backbone {spec!r} not found: not a saved backbone folder, and {built} is not built{hint}"
-    )
-
-
-def write_adapter_version(
-    store: AdapterStore, tenant: str, name: str, adapter: AdapterSet
-) -> AdapterRef:
-    """A new version of tenant/name holding `adapter` (atomic, never overwrites)."""
-    from adapters.format import save_adapter
-
-    return store.write_version(tenant, name, lambda folder: save_adapter(adapter, folder))
 
 
 def _split_by_image(
@@ -233,14 +147,6 @@ def load_datasets(
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except CommandError as error:
-        print(f"error: {error}")
-        return 2
-
-
-def _run(args: argparse.Namespace) -> int:
     from adapters.training import EpochStats, TrainingError, TrainOptions, train_adapter
     from service.store import AdapterStore
     from service.tenancy import InvalidId, check_name, check_tenant

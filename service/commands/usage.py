@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 import time
 import urllib.parse
 from typing import Any
 
-from service.commands.adapters import DEFAULT_URL, KEY_ENV, URL_ENV, CommandError, Service
+from service.commands.adapters import DEFAULT_URL, KEY_ENV, URL_ENV, Service
+from service.commands.common import CommandError
 
 _SPAN = re.compile(r"^(\d+)([mhd])$")
 _SECONDS = {"m": 60, "h": 3600, "d": 86400}
@@ -45,24 +45,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        span = _SPAN.match(args.since)
-        if span is None:
-            raise CommandError(f"--since must look like 30m, 12h or 7d, got {args.since!r}")
-        since = int(span.group(1)) * _SECONDS[span.group(2)]
-        params: list[tuple[str, str]] = [
-            ("start_time", str(int(time.time()) - since)),
-            ("bucket_width", args.width),
-        ]
-        params += [("group_by", group) for group in args.by or ["adapter"]]
-        params += [("tenant", tenant) for tenant in args.tenant or []]
-        service = Service.from_args(args)
-        page = service.call("GET", "/v1/usage?" + urllib.parse.urlencode(params))
-    except CommandError as error:
-        if args.json and error.body is not None:
-            print(json.dumps(error.body, indent=2))
-        print(f"error: {error}", file=sys.stderr)
-        return error.code
+    span = _SPAN.match(args.since)
+    if span is None:
+        raise CommandError(f"--since must look like 30m, 12h or 7d, got {args.since!r}")
+    since = int(span.group(1)) * _SECONDS[span.group(2)]
+    params: list[tuple[str, str]] = [
+        ("start_time", str(int(time.time()) - since)),
+        ("bucket_width", args.width),
+    ]
+    params += [("group_by", group) for group in args.by or ["adapter"]]
+    params += [("tenant", tenant) for tenant in args.tenant or []]
+    page = Service.from_args(args).call("GET", "/v1/usage?" + urllib.parse.urlencode(params))
     if args.json:
         print(json.dumps(page, indent=2))
     else:

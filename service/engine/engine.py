@@ -46,15 +46,15 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
 from adapters.backbone import DTYPES, Backbone, connector_spec, resolve_device
+from adapters.backbone_build import resolve_backbone
 from adapters.bank import AdapterBank
+from adapters.data.samples import SceneSamples, samples_for
 from adapters.model import ContextPEFTModel
-from adapters.presets import PRESETS
 from service.admission import Admission
 from service.auth import KeyStore
 from service.engine.answers import gather_answers
@@ -213,13 +213,10 @@ class Engine:
 
     @classmethod
     def from_settings(cls, settings: Settings, metrics: ServiceMetrics | None = None) -> Engine:
-        """Load the backbone named by the settings and open the adapter store. A preset name
-        whose built folder exists under <runtime_dir>/backbones/ loads that folder (random
-        init would give a different fingerprint every start)."""
-        source: str | Path = settings.backbone
-        built = settings.runtime_dir / "backbones" / settings.backbone
-        if settings.backbone in PRESETS and (built / "backbone.json").is_file():
-            source = built
+        """Load the backbone named by the settings (`resolve_backbone`: a name built under
+        <runtime_dir>/backbones/ loads that folder; an unbuilt random-init preset is refused)
+        and open the adapter store."""
+        source = resolve_backbone(settings.backbone, settings.runtime_dir).source
         backbone = Backbone.load(source, device=str(resolve_device(settings.device)))
         backbone.fingerprint()  # of the stored weights, before any cast: adapters name it
         if DTYPES[settings.dtype] != backbone.dtype:
@@ -287,6 +284,12 @@ class Engine:
         log.critical("the engine's worker stopped: %s", self.stopped)
         self.begin_drain()
         self.loop.fail_all(EngineStopped(f"the engine stopped ({self.stopped}); retry later"))
+
+    # --- sample pictures (the port's `samples`, for GET /samples/random) ---------------
+    @property
+    def samples(self) -> SceneSamples | None:
+        """The demo backbone's synthetic scenes at its image size; None on another backbone."""
+        return samples_for(self.backbone.config)
 
     # --- the asyncio side ---------------------------------------------------------------
     async def caption(self, request: CaptionRequest) -> list[CaptionResult]:

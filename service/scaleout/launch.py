@@ -39,11 +39,10 @@ from typing import Any
 
 from service.scaleout.json_stderr import JsonStderr, route_ray_loggers
 from service.scaleout.sizing import DEFAULT_REPLICAS, Plan, Unplaceable, describe, place
-from service.settings import Settings
+from service.settings import ANSWER_GRACE_S, Settings
 from service.startup_checks import StartupError
 
 log = logging.getLogger("service.serve")
-ANSWER_GRACE_S = 0.5  # after an expired drain, for waiting handlers to answer 503
 # Beyond drain_timeout_s: Serve stops the drained replicas and Ray its processes (about 5 s
 # measured on 2 loaded cores, docs/OPERATIONS.md); past it the process leaves regardless.
 STOP_GRACE_S = 15.0

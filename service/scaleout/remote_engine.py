@@ -48,6 +48,7 @@ import numpy as np
 from PIL import Image
 
 from adapters.config import BackboneConfig
+from adapters.data.samples import SceneSamples, samples_for
 from adapters.format import AdapterFormatError
 from service.admission import Admission
 from service.engine.answers import gather_answers
@@ -316,6 +317,12 @@ class RemoteEngine:
     def close(self) -> None:
         self._closed = True
         self.begin_drain()
+
+    # --- sample pictures (the port's `samples`, for GET /samples/random) ---------------
+    @property
+    def samples(self) -> SceneSamples | None:
+        """The demo backbone's synthetic scenes at its image size; None on another backbone."""
+        return samples_for(self.backbone.config)
 
     # --- captioning ---------------------------------------------------------------------
     async def submit(self, request: CaptionRequest) -> RemoteSubmission:

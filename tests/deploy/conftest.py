@@ -26,6 +26,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from benchmarks.live_server import live_server
 from service.api.app import create_app
 from service.engine import Engine, EngineConfig
 from service.metrics import ServiceMetrics
@@ -33,7 +34,6 @@ from service.settings import Settings
 from service.store import AdapterStore
 from service.tenancy import PUBLIC_TENANT
 from tests.service.adapter_fixtures import noise_image, put, random_adapter, tiny_backbone
-from tests.service.live_server import live_server
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"

@@ -24,6 +24,7 @@ import yaml
 from compose_spec import PyCompose
 
 from adapters.data.synthetic import TASKS
+from benchmarks.live_server import live_server
 from service.api.app import create_app
 from service.auth import KeyStore, metrics_token
 from service.cli import COMMANDS, build_parser
@@ -31,7 +32,6 @@ from service.engine import Engine
 from service.metrics import ServiceMetrics
 from service.settings import Settings, assert_safe_binding
 from tests.deploy.conftest import DOCKER, ROOT, LiveService, free_port
-from tests.service.live_server import live_server
 
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILES = {"cpu": DOCKER / "Dockerfile", "cuda": DOCKER / "Dockerfile.cuda"}

@@ -46,6 +46,7 @@ import adapters
 from adapters.backbone import Backbone
 from adapters.demo import DemoPlan, backbone_dir, build_demo
 from adapters.pretrain import StageOptions
+from benchmarks.live_server import live_server
 from service.api.app import create_app
 from service.commands.demo import StoreSink
 from service.engine import Engine, EngineConfig
@@ -53,7 +54,6 @@ from service.metrics import ServiceMetrics
 from service.settings import Settings
 from service.store import AdapterStore
 from tests.service.adapter_fixtures import noise_image, put, random_adapter, tiny_backbone
-from tests.service.live_server import live_server
 
 ACME_ADMIN = "acme-admin-key-0000000001"
 ACME_CAPTION = "acme-caption-key-00000001"

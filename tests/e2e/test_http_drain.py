@@ -1,24 +1,31 @@
 """Graceful drain.
 
-SIGTERM during load: the real `ctxpeft serve` process (python -m service.cli serve, settings
-from CTXPEFT_* variables) on a saved tiny backbone. Requests in flight when the signal comes
-all finish with 200; new ones get 503 and /readyz says 503; the process exits, status 0,
-within the configured drain time.
+SIGTERM during load: the real `ctxpeft serve` process (settings from CTXPEFT_* variables, run
+by tests/e2e/gated_serve.py, which adds a gate on the vision encoder) on a saved tiny
+backbone. Requests in flight when the signal comes (held at the closed gate, so the signal
+cannot come too late) all finish with 200; new ones get 503 and /readyz says 503; the process
+exits, status 0, its drain finished within the configured time (as it logs).
 
 A drain whose time runs out (in-process DrainingServer, the exit signal handed to it as
-uvicorn's signal handler would): the requests still running are answered 503 "draining" in
-the error shape, never a bare 500, and the server stops within its budget.
+uvicorn's signal handler would, the rows held at an encoder gate): the requests still running
+are answered 503 "draining" in the error shape, never a bare 500, and the server stops by
+itself.
+
+Every wait is on an event the test caused (a gate reached, a queue filled, a signal handled),
+with a safety net that is never what is checked.
 """
 
 from __future__ import annotations
 
 import signal
 import socket
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -26,7 +33,7 @@ import pytest
 import uvicorn
 
 from service.api.app import create_app
-from service.commands.serve import ANSWER_GRACE_S, GRACEFUL_S, DrainingServer
+from service.commands.serve import GRACEFUL_S, DrainingServer
 from service.engine import Engine, EngineConfig
 from service.metrics import ServiceMetrics
 from service.settings import Settings
@@ -41,27 +48,35 @@ from tests.e2e.conftest import (
     noise_png,
     scrape,
 )
+from tests.e2e.openai_helpers import SAFETY_TIMEOUT_S, encoder_gate, eventually
 from tests.e2e.serve_process import ServedProcess, saved_tiny_service, serve_process
 from tests.service.adapter_fixtures import tiny_backbone
 
 DRAIN_TIMEOUT_S = 20.0
-IN_FLIGHT = 8  # four batches of two
+IN_FLIGHT = 8  # one held at the encoder gate, seven queued behind it
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedProcess]:
-    """`ctxpeft serve` in a child process (tests/e2e/serve_process.py), ready."""
-    root = tmp_path_factory.mktemp("drain")
+@dataclass
+class Gated:
+    served: ServedProcess
+    gate: Path  # tests/e2e/gated_serve.py's folder: `closed` and `entered` appear there
+
+
+@pytest.fixture
+def gated(tmp_path: Path) -> Iterator[Gated]:
+    """`ctxpeft serve` with an encoder gate (tests/e2e/gated_serve.py) in a child process,
+    ready."""
+    gate = tmp_path / "gate"
+    gate.mkdir()
     env = {
-        **saved_tiny_service(root).env(),
+        **saved_tiny_service(tmp_path).env(),
         "CTXPEFT_DRAIN_TIMEOUT_S": str(DRAIN_TIMEOUT_S),
-        # Two rows per batch and long captions: the requests take a few batches to finish.
         "CTXPEFT_MAX_BATCH_SIZE": "2",
-        "CTXPEFT_MAX_NEW_TOKENS_LIMIT": "64",
     }
-    with serve_process(root, env) as process:
+    command = [sys.executable, "-m", "tests.e2e.gated_serve", str(gate)]
+    with serve_process(tmp_path, env, command=command) as process:
         process.wait_ready()
-        yield process
+        yield Gated(process, gate)
 
 
 def _caption(client: httpx.Client, seed: int, tokens: int) -> httpx.Response:
@@ -73,62 +88,56 @@ def _caption(client: httpx.Client, seed: int, tokens: int) -> httpx.Response:
     )
 
 
-def _launch(
-    pool: ThreadPoolExecutor, client: httpx.Client, count: int, tokens: int
+def _held(
+    pool: ThreadPoolExecutor,
+    client: httpx.Client,
+    count: int,
+    tokens: int,
+    entered: Callable[[], bool],
 ) -> list[Future[httpx.Response]]:
-    """Send `count` caption requests at once; return as soon as the engine has admitted all of
-    them: each is then waiting in the queue (ctxpeft_queue_depth) or has started its batch
-    (one ctxpeft_queue_wait_seconds observation per row)."""
-    futures = [pool.submit(_caption, client, seed, tokens) for seed in range(count)]
-    deadline = time.monotonic() + 60
-    while True:
-        metrics = scrape(str(client.base_url))
-        admitted = metrics.value("ctxpeft_queue_depth") + metrics.value(
-            "ctxpeft_queue_wait_seconds_count"
-        )
-        if admitted >= count:
-            return futures
-        assert time.monotonic() < deadline, f"only {admitted} of {count} requests admitted"
-        time.sleep(0.005)
+    """With the encoder gate closed: one request whose row waits at the gate (`entered`),
+    then `count - 1` more queued behind it (ctxpeft_queue_depth). All `count` are then
+    admitted and none can finish before the gate opens."""
+    futures = [pool.submit(_caption, client, 0, tokens)]
+    eventually(entered, "the first row reached the closed encoder gate")
+    futures += [pool.submit(_caption, client, seed, tokens) for seed in range(1, count)]
+    eventually(
+        lambda: scrape(str(client.base_url)).value("ctxpeft_queue_depth") == count - 1,
+        f"{count - 1} rows queued behind the gate",
+    )
+    return futures
 
 
-def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(served: ServedProcess) -> None:
+def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(gated: Gated) -> None:
+    served = gated.served
     process, url = served.process, served.url
+    process.send_signal(signal.SIGUSR1)  # close the encoder gate
+    eventually((gated.gate / "closed").exists, "the gate closed")
     with (
-        httpx.Client(base_url=url, timeout=DRAIN_TIMEOUT_S + 10) as client,
+        httpx.Client(base_url=url, timeout=SAFETY_TIMEOUT_S) as client,
         ThreadPoolExecutor(IN_FLIGHT) as pool,
     ):
-        # Enough decode steps that the load outlasts its own admission check (8 rows of up to
-        # 48 tokens, two rows a step: ~190 steps), and few enough that the drain ends well
-        # within its time on a busy CI machine. (8 tokens each, ~30 steps, was over before the
-        # engine had reported every row admitted once decoding went per step.)
-        futures = _launch(pool, client, IN_FLIGHT, tokens=48)
-        in_flight = [f for f in futures if not f.done()]
-        assert len(in_flight) >= 2, "the load finished before the signal"
+        futures = _held(pool, client, IN_FLIGHT, 8, (gated.gate / "entered").exists)
+        assert not any(f.done() for f in futures)
 
         process.send_signal(signal.SIGTERM)
-        signalled = time.monotonic()
-
-        # Readiness goes 503 at once, and new work is refused, while the old work goes on.
-        deadline = time.monotonic() + 5
-        while (ready := httpx.get(f"{url}/readyz", timeout=5)).status_code == 200:
-            assert time.monotonic() < deadline, "/readyz stayed 200 after SIGTERM"
-            time.sleep(0.02)
-        assert_error(ready, 503, "unavailable")
+        # Readiness goes 503, and new work is refused, while the old work waits at the gate.
+        eventually(lambda: httpx.get(f"{url}/readyz", timeout=5).status_code == 503, "/readyz 503")
+        assert_error(httpx.get(f"{url}/readyz", timeout=5), 503, "unavailable")
         refused = _caption(client, 100, tokens=8)
         body = assert_error(refused, 503, refused.json()["error"]["type"])
         assert body["error"]["type"] in ("unavailable", "draining")
         assert "drain" in body["error"]["message"]
         assert int(refused.headers["retry-after"]) >= 1
+        assert not any(f.done() for f in futures)
 
+        process.send_signal(signal.SIGUSR2)  # open the gate: the admitted work goes on
         answers = [f.result() for f in futures]
     assert [a.status_code for a in answers] == [200] * IN_FLIGHT, [a.text for a in answers]
     assert all(a.json()["adapter"] == "news" and a.json()["tokens"] >= 1 for a in answers)
 
-    returncode = process.wait(timeout=DRAIN_TIMEOUT_S + 10)
-    took = time.monotonic() - signalled
+    returncode = process.wait(timeout=DRAIN_TIMEOUT_S + SAFETY_TIMEOUT_S)  # a safety net
     assert returncode == 0, served.output()
-    assert took < DRAIN_TIMEOUT_S, f"exit took {took:.1f} s"
 
     # JSON logs: the drain is logged, and every line is one JSON object.
     lines = served.json_lines()
@@ -142,7 +151,7 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(served: ServedPr
 @contextmanager
 def draining_server(
     service_store: Path, budget_s: float
-) -> Iterator[tuple[DrainingServer, threading.Thread, str]]:
+) -> Iterator[tuple[DrainingServer, threading.Thread, str, Engine]]:
     """create_app + DrainingServer (what `ctxpeft serve` runs) on a loopback socket, in a
     thread; one row per batch so that a few requests take a while."""
     settings = Settings(
@@ -169,7 +178,7 @@ def draining_server(
         while not server.started:
             assert thread.is_alive(), "uvicorn exited before it started"
             time.sleep(0.01)
-        yield server, thread, f"http://127.0.0.1:{sock.getsockname()[1]}"
+        yield server, thread, f"http://127.0.0.1:{sock.getsockname()[1]}", engine
     finally:
         server.should_exit = True
         thread.join(timeout=30)
@@ -181,27 +190,22 @@ def test_requests_still_running_when_the_drain_time_ends_get_503_not_500(
 ) -> None:
     budget_s = 0.05
     with (
-        draining_server(tiny_store, budget_s) as (server, thread, url),
-        httpx.Client(base_url=url, timeout=30) as client,
+        draining_server(tiny_store, budget_s) as (server, thread, url, engine),
+        encoder_gate(engine) as gate,
+        httpx.Client(base_url=url, timeout=SAFETY_TIMEOUT_S) as client,
         ThreadPoolExecutor(4) as pool,
     ):
-        # Four requests of 64 tokens, one per batch: far more work than the drain budget.
-        futures = _launch(pool, client, 4, tokens=64)
-        assert sum(not f.done() for f in futures) >= 2, "the load finished before the signal"
+        # Four requests held at the encoder gate: none can finish within the drain budget.
+        futures = _held(pool, client, 4, 8, gate.entered.is_set)
         server.handle_exit(signal.SIGTERM, None)  # what uvicorn's signal handler calls
-        signalled = time.monotonic()
         answers = [f.result() for f in futures]
-        thread.join(timeout=30)  # the server stops by itself once the drain is over
-        stopped_after = time.monotonic() - signalled
+        gate.release()
+        thread.join(timeout=SAFETY_TIMEOUT_S)  # the server stops by itself after the drain
         assert not thread.is_alive()
 
     statuses = [a.status_code for a in answers]
-    assert set(statuses) <= {200, 503}, [a.text for a in answers]
-    cut_off = [a for a in answers if a.status_code == 503]
-    assert cut_off, statuses  # a queued 64-token caption cannot finish within 50 ms
-    for answer in cut_off:
+    assert statuses == [503] * 4, [a.text for a in answers]
+    for answer in answers:
         body = assert_error(answer, 503, "draining")
         assert "drain_timeout_s" in body["error"]["message"]
         assert answer.headers["retry-after"] == "1"
-    # The drain budget, the answer grace and uvicorn's own shutdown, with room for a slow CI.
-    assert stopped_after < budget_s + ANSWER_GRACE_S + GRACEFUL_S + 3.0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import random
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,8 +21,11 @@ from fastapi import FastAPI
 from PIL import Image
 
 from adapters.backbone import Backbone
+from adapters.data.samples import DEMO_BACKBONE, samples_for
 from adapters.data.synthetic import BACKGROUND, COLORS, TASKS
+from adapters.demo import DemoPlan
 from adapters.presets import get_preset
+from benchmarks.live_server import live_server
 from service.api.app import create_app
 from service.api.rate_limit import TokenBuckets
 from service.api.routes.samples import (
@@ -46,7 +50,6 @@ from tests.e2e.conftest import (
     running_service,
     scrape,
 )
-from tests.service.live_server import live_server
 
 ACME = bearer(ACME_ADMIN)
 
@@ -206,3 +209,13 @@ def test_the_openapi_schema_documents_samples_and_info(demo: Served) -> None:
     assert info["responses"]["200"]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/ServiceInfo"
     }
+
+
+def test_samples_are_offered_on_the_backbone_ctxpeft_demo_builds() -> None:
+    assert DemoPlan().backbone.name == DEMO_BACKBONE
+    samples = samples_for(get_preset("demo"))
+    assert samples is not None and samples.image_size == get_preset("demo").image_size
+    sample = samples.draw(random.Random(0))
+    assert Image.open(io.BytesIO(sample.png)).size == (samples.image_size, samples.image_size)
+    assert set(sample.captions) == set(TASKS)
+    assert samples_for(get_preset("small")) is None

@@ -22,7 +22,7 @@ from adapters.backbone import Backbone
 from adapters.data.synthetic import SyntheticCaptions
 from adapters.model import ContextPEFTModel
 from adapters.training import TrainOptions, encode_source, train_adapter
-from service.commands.train import write_adapter_version
+from service.commands.common import write_adapter_version
 from service.store import AdapterStore
 from tests.e2e.conftest import (
     ACME_CAPTION,

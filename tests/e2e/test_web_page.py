@@ -41,6 +41,7 @@ from playwright.sync_api import (
     sync_playwright,
 )
 
+from benchmarks.live_server import live_server
 from service.api.app import create_app
 from service.engine import Engine, EngineConfig
 from service.metrics import ServiceMetrics
@@ -57,7 +58,6 @@ from tests.e2e.conftest import (
     scrape,
 )
 from tests.service.adapter_fixtures import put, random_adapter, tiny_backbone
-from tests.service.live_server import live_server
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = [

@@ -6,7 +6,10 @@ the vision encoder, gated_replica.py); each tenant may have TENANT_MAX_INFLIGHT 
 and store TENANT_MAX_ADAPTERS adapters.
 
 Starting the cluster and the application takes about a minute on 2 loaded cores, so it happens
-once per module; the tests run in file order and the last one shuts the service down.
+once per module. Each test still stands alone, in any order: `ray_service` hands every test a
+running application, deploying it again first when a test before it drained it or deleted it
+(the shutdown test does), and `replica_targets()` names only live replicas (a killed one's
+file stays behind, as Prometheus would see it).
 
     service.url, service.store, service.settings, service.replica_pids()
     service.replica_targets()      # the Prometheus file_sd targets the replicas wrote
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psutil
 import pytest
 
@@ -50,6 +54,7 @@ class RayService:
     ingress: Any  # DeploymentHandle of the Ingress deployment
     token_file_before: bool
     tree_before: set[str]
+    app: Any = None  # the bound application, to deploy it again
 
     def replica_pids(self) -> list[int]:
         """The engine replicas' processes (Ray names them after the deployment)."""
@@ -59,12 +64,39 @@ class RayService:
             if "EngineReplica" in " ".join(_cmdline(p))
         ]
 
-    def replica_targets(self) -> list[dict[str, Any]]:
-        """The file_sd target groups the replicas wrote (one file each)."""
+    def replica_targets(self, live_only: bool = True) -> list[dict[str, Any]]:
+        """The file_sd target groups the replicas wrote (one file each); with `live_only`,
+        those of replicas whose process is alive (a SIGKILLed replica leaves its file)."""
         groups: list[dict[str, Any]] = []
         for path in sorted((self.root / "targets").glob("*.json")):
             groups += json.loads(path.read_text())
+        if live_only:
+            groups = [g for g in groups if psutil.pid_exists(int(g["labels"]["pid"]))]
         return groups
+
+    def running(self) -> bool:
+        """The application is deployed, running and admitting (not drained)."""
+        from ray import serve
+
+        from service.scaleout.application import APP_NAME
+
+        app = serve.status().applications.get(APP_NAME)
+        if app is None or app.status != "RUNNING":
+            return False
+        try:
+            return httpx.get(f"{self.url}/readyz", timeout=30).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def deploy(self) -> None:
+        """Deploy the application (again), blocking until it serves, and take new handles."""
+        from ray import serve
+
+        from service.scaleout.application import APP_NAME
+
+        serve.run(self.app, name=APP_NAME, route_prefix="/")
+        self.replicas = serve.get_deployment_handle("EngineReplica", APP_NAME)
+        self.ingress = serve.get_deployment_handle("Ingress", APP_NAME)
 
 
 def _cmdline(process: psutil.Process) -> list[str]:
@@ -86,13 +118,20 @@ def untracked_paths() -> set[str]:
     return {line[3:] for line in out.splitlines()}
 
 
+@pytest.fixture
+def ray_service(ray_cluster: RayService) -> RayService:
+    """The module's service, running: deployed again if a test before drained or deleted it."""
+    if not ray_cluster.running():
+        ray_cluster.deploy()
+    return ray_cluster
+
+
 @pytest.fixture(scope="module")
-def ray_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayService]:
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayService]:
     pytest.importorskip("ray")
-    from ray import serve
 
     from service.scaleout import cluster
-    from service.scaleout.application import APP_NAME, build_app
+    from service.scaleout.application import build_app
     from service.scaleout.replica import ReplicaOptions
 
     root = tmp_path_factory.mktemp("scaleout")
@@ -131,16 +170,18 @@ def ray_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayService
             options=options,
             replica_class=GatedEngineReplica,
         )
-        serve.run(app, name=APP_NAME, route_prefix="/")
-        yield RayService(
+        service = RayService(
             url=f"http://127.0.0.1:{port}",
             root=root,
             settings=settings,
             store=store,
-            replicas=serve.get_deployment_handle("EngineReplica", APP_NAME),
-            ingress=serve.get_deployment_handle("Ingress", APP_NAME),
+            replicas=None,
+            ingress=None,
             token_file_before=token_file_before,
             tree_before=tree_before,
+            app=app,
         )
+        service.deploy()
+        yield service
     finally:
         cluster.stop()

@@ -1,12 +1,13 @@
 """The service scaled out on a real local Ray cluster (loopback): 2 engine replicas of the tiny
 backbone behind the ingress (our FastAPI app), routed by tenant-qualified adapter id.
 
-The tests share one cluster (tests/scaleout/conftest.py) and run in file order: the kill test
-restarts a replica, the last test shuts the service down. Nothing is mocked: HTTP through
-Serve's proxy, Ray's router, replicas in their own processes, a real store on disk. Where a
-test needs rows held in flight, it closes the replicas' encoder gates (gated_replica.py) and
-waits on events it caused (a stream's first byte, a gate reached, a counter moved), never on
-elapsed time.
+The tests share one cluster (tests/scaleout/conftest.py) and each stands alone, in any order:
+the fixture deploys the application again after the shutdown test deleted it, the kill test
+waits for Ray's replacement replica. Nothing is mocked: HTTP through Serve's proxy, Ray's
+router, replicas in their own processes, a real store on disk. Where a test needs rows held
+in flight, it closes the replicas' encoder gates (gated_replica.py) and waits on events it
+caused (a stream's first byte, a gate reached, a counter moved, a round of requests routed),
+never on elapsed time.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from adapters.format import CONFIG_FILE, WEIGHTS_FILE, save_adapter
 from service import __version__
 from service.engine import CaptionRequest, Engine, EngineConfig
 from service.images import ImageDecoder, ImageLimits
+from service.scaleout.messages import adapter_id
 from service.store import AdapterStore
 from tests.e2e.conftest import (
     ACME_ADMIN,
@@ -50,6 +52,7 @@ from tests.scaleout.conftest import (
     RayService,
     untracked_paths,
 )
+from tests.scaleout.gated_replica import Gate
 from tests.service.adapter_fixtures import random_adapter, tiny_backbone
 
 pytest.importorskip("ray")
@@ -117,11 +120,11 @@ def total(stats: dict[str, dict[str, Any]], read: Callable[[dict[str, Any]], int
     return sum(read(s) for s in stats.values())
 
 
-def on_every_replica(service: RayService, method: str) -> None:
-    """Call a no-argument replica method (it returns its replica id) on each replica."""
+def on_every_replica(service: RayService, method: str, *args: Any) -> None:
+    """Call a replica method (it returns its replica id) on each replica."""
     answered: set[str] = set()
     for _ in range(60):
-        answered.add(getattr(service.replicas, method).remote().result(timeout_s=30))
+        answered.add(getattr(service.replicas, method).remote(*args).result(timeout_s=30))
         if len(answered) == REPLICAS:
             return
     raise AssertionError(f"only replicas {sorted(answered)} answered {method}")
@@ -152,6 +155,30 @@ def every_replica(service: RayService, call: Callable[[Any], Any]) -> dict[str, 
         if len(answers) == REPLICAS:
             return answers
     raise AssertionError(f"only replicas {sorted(answers)} answered")
+
+
+def settle_routing(service: RayService) -> None:
+    """Warm up until the router routes by adapter: each adapter's first rows claim a replica,
+    and the replicas tell the router which ids they hold asynchronously (pushed every 0.1 s),
+    so the event that says the router knows them all is a round of requests, one per
+    adapter, in which every row was a hit. Repeated until then; a safety net bounds it."""
+    deadline = time.monotonic() + HTTP_TIMEOUT_S
+    while True:
+        before = routed(scrape_replicas(service), "hit")
+        for name in ADAPTERS:
+            assert caption(service, name).status_code == 200
+        if routed(scrape_replicas(service), "hit") - before == len(ADAPTERS):
+            return
+        assert time.monotonic() < deadline, "a round of requests never routed to its replicas"
+
+
+def gate_entered(service: RayService, replica: str) -> bool:
+    """Whether `replica`'s closed gate holds a batch, read from its own metrics endpoint (a
+    call through the handle would go to the replica with the shorter queue)."""
+    (group,) = [g for g in service.replica_targets() if g["labels"]["replica"] == replica]
+    (target,) = group["targets"]
+    scrape = Scrape(httpx.get(f"http://{target}/metrics", timeout=10).text)
+    return scrape.value("ctxpeft_test_gate_entered") == 1
 
 
 # --- the cluster itself ---------------------------------------------------------------------
@@ -187,10 +214,7 @@ def test_rows_land_on_the_replica_holding_their_adapter_and_captions_match_one_p
     ray_service: RayService,
 ) -> None:
     pairs = [(name, image) for name in ADAPTERS for image in IMAGES]
-    for name in ADAPTERS:  # warm-up: each adapter finds a replica, which claims it
-        for _ in range(2):
-            assert caption(ray_service, name).status_code == 200
-    time.sleep(0.5)  # replicas push their multiplexed ids every 0.1 s
+    settle_routing(ray_service)
     before = scrape_replicas(ray_service)
     assert len(before) == REPLICAS
     with ThreadPoolExecutor(4) as pool:
@@ -334,10 +358,12 @@ def test_concurrent_uploads_across_replicas_take_exactly_the_quota(
 ) -> None:
     """Six uploads of new adapters at once by a tenant with room for TENANT_MAX_ADAPTERS:
     exactly that many are stored, whichever replicas validated them (the quota is checked
-    under the tenant's lock in the shared store). Ray picks the replica of each new adapter,
-    so a round that happened to land on one replica only is repeated (at most twice more)."""
+    under the tenant's lock in the shared store). Ray sends a new adapter id to the replicas
+    holding the fewest ids, so one round may land on one replica alone (it then holds more,
+    and the next round goes to the other): rounds repeat until both replicas validated
+    uploads, at most three."""
     url, gamma = ray_service.url, bearer(GAMMA_ADMIN)
-    spread: dict[str, int] = {}
+    spread: Counter[str] = Counter()
     for attempt in range(3):
         before = replica_stats(ray_service)
         names = [f"q{attempt}-{i}" for i in range(6)]
@@ -353,16 +379,19 @@ def test_concurrent_uploads_across_replicas_take_exactly_the_quota(
             assert "(tenant_max_adapters)" in refused.json()["error"]["message"]
         stored = ray_service.store.names("gamma")
         assert len(stored) == TENANT_MAX_ADAPTERS and set(stored) <= set(names)
-        spread = {r: after[r]["uploads"] - before[r]["uploads"] for r in after if r in before}
-        assert sum(spread.values()) == 6, spread
+        round_spread = {r: after[r]["uploads"] - before[r]["uploads"] for r in after if r in before}
+        assert sum(round_spread.values()) == 6, round_spread
+        spread.update(round_spread)
         for name in stored:
             assert (
                 httpx.delete(f"{url}/adapters/{name}", headers=gamma, timeout=30).status_code == 200
             )
-        if all(spread.values()):
+        if len(+spread) == REPLICAS:
             break
     print(f"uploads per replica: {spread}")
-    assert all(spread.values()), f"three rounds of uploads never reached both replicas: {spread}"
+    assert len(+spread) == REPLICAS, (
+        f"three rounds of uploads never reached both replicas: {spread}"
+    )
 
 
 # --- the single process's guarantees, through Ray ------------------------------------------
@@ -463,7 +492,8 @@ class Load:
     request that hangs (past HTTP_TIMEOUT_S) or loses its connection ends its client with the
     exception, and `stop()` reports it, as it does a 503 without Retry-After."""
 
-    def __init__(self, service: RayService, clients: int = 6) -> None:
+    def __init__(self, service: RayService, clients: int = 6, images: list[bytes] = IMAGES) -> None:
+        self.images = images
         self.answers: list[tuple[int, str | None]] = []
         self.failures: list[BaseException] = []
         self.without_retry_after: list[int] = []  # 503s that did not say when to come back
@@ -483,7 +513,7 @@ class Load:
             try:
                 response = httpx.post(
                     f"{service.url}/caption",
-                    files={"image": ("i.png", IMAGES[i % len(IMAGES)], "image/png")},
+                    files={"image": ("i.png", self.images[i % len(self.images)], "image/png")},
                     data={"adapter": ADAPTERS[i % len(ADAPTERS)], "max_new_tokens": "16"},
                     headers=bearer(ACME_ADMIN),
                     timeout=HTTP_TIMEOUT_S,
@@ -526,22 +556,23 @@ def test_killing_a_replica_under_load_answers_200_or_503_and_serves_after_restar
     from service.scaleout.application import APP_NAME
 
     assert len(ray_service.replica_pids()) == REPLICAS
-    (group, *_) = ray_service.replica_targets()
-    victim = int(group["labels"]["pid"])
-    load = Load(ray_service)
-    load.wait_for(12)
-    # Kill it while its engine runs rows (their answers are then 503), read from its metrics.
-    metrics_url = f"http://{group['targets'][0]}/metrics"
-    for _ in range(1000):
-        if Scrape(httpx.get(metrics_url, timeout=10).text).value("ctxpeft_running_rows") >= 1:
-            break
-    else:
-        raise AssertionError("the replica never ran a row")
-    os.kill(victim, signal.SIGKILL)
-    killed = time.monotonic()
-    at_kill = load.wait_for(0)
-    load.wait_for(at_kill + 30)  # the service keeps answering
-    answers = load.stop()
+    # Kill a replica while its engine holds rows (their answers are then 503): the replica
+    # holding p0 (reached through a handle routed by p0's id) closes its encoder gate before
+    # the load starts, the other's stays open, and it is killed once a batch of the load's p0
+    # rows waits there.
+    assert caption(ray_service, "p0").status_code == 200  # a replica holds p0
+    holder = ray_service.replicas.options(multiplexed_model_id=adapter_id("public", "p0"))
+    victim: Gate = holder.close_gate_here.remote().result(timeout_s=30)
+    # Images no replica has seen: the encoder cache would let a seen one pass the gate.
+    load = Load(ray_service, images=[noise_png(400 + k) for k in range(3)])
+    try:
+        eventually(lambda: gate_entered(ray_service, victim.replica), "a batch held on it")
+        os.kill(victim.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        at_kill = load.wait_for(0)
+        load.wait_for(at_kill + 30)  # the service keeps answering
+    finally:
+        answers = load.stop()
     statuses = Counter(status for status, _ in answers)
     assert set(statuses) <= {200, 503}, statuses
     assert {kind for _, kind in answers if kind} <= {"engine_fault"}, answers
@@ -560,15 +591,18 @@ def test_killing_a_replica_under_load_answers_200_or_503_and_serves_after_restar
     else:
         raise AssertionError(f"no replacement replica: {status}, processes {new_pids}")
     print(f"replacement running {time.monotonic() - killed:.1f} s after the kill; {statuses}")
-    assert victim not in new_pids
+    assert victim.pid not in new_pids
     for name in ADAPTERS:
         assert caption(ray_service, name).status_code == 200
 
 
 def test_shutdown_under_load_answers_every_request(ray_service: RayService) -> None:
     """The drain `ctxpeft serve --ray` runs on SIGTERM, under load: requests in flight finish
-    (200), later ones get 503 draining; none is lost or hangs. Then Serve stops."""
+    (200), later ones get 503 draining; none is lost or hangs. Then the application is
+    deleted (the next test's fixture deploys it again)."""
     from ray import serve
+
+    from service.scaleout.application import APP_NAME
 
     load = Load(ray_service)
     load.wait_for(12)
@@ -587,7 +621,6 @@ def test_shutdown_under_load_answers_every_request(ray_service: RayService) -> N
     print(f"drain under load: {statuses}")
     assert_error(httpx.get(f"{ray_service.url}/readyz", timeout=10), 503, "unavailable")
     assert ray_service.ingress.inflight.remote().result(timeout_s=30) == 0
-    serve.shutdown()  # replicas stop gracefully: their metrics targets are removed
-    left = ray_service.replica_targets()  # only the killed replica's (Prometheus: up 0)
-    assert len(left) <= 1
+    serve.delete(APP_NAME)  # replicas stop gracefully: their metrics targets are removed
+    left = ray_service.replica_targets(live_only=False)  # a killed replica's only (up 0)
     assert all(not psutil.pid_exists(int(g["labels"]["pid"])) for g in left), left

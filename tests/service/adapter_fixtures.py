@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import threading
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -91,3 +93,49 @@ def tiers(registry: AdapterRegistry) -> AdapterCache[AdapterVersion]:
     """The tiers `open_adapters` attached to a registry."""
     assert registry.tiers is not None
     return registry.tiers
+
+
+LOADER_SAFETY_S = 60.0  # a safety net for a wait on the loader; no test relies on reaching it
+
+
+class LoaderChanges:
+    """An adapter cache's `on_change` (`open_adapters(..., on_change=changes)`): the loader
+    thread calls it each time a disk load finished or failed. Tests wait on it (`until`)
+    instead of polling the clock."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._count = 0
+
+    def __call__(self) -> None:
+        with self._cond:
+            self._count += 1
+            self._cond.notify_all()
+
+    @classmethod
+    def chained_onto(cls, cache: AdapterCache[AdapterVersion]) -> LoaderChanges:
+        """Watch an existing cache (an engine's): called after its own `on_change`."""
+        changes = cls()
+        own = cache._on_change
+
+        def both() -> None:
+            if own is not None:
+                own()
+            changes()
+
+        cache._on_change = both
+        return changes
+
+    def _since(self, seen: int) -> bool:
+        return self._count != seen
+
+    def until(self, check: Callable[[], bool], what: str) -> None:
+        """Return once `check()` holds, re-checking it after every finished or failed load."""
+        while True:
+            with self._cond:
+                seen = self._count
+            if check():  # outside the lock: a check may start a load, which calls back
+                return
+            with self._cond:
+                changed = self._cond.wait_for(functools.partial(self._since, seen), LOADER_SAFETY_S)
+            assert changed, f"no load finished or failed while waiting for: {what}"

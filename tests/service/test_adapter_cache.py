@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import json
 import threading
 import time
@@ -28,7 +29,15 @@ from service.exceptions import AdapterLoadError
 from service.metrics import ServiceMetrics
 from service.registry import AdapterRegistry, AdapterVersion, VersionGone, open_adapters
 from service.store import AdapterStore
-from tests.service.adapter_fixtures import noise_image, put, random_adapter, tiers, tiny_backbone
+from tests.service.adapter_fixtures import (
+    LOADER_SAFETY_S,
+    LoaderChanges,
+    noise_image,
+    put,
+    random_adapter,
+    tiers,
+    tiny_backbone,
+)
 
 
 class FaultyBank(AdapterBank):
@@ -68,7 +77,15 @@ def store(tmp_path: Path) -> AdapterStore:
 
 
 @pytest.fixture
-def registries(store: AdapterStore) -> Iterator[Callable[..., AdapterRegistry]]:
+def changes() -> LoaderChanges:
+    """Every disk load that finished or failed in the test's registries (tests wait on it)."""
+    return LoaderChanges()
+
+
+@pytest.fixture
+def registries(
+    store: AdapterStore, changes: LoaderChanges
+) -> Iterator[Callable[..., AdapterRegistry]]:
     made: list[AdapterRegistry] = []
 
     def make(
@@ -78,7 +95,13 @@ def registries(store: AdapterStore) -> Iterator[Callable[..., AdapterRegistry]]:
         bank: AdapterBank | None = None,
     ) -> AdapterRegistry:
         registry, _ = open_adapters(
-            store, tiny_backbone(), bank or make_bank(slots), budget, EngineEvents(metrics), 0.2
+            store,
+            tiny_backbone(),
+            bank or make_bank(slots),
+            budget,
+            EngineEvents(metrics),
+            0.2,
+            on_change=changes,
         )
         made.append(registry)
         return registry
@@ -88,18 +111,12 @@ def registries(store: AdapterStore) -> Iterator[Callable[..., AdapterRegistry]]:
         tiers(registry).close()
 
 
-def eventually(check: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.002)
-
-
-def loaded(registry: AdapterRegistry, store: AdapterStore, count: int) -> list[AdapterVersion]:
+def loaded(
+    registry: AdapterRegistry, store: AdapterStore, count: int, changes: LoaderChanges
+) -> list[AdapterVersion]:
     """`count` adapters a0.. on the CPU tier (from disk, through the loader)."""
     versions = loaded_without_waiting(registry, store, count)
-    eventually(lambda: all(tiers(registry).is_ready(v) for v in versions))
+    changes.until(lambda: all(tiers(registry).is_ready(v) for v in versions), "all loaded")
     return versions
 
 
@@ -140,13 +157,16 @@ def assert_slot_holds(bank: AdapterBank, slot: int, adapter: AdapterSet) -> None
     ids=["runtime", "memory", "bank"],
 )
 def test_a_failing_copy_fails_that_version_alone_and_leaves_its_slot_empty(
-    registries: Callable[..., AdapterRegistry], store: AdapterStore, error: BaseException
+    registries: Callable[..., AdapterRegistry],
+    store: AdapterStore,
+    error: BaseException,
+    changes: LoaderChanges,
 ) -> None:
     metrics = ServiceMetrics()
     registry = registries(slots=3, metrics=metrics)
     cache, bank = tiers(registry), tiers(registry).bank
     assert isinstance(bank, FaultyBank)
-    a0, a1, a2, a3, a4 = loaded(registry, store, 5)
+    a0, a1, a2, a3, a4 = loaded(registry, store, 5, changes)
     # Earlier steps: a0 in slot 0, then a2 and a3 in slots 1 and 2; nothing pins them now.
     first, _, _ = cache.bind([a0])
     cache.release(first, [a0])
@@ -189,12 +209,12 @@ def test_a_failing_copy_fails_that_version_alone_and_leaves_its_slot_empty(
 
 
 def test_a_slot_whose_clear_also_fails_is_never_mapped(
-    registries: Callable[..., AdapterRegistry], store: AdapterStore
+    registries: Callable[..., AdapterRegistry], store: AdapterStore, changes: LoaderChanges
 ) -> None:
     registry = registries(slots=2)
     cache, bank = tiers(registry), tiers(registry).bank
     assert isinstance(bank, FaultyBank)
-    a0, a1 = loaded(registry, store, 2)
+    a0, a1 = loaded(registry, store, 2, changes)
     bank.fail_for[id(cpu_copy(cache, a0))] = RuntimeError("copy failed")
     bank.clear_fails_after_a_failed_load = True
     slots, failed, _ = cache.bind([a0, a1])
@@ -210,11 +230,11 @@ def test_a_slot_whose_clear_also_fails_is_never_mapped(
 
 
 def test_a_resident_key_is_never_the_victim_of_another_key_of_the_same_call(
-    registries: Callable[..., AdapterRegistry], store: AdapterStore
+    registries: Callable[..., AdapterRegistry], store: AdapterStore, changes: LoaderChanges
 ) -> None:
     registry = registries(slots=2)
     cache = tiers(registry)
-    a0, a1, a2 = loaded(registry, store, 3)
+    a0, a1, a2 = loaded(registry, store, 3, changes)
     for keys in ([a0], [a1]):  # a0 is the least recently used slot
         slots, _, _ = cache.bind(keys)
         cache.release(slots, keys)
@@ -226,11 +246,11 @@ def test_a_resident_key_is_never_the_victim_of_another_key_of_the_same_call(
 
 
 def test_no_free_slot_sends_the_key_back_instead_of_raising(
-    registries: Callable[..., AdapterRegistry], store: AdapterStore
+    registries: Callable[..., AdapterRegistry], store: AdapterStore, changes: LoaderChanges
 ) -> None:
     registry = registries(slots=1)
     cache = tiers(registry)
-    a0, a1 = loaded(registry, store, 2)
+    a0, a1 = loaded(registry, store, 2, changes)
     slots, _, _ = cache.bind([a0])  # a running row pins the only slot
     second, failed, missing = cache.bind([a1])
     assert second == {} and failed == {} and missing == [a1]
@@ -272,7 +292,9 @@ def test_rows_of_a_failing_copy_answer_503_and_the_others_their_own_tokens(
         versions = {n: engine.registry.resolve("acme", n) for n in adapters}
         for v in versions.values():
             engine.cache.want(v)
-        eventually(lambda: all(engine.cache.is_ready(v) for v in versions.values()))
+        LoaderChanges.chained_onto(engine.cache).until(
+            lambda: all(engine.cache.is_ready(v) for v in versions.values()), "all loaded"
+        )
         for v in versions.values():
             engine.cache.unwant(v)
         bank.fail_for[id(engine.cache._cpu[versions["a1"]].adapter)] = RuntimeError(
@@ -320,6 +342,7 @@ def test_a_transient_read_failure_is_retried_and_the_version_serves_afterwards(
     store: AdapterStore,
     error: BaseException,
     reason: str,
+    changes: LoaderChanges,
 ) -> None:
     metrics = ServiceMetrics()
     registry = registries(metrics=metrics)
@@ -330,7 +353,7 @@ def test_a_transient_read_failure_is_retried_and_the_version_serves_afterwards(
     put(store, "acme", "news", random_adapter(tiny_backbone(), 1))
     version = registry.resolve("acme", "news")
     cache.want(version)
-    eventually(lambda: cache.is_ready(version))
+    changes.until(lambda: cache.is_ready(version), "read after two failures")
     assert flaky.calls == 3  # two failures, then the read that worked
     assert cache.failure(version) is None
     assert failures(metrics, "cpu", reason) == 2
@@ -341,7 +364,7 @@ def test_a_transient_read_failure_is_retried_and_the_version_serves_afterwards(
 
 
 def test_a_persistent_read_failure_is_reported_for_a_cool_down_then_retried(
-    registries: Callable[..., AdapterRegistry], store: AdapterStore
+    registries: Callable[..., AdapterRegistry], store: AdapterStore, changes: LoaderChanges
 ) -> None:
     metrics = ServiceMetrics()
     registry = registries(metrics=metrics)
@@ -352,25 +375,30 @@ def test_a_persistent_read_failure_is_reported_for_a_cool_down_then_retried(
     put(store, "acme", "news", random_adapter(tiny_backbone(), 1))
     version = registry.resolve("acme", "news")
     cache.want(version)
-    eventually(lambda: cache.failure(version) is not None)
+    changes.until(lambda: cache.failure(version) is not None, "the retries spent")
     error = cache.failure(version)
     assert isinstance(error, AdapterLoadError) and error.retry_after_s == 0.3
     assert error.message == "the adapter could not be read (OSError EIO); try again later"
     assert flaky.calls == 3 and failures(metrics, "cpu", "io") == 3  # 1 try + 2 retries
     assert not cache.is_ready(version)  # reported, not retried, during the cool-down
     assert flaky.calls == 3
-    eventually(lambda: cache.failure(version) is None)  # the cool-down ended
-    eventually(lambda: cache.is_ready(version))  # the next request read it (the disk healed)
+    # The cool-down is a span of time by design: wait for it to end (a safety net bounds
+    # the wait; it is not what is checked), then the next request reads it (the disk healed).
+    deadline = time.monotonic() + LOADER_SAFETY_S
+    while cache.failure(version) is not None:
+        assert time.monotonic() < deadline, "the cool-down never ended"
+        time.sleep(0.05)
+    changes.until(lambda: cache.is_ready(version), "read after the cool-down")
     assert flaky.calls == 4
 
 
 def test_a_validation_failure_stays_final(
-    registries: Callable[..., AdapterRegistry], store: AdapterStore
+    registries: Callable[..., AdapterRegistry], store: AdapterStore, changes: LoaderChanges
 ) -> None:
     metrics = ServiceMetrics()
     registry = registries(metrics=metrics)
     cache = tiers(registry)
-    cache.cool_down_s = 0.05
+    cache.cool_down_s = 0.0  # a failure with a cool-down would be forgotten at the next look
     flaky = FlakyLoad(cache._load, OSError(errno.EIO, "unused"), times=0)
     cache._load = flaky
 
@@ -382,18 +410,17 @@ def test_a_validation_failure_stays_final(
     store.write_version("acme", "broken", broken)
     version = registry.resolve("acme", "broken")
     cache.want(version)
-    eventually(lambda: cache.failure(version) is not None)
+    changes.until(lambda: cache.failure(version) is not None, "the validation failed")
     error = cache.failure(version)
     assert isinstance(error, AdapterLoadError)
     assert "acme/broken@v1 is invalid: invalid adapter_config.json: alpha:" in error.message
-    time.sleep(0.2)  # well past any cool-down: a validation failure has none
     assert cache.failure(version) is error and not cache.is_ready(version)
     assert flaky.calls == 1 and failures(metrics, "cpu", "invalid") == 1
     assert failures(metrics, "cpu", "io") == 0
 
 
 def test_a_version_deleted_while_reading_is_gone_not_retried(
-    registries: Callable[..., AdapterRegistry], store: AdapterStore
+    registries: Callable[..., AdapterRegistry], store: AdapterStore, changes: LoaderChanges
 ) -> None:
     metrics = ServiceMetrics()
     registry = registries(metrics=metrics)
@@ -407,7 +434,7 @@ def test_a_version_deleted_while_reading_is_gone_not_retried(
 
     cache._load = delete_then_read
     cache.want(version)
-    eventually(lambda: cache.failure(version) is not None)
+    changes.until(lambda: cache.failure(version) is not None, "the read found it gone")
     assert isinstance(cache.failure(version), VersionGone)
     assert failures(metrics, "cpu", "gone") == 1 and failures(metrics, "cpu", "io") == 0
 
@@ -424,7 +451,7 @@ def test_failure_reasons_are_bounded() -> None:
 
 # --- the CPU tier: uploads never evict hot entries ahead of colder ones --------------------------
 def test_an_upload_evicts_the_coldest_unpinned_entry_not_a_hot_one(
-    registries: Callable[..., AdapterRegistry], store: AdapterStore
+    registries: Callable[..., AdapterRegistry], store: AdapterStore, changes: LoaderChanges
 ) -> None:
     backbone = tiny_backbone()
     size = set_nbytes(random_adapter(backbone, 0))
@@ -436,7 +463,7 @@ def test_an_upload_evicts_the_coldest_unpinned_entry_not_a_hot_one(
     cold, hot, pinned = (registry.resolve(t, "x") for t in ("beta", "acme", "gamma"))
     for version in (cold, hot, pinned):
         cache.want(version)
-        eventually(lambda v=version: cache.is_ready(v))  # type: ignore[misc]
+        changes.until(functools.partial(cache.is_ready, version), f"{version} loaded")
     # cold and hot are no longer wanted; pinned still is (a queued request waits for it).
     cache.unwant(cold)
     cache.unwant(hot)
@@ -466,11 +493,11 @@ def _upload_bytes(seed: int) -> tuple[bytes, bytes]:
 
 
 def test_want_and_ready_checks_touch_the_entry(
-    registries: Callable[..., AdapterRegistry], store: AdapterStore
+    registries: Callable[..., AdapterRegistry], store: AdapterStore, changes: LoaderChanges
 ) -> None:
     registry = registries()
     cache = tiers(registry)
-    a0, a1, a2 = loaded(registry, store, 3)
+    a0, a1, a2 = loaded(registry, store, 3, changes)
     assert list(cache._cpu) == [a0, a1, a2]
     assert cache.is_ready(a0)
     assert list(cache._cpu) == [a1, a2, a0]
@@ -481,7 +508,7 @@ def test_want_and_ready_checks_touch_the_entry(
 
 
 def test_the_loader_survives_a_burst_of_failures(
-    registries: Callable[..., AdapterRegistry], store: AdapterStore
+    registries: Callable[..., AdapterRegistry], store: AdapterStore, changes: LoaderChanges
 ) -> None:
     """Many versions failing at once, differently, never stop the loader thread."""
     registry = registries()
@@ -505,7 +532,9 @@ def test_the_loader_survives_a_burst_of_failures(
 
     cache._load = chaos
     versions = loaded_without_waiting(registry, store, 8)
-    eventually(lambda: all(cache.failure(v) or cache.is_ready(v) for v in versions))
+    changes.until(
+        lambda: all(cache.failure(v) or cache.is_ready(v) for v in versions), "all settled"
+    )
     assert [cache.is_ready(v) for v in versions] == [i % 4 == 3 for i in range(8)]
     assert calls.count("a0") == 2 and calls.count("a2") == 1  # retried once; a bug is not
 

@@ -57,7 +57,7 @@ def test_build_under_another_name(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert main([*args, "--name", "mine"]) == 0
     assert Backbone.load(backbone_dir(runtime, "mine")).config.name == "mine"
     assert main([*args, "--name", "../escape"]) == 2
-    assert "invalid backbone name '../escape'" in capsys.readouterr().out
+    assert "invalid backbone name '../escape'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -74,7 +74,7 @@ def test_build_refuses_what_it_cannot_build(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], source: str, message: str
 ) -> None:
     assert main(["backbone", "build", source, "--runtime-dir", str(tmp_path)]) == 2
-    assert message in capsys.readouterr().out
+    assert message in capsys.readouterr().err
 
 
 def test_missing_weights_package_stops_before_any_work(
@@ -82,9 +82,9 @@ def test_missing_weights_package_stops_before_any_work(
 ) -> None:
     source = _tiny_json(tmp_path, lm="package:ctxpeft-no-such-weights")
     assert main(["backbone", "build", str(source), "--runtime-dir", str(tmp_path / "var")]) == 2
-    out = capsys.readouterr().out
-    assert "error: the weights package 'ctxpeft-no-such-weights' is not installed" in out
-    assert "make smol" in out
+    err = capsys.readouterr().err
+    assert "error: the weights package 'ctxpeft-no-such-weights' is not installed" in err
+    assert "make smol" in err
     assert not (tmp_path / "var" / "backbones").exists() or not any(
         (tmp_path / "var" / "backbones").iterdir()
     )
@@ -95,7 +95,7 @@ def test_bad_config_json_is_refused(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert main(["backbone", "build", str(source), "--runtime-dir", str(tmp_path)]) == 2
     assert (
         "is not a valid backbone config: connector must be 'linear' or 'mlp'"
-        in capsys.readouterr().out
+        in capsys.readouterr().err
     )
 
 

@@ -320,4 +320,4 @@ def test_validate_usage_errors(valid: Path, tmp_path: Path, ctxpeft: Run) -> Non
     code, _, err = ctxpeft(
         "adapters", "validate", valid, "--backbone", "no-such", "--runtime-dir", tmp_path
     )
-    assert code == 2 and "backbone 'no-such' not found" in err
+    assert code == 2 and "backbone 'no-such' is neither a preset" in err

@@ -143,7 +143,7 @@ def test_eval_reports_all_metrics(coco: Path, tmp_path: Path, backbone_dir: Path
     assert metrics["perplexity"] > 1.0
     args = ["eval", "--synthetic", "count", "--size", "3", "--name", "nope", "--store", str(store)]
     assert main([*args, "--backbone", str(backbone_dir)]) == 2
-    assert "adapter public/nope not found" in capsys.readouterr().out
+    assert "error: adapter public/nope not found" in capsys.readouterr().err
 
 
 def _break_image(coco: Path, name: str, content: bytes | None) -> None:
@@ -207,9 +207,9 @@ def test_unusable_data_stops_before_training(
         coco.write_text(json.dumps(data))
     store = tmp_path / "store"
     assert train(coco, store, backbone_dir) == 2
-    out = capsys.readouterr().out
-    assert out.startswith("error: ") or "\nerror: " in out
-    assert message in out
+    out, err = capsys.readouterr()
+    assert err.startswith("error: ") or "\nerror: " in err
+    assert message in err
     assert "epoch 1/1" not in out
     assert not (store / "public" / "shapes").exists()
 
@@ -241,13 +241,13 @@ def test_bad_options_stop_with_a_message(
     data = [] if "--synthetic" in args else [str(coco)]
     base = ["train", *data, "--name", "shapes", "--store", str(tmp_path / "s")]
     assert main([*base, "--backbone", str(backbone_dir), *FAST, *args]) == 2
-    assert message in capsys.readouterr().out
+    assert message in capsys.readouterr().err
 
 
 def test_missing_backbone_says_how_to_build_it(tmp_path: Path, coco: Path, capsys) -> None:
     args = ["train", str(coco), "--name", "x", "--runtime-dir", str(tmp_path / "rt"), *FAST]
     assert main(args) == 2
-    assert "run `ctxpeft demo` to build it" in capsys.readouterr().out
+    assert "run `ctxpeft demo` to build it" in capsys.readouterr().err
 
 
 def test_interrupted_training_keeps_earlier_versions(

@@ -4,6 +4,7 @@ through few slots, one encoder pass per image, deadlines, cancellation, full que
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import random
 import threading
@@ -68,11 +69,17 @@ def make_engine(store: AdapterStore) -> Iterator[Callable[..., Engine]]:
         engine.close()
 
 
-async def until(check: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
+SAFETY_S = 60.0  # a safety net for waits on events the test caused; never what is checked
+
+
+async def until(check: Callable[[], bool]) -> None:
+    """Wait for a state the test caused (rows queued by its own requests, loads the engine
+    started for them), yielding to the event loop between looks; fails only after the
+    safety net."""
+    deadline = time.monotonic() + SAFETY_S
     while not check():
         if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
+            raise AssertionError("condition not reached within the safety net")
         await asyncio.sleep(0.002)
 
 
@@ -225,9 +232,13 @@ def test_hot_swap_under_concurrent_load_fails_no_request_for_an_existing_adapter
     results: list[tuple[str, int, CaptionResult]] = []
     errors: list[tuple[str, BaseException]] = []
     swapping = threading.Event()
+    answered = threading.Condition()  # notified at each result
 
     def served(name: str) -> int:
         return sum(1 for n, _, _ in list(results) if n == name)
+
+    def served_at_least(count: int) -> bool:
+        return served("swapped") >= count
 
     def mutate() -> None:
         try:
@@ -238,9 +249,10 @@ def test_hot_swap_under_concurrent_load_fails_no_request_for_an_existing_adapter
                     time.sleep(0.02)
                     write("recreated", 20)
                 # Let a few requests run on this state, however fast the machine is.
-                before, deadline = served("swapped"), time.monotonic() + 20
-                while served("swapped") < before + 3 and time.monotonic() < deadline:
-                    time.sleep(0.005)
+                enough = functools.partial(served_at_least, served("swapped") + 3)
+                with answered:
+                    if not answered.wait_for(enough, SAFETY_S):
+                        errors.append(("swapped", AssertionError("no request ran on a state")))
         finally:
             swapping.set()
 
@@ -250,7 +262,9 @@ def test_hot_swap_under_concurrent_load_fails_no_request_for_an_existing_adapter
             k = rng.randrange(len(images))
             try:
                 result = (await engine.caption(ask(images[k], name)))[0]
-                results.append((name, k, result))
+                with answered:
+                    results.append((name, k, result))
+                    answered.notify_all()
             except AdapterNotFound as exc:
                 if name != "recreated":  # only it is ever absent (between delete and re-add)
                     errors.append((name, exc))

@@ -16,10 +16,10 @@ import httpx
 import pytest
 from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 
+from benchmarks.live_server import live_server
 from service.api.errors import ApiError, ErrorBody, error_responses, install_error_handlers
 from service.api.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
 from service.logging import JsonFormatter, configure_logging, current_request_id, request_id_var
-from tests.service.live_server import live_server
 
 LIMIT = 1024
 HEX32 = re.compile(r"^[0-9a-f]{32}$")

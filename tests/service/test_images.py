@@ -16,11 +16,11 @@ import pytest
 from fastapi import FastAPI, File, UploadFile
 from PIL import Image, ImageFile
 
+from benchmarks.live_server import live_server
 from service.api.errors import install_error_handlers, to_api_error
 from service.exceptions import ImageError
 from service.images import DecodedImage, ImageLimits, decode_image, sniff_format
 from service.settings import Settings
-from tests.service.live_server import live_server
 
 
 def encode(image: Image.Image, fmt: str, **params: object) -> bytes:

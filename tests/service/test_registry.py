@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -21,7 +20,13 @@ from service.exceptions import AdapterLoadError, AdapterNotFound, InvalidRequest
 from service.metrics import ServiceMetrics
 from service.registry import AdapterRegistry, AdapterVersion, open_adapters
 from service.store import AdapterRef, AdapterStore
-from tests.service.adapter_fixtures import put, random_adapter, tiers, tiny_backbone
+from tests.service.adapter_fixtures import (
+    LoaderChanges,
+    put,
+    random_adapter,
+    tiers,
+    tiny_backbone,
+)
 
 
 def upload_bytes(seed: int, **changes: object) -> tuple[bytes, bytes]:
@@ -42,26 +47,26 @@ def make_registry(
     budget: int = 1 << 30,
     slots: int = 4,
     metrics: ServiceMetrics | None = None,
+    on_change: Callable[[], None] | None = None,
 ) -> AdapterRegistry:
     backbone = tiny_backbone()
     bank = AdapterBank(backbone.dims, connector_spec(backbone), slots, max_rank=8)
-    registry, _ = open_adapters(store, backbone, bank, budget, EngineEvents(metrics), 0.2)
+    registry, _ = open_adapters(
+        store, backbone, bank, budget, EngineEvents(metrics), 0.2, on_change=on_change
+    )
     return registry
 
 
 @pytest.fixture
-def registry(store: AdapterStore) -> Iterator[AdapterRegistry]:
-    reg = make_registry(store)
+def changes() -> LoaderChanges:
+    return LoaderChanges()
+
+
+@pytest.fixture
+def registry(store: AdapterStore, changes: LoaderChanges) -> Iterator[AdapterRegistry]:
+    reg = make_registry(store, on_change=changes)
     yield reg
     tiers(reg).close()
-
-
-def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.005)
 
 
 def test_resolves_own_adapter_before_public_and_the_newest_version(
@@ -171,7 +176,7 @@ def test_delete_removes_every_version_and_unknown_deletes_raise(
 
 
 def test_disk_loads_run_on_the_loader_and_bind_pins_slots(
-    registry: AdapterRegistry, store: AdapterStore
+    registry: AdapterRegistry, store: AdapterStore, changes: LoaderChanges
 ) -> None:
     backbone = tiny_backbone()
     for i in range(3):
@@ -180,7 +185,7 @@ def test_disk_loads_run_on_the_loader_and_bind_pins_slots(
     cache = tiers(registry)
     for v in versions:
         cache.want(v)
-    eventually(lambda: all(cache.is_ready(v) for v in versions))
+    changes.until(lambda: all(cache.is_ready(v) for v in versions), "all three loaded")
     assert cache.stats().cpu_loads == 3
     keys = [versions[0], versions[0], versions[2]]
     slots, failed, missing = cache.bind(keys)
@@ -194,7 +199,8 @@ def test_disk_loads_run_on_the_loader_and_bind_pins_slots(
 def test_cpu_tier_stays_within_its_byte_budget(store: AdapterStore) -> None:
     backbone = tiny_backbone()
     size = set_nbytes(random_adapter(backbone, 0))
-    registry = make_registry(store, budget=2 * size + size // 2, slots=2)
+    changes = LoaderChanges()
+    registry = make_registry(store, budget=2 * size + size // 2, slots=2, on_change=changes)
     try:
         for i in range(6):
             put(store, "acme", f"a{i}", random_adapter(backbone, i))
@@ -203,13 +209,16 @@ def test_cpu_tier_stays_within_its_byte_budget(store: AdapterStore) -> None:
         for v in versions:
             cache.want(v)
         served: list[AdapterVersion] = []
-        # Serve like the engine: bind what is ready (two slots), then let go of it.
-        deadline = time.monotonic() + 10
-        while len(served) < 6 and time.monotonic() < deadline:
-            ready = [v for v in versions if v not in served and cache.is_ready(v)][:2]
-            if not ready:
-                time.sleep(0.005)
-                continue
+        ready: list[AdapterVersion] = []
+
+        def some_ready() -> bool:
+            ready[:] = [v for v in versions if v not in served and cache.is_ready(v)][:2]
+            return bool(ready)
+
+        # Serve like the engine: bind what is ready (two slots), then let go of it; between
+        # rounds, wait for the loader to finish a load (as the engine is woken by it).
+        while len(served) < 6:
+            changes.until(some_ready, f"a load after {len(served)} of 6 served")
             slots, failed, missing = cache.bind(ready)
             assert failed == {} and missing == []
             cache.release(slots, ready)
@@ -225,7 +234,7 @@ def test_cpu_tier_stays_within_its_byte_budget(store: AdapterStore) -> None:
 
 
 def test_an_invalid_version_on_disk_fails_its_load_with_the_reason(
-    registry: AdapterRegistry, store: AdapterStore
+    registry: AdapterRegistry, store: AdapterStore, changes: LoaderChanges
 ) -> None:
     def corrupt(folder: Path) -> None:
         config, _ = upload_bytes(1)
@@ -235,7 +244,7 @@ def test_an_invalid_version_on_disk_fails_its_load_with_the_reason(
     store.write_version("acme", "broken", corrupt)
     version = registry.resolve("acme", "broken")
     tiers(registry).want(version)
-    eventually(lambda: tiers(registry).failure(version) is not None)
+    changes.until(lambda: tiers(registry).failure(version) is not None, "the load failed")
     error = tiers(registry).failure(version)
     assert isinstance(error, AdapterLoadError)
     assert "acme/broken@v1 is invalid" in str(error)
@@ -263,7 +272,7 @@ def test_adapter_version_orders_and_hashes_by_ref_and_identity() -> None:
 
 
 def test_a_version_stored_by_an_older_build_keeps_serving_and_listing(
-    registry: AdapterRegistry, store: AdapterStore
+    registry: AdapterRegistry, store: AdapterStore, changes: LoaderChanges
 ) -> None:
     """Metadata that older builds did not check (a non-string description made the tenant's
     listing answer 500) is read leniently from the store; the same bytes as an upload get
@@ -281,7 +290,7 @@ def test_a_version_stored_by_an_older_build_keeps_serving_and_listing(
     assert info.config is not None and info.config.description == '{"note": 5}'
     version = registry.resolve("acme", "old")
     tiers(registry).want(version)
-    eventually(lambda: tiers(registry).is_ready(version))
+    changes.until(lambda: tiers(registry).is_ready(version), "the older build's set loaded")
     slots, failed, _ = tiers(registry).bind([version])
     assert failed == {} and version in slots
     tiers(registry).release(slots, [version])

@@ -464,17 +464,10 @@ STORE_ROOT: list[Path] = []
 
 
 def _install_faults(engine: Engine) -> None:
-    """The injected exceptions: encoding the poison image, and any forward of the bank that
-    holds a bomb adapter's slot (prefill: several columns; decode: one)."""
-    poison = engine.backbone.preprocess([noise_image(POISON_IMAGE)])[0]
-    encode = engine.backbone.encode_images
-
-    def encode_images(pixels: torch.Tensor) -> torch.Tensor:
-        if any(torch.equal(p, poison.to(p.dtype)) for p in pixels):
-            raise RuntimeError("injected: the encoder fails on this image")
-        return encode(pixels)
-
-    engine.backbone.encode_images = encode_images  # type: ignore[method-assign]
+    """The injected exceptions: any forward of the bank that holds a bomb adapter's slot
+    (prefill: several columns; decode: one); encoding the poison image is the `faults`
+    fixture's (on the shared tiny backbone, restored when the test ends)."""
+    assert engine.backbone is tiny_backbone()
     BOMBS[id(engine.bank)] = engine
 
 
@@ -514,8 +507,18 @@ def faults(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         RESOLVED[id(future)] += 1
         resolve(future, outcome)
 
+    backbone = tiny_backbone()  # shared (cached): patched here, so that the patch is undone
+    poison = backbone.preprocess([noise_image(POISON_IMAGE)])[0]
+    encode = backbone.encode_images
+
+    def encode_images(pixels: torch.Tensor) -> torch.Tensor:
+        if any(torch.equal(p, poison.to(p.dtype)) for p in pixels):
+            raise RuntimeError("injected: the encoder fails on this image")
+        return encode(pixels)
+
     monkeypatch.setattr(ContextLinear, "forward", faulty)
     monkeypatch.setattr(rows_module, "_resolve", counted)
+    monkeypatch.setattr(backbone, "encode_images", encode_images)
     yield
     BOMBS.clear()
 

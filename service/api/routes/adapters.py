@@ -15,11 +15,11 @@ from starlette.concurrency import run_in_threadpool
 from adapters.config import MAX_CONFIG_BYTES
 from adapters.format import PICKLE_SUFFIXES, AdapterFormatError
 from service.api.deps import AnyPrincipal, ManagePrincipal, ReadyEngine, State
-from service.api.errors import ApiError, error_responses
+from service.api.errors import ApiError, checked_name, error_responses
 from service.api.schemas import AdapterList, AdapterOut, Deleted, VersionCreated
 from service.registry import AdapterInfo
 from service.store import QuotaExceeded, StoreQuota
-from service.tenancy import NAME_PATTERN, InvalidId, check_name
+from service.tenancy import NAME_PATTERN
 
 router = APIRouter(prefix="/adapters", tags=["adapters"])
 
@@ -35,13 +35,6 @@ AdapterName = Annotated[
 ]
 # Pickle payloads start with the protocol opcode; torch.save archives are zip files.
 _PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")
-
-
-def _valid(name: str) -> str:
-    try:
-        return check_name(name)
-    except InvalidId as exc:
-        raise ApiError(422, "invalid_parameter", str(exc)) from None
 
 
 def _out(info: AdapterInfo) -> AdapterOut:
@@ -79,7 +72,7 @@ async def list_adapters(engine: ReadyEngine, principal: AnyPrincipal) -> Adapter
 async def get_adapter(
     name: AdapterName, engine: ReadyEngine, principal: AnyPrincipal
 ) -> AdapterOut:
-    _valid(name)
+    checked_name(name)
     info = await run_in_threadpool(engine.registry.describe, principal.tenant, name)
     return _out(info)
 
@@ -133,7 +126,7 @@ async def upload_version(
     config: Annotated[UploadFile, File(description="adapter_config.json")],
     weights: Annotated[UploadFile, File(description="adapter.safetensors")],
 ) -> VersionCreated:
-    _valid(name)
+    checked_name(name)
     config_bytes = await _read_upload(config, "config")
     weights_bytes = await _read_upload(weights, "weights")
     settings = state.settings
@@ -163,6 +156,6 @@ async def upload_version(
 async def delete_adapter(
     name: AdapterName, engine: ReadyEngine, principal: ManagePrincipal
 ) -> Deleted:
-    _valid(name)
+    checked_name(name)
     removed = await run_in_threadpool(engine.registry.delete, principal.tenant, name)
     return Deleted(name=name, deleted_versions=removed)

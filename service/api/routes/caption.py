@@ -12,7 +12,6 @@ from starlette.responses import Response
 from service.api.captioning import (
     CLIENT_GONE,
     SSE_KEEPALIVE,
-    SSE_MEDIA_TYPE,
     CaptionObservation,
     CaptionStream,
     EventStreamResponse,
@@ -20,13 +19,19 @@ from service.api.captioning import (
     run_caption,
     sse,
     start_stream,
+    stream_response,
 )
 from service.api.deps import CaptionPrincipal, ReadyEngine, RequestPriority, State
-from service.api.errors import ApiError, error_content, error_responses, request_id_from_scope
+from service.api.errors import (
+    ApiError,
+    checked_name,
+    error_content,
+    error_responses,
+    request_id_from_scope,
+)
 from service.api.schemas import CaptionOut, CaptionUsage, MultiCaptionOut, Timings
 from service.engine import CaptionRequest, CaptionResult
 from service.images import image_decoder
-from service.tenancy import InvalidId, check_name
 
 router = APIRouter(tags=["caption"])
 
@@ -56,12 +61,7 @@ def _names(adapter: str | None, adapters: str | None, default: str | None) -> tu
         )
     if not names:
         raise ApiError(422, "invalid_parameter", "`adapters` names no adapter")
-    for name in names:
-        try:
-            check_name(name)
-        except InvalidId as exc:
-            raise ApiError(422, "invalid_parameter", str(exc)) from None
-    return names
+    return tuple(checked_name(name) for name in names)
 
 
 def _out(result: CaptionResult) -> CaptionOut:
@@ -130,10 +130,7 @@ def _answer(
     response_model=CaptionOut | MultiCaptionOut,
     summary="Caption an uploaded image with an adapter",
     responses={
-        200: {
-            "description": _STREAM_DOC,
-            "content": {SSE_MEDIA_TYPE: {"schema": {"type": "string"}}},
-        },
+        **stream_response(_STREAM_DOC),
         **error_responses(400, 401, 403, 404, 413, 415, 422, 429, 503, 504),
     },
 )

@@ -22,7 +22,6 @@ from starlette.responses import Response
 from service.api.captioning import (
     CLIENT_GONE,
     SSE_KEEPALIVE,
-    SSE_MEDIA_TYPE,
     CaptionObservation,
     CaptionStream,
     EventStreamResponse,
@@ -30,6 +29,7 @@ from service.api.captioning import (
     run_caption,
     sse,
     start_stream,
+    stream_response,
 )
 from service.api.deps import AnyPrincipal, CaptionPrincipal, ReadyEngine, RequestPriority, State
 from service.api.engine_port import EnginePort
@@ -322,10 +322,7 @@ async def _chunks(
     response_model=ChatCompletion,
     summary="Caption an image (a data: URL) with the adapter named as `model`",
     responses={
-        200: {
-            "description": _STREAM_DOC,
-            "content": {SSE_MEDIA_TYPE: {"schema": {"type": "string"}}},
-        },
+        **stream_response(_STREAM_DOC),
         **openai_error_responses(400, 401, 403, 404, 413, 415, 422, 429, 503, 504),
     },
 )

@@ -3,9 +3,10 @@
 A newcomer rarely has a picture of coloured shapes at hand, and the demo adapters know nothing
 else, so the service hands one out. Offered only while the engine runs the demo backbone (the
 one `ctxpeft demo` builds): on any other backbone the pictures mean nothing and the answer is
-404 `samples_unavailable`. The scene is drawn by `adapters.data.synthetic` at the backbone's
-image size; its true caption for every demo task travels in the `X-Sample-Captions` header, so
-a page can show what a right answer looks like.
+404 `samples_unavailable`. The route asks the engine (its port's `samples`, drawn by
+`adapters.data.samples` at the backbone's image size) and knows nothing of the demo itself;
+a scene's true caption for every demo task travels in the `X-Sample-Captions` header, so a
+page can show what a right answer looks like.
 
 Cost and bound: one scene is a Pillow drawing of at most three shapes and a PNG of a few
 hundred bytes (well under a millisecond), done inline. Each tenant has a token bucket
@@ -15,17 +16,14 @@ hundred bytes (well under a millisecond), done inline. Each tenant has a token b
 
 from __future__ import annotations
 
-import io
 import json
 import math
-import random
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
-from adapters.data.synthetic import COLORS, KINDS, MAX_SHAPES, TASKS, caption, render, sample_scene
-from adapters.demo import DemoPlan
+from adapters.data.samples import DEMO_BACKBONE
 from service.api.deps import AnyPrincipal, ReadyEngine, State
 from service.api.engine_port import EnginePort
 from service.api.errors import ApiError, error_responses
@@ -33,13 +31,10 @@ from service.api.rate_limit import TokenBuckets
 
 router = APIRouter(tags=["samples"])
 
-DEMO_BACKBONE = DemoPlan().backbone.name  # the backbone `ctxpeft demo` builds and trains on
 SAMPLE_RATE_PER_S = 2.0
 SAMPLE_BURST = 10
 CAPTIONS_HEADER = "X-Sample-Captions"
 LIMITER_STATE = "sample_limiter"  # app.state attribute holding the TokenBuckets
-# Fresh scenes, not a sequence anyone can replay: seeded from the OS on every draw.
-_RNG = random.SystemRandom()
 
 
 class SamplesAbout(BaseModel):
@@ -50,22 +45,13 @@ class SamplesAbout(BaseModel):
     trained_on: str = Field(description="What the demo adapters learned from, in one sentence.")
 
 
-def offers_samples(engine: EnginePort) -> bool:
-    return engine.backbone.config.name == DEMO_BACKBONE
-
-
 def samples_about(engine: EnginePort) -> SamplesAbout | None:
-    """None unless the engine runs the demo backbone."""
-    if not offers_samples(engine):
+    """None unless the engine offers samples (it runs the demo backbone)."""
+    samples = engine.samples
+    if samples is None:
         return None
-    size = engine.backbone.config.image_size
     return SamplesAbout(
-        image_size=size,
-        tasks=list(TASKS),
-        trained_on=(
-            f"synthetic {size}x{size} pictures of 1 to {MAX_SHAPES} coloured shapes "
-            f"({', '.join(KINDS)}; {', '.join(COLORS)}; small or large) on a white background"
-        ),
+        image_size=samples.image_size, tasks=list(samples.tasks), trained_on=samples.trained_on
     )
 
 
@@ -101,7 +87,8 @@ def _limiter(request: Request) -> TokenBuckets:
 async def random_sample(
     request: Request, state: State, engine: ReadyEngine, principal: AnyPrincipal
 ) -> Response:
-    if not offers_samples(engine):
+    samples = engine.samples
+    if samples is None:
         raise ApiError(
             404,
             "samples_unavailable",
@@ -119,16 +106,13 @@ async def random_sample(
             "after that, per tenant; retry later",
             headers={"Retry-After": str(max(1, math.ceil(wait_s)))},
         )
-    scene = sample_scene(_RNG)
-    buffer = io.BytesIO()
-    render(scene, engine.backbone.config.image_size).save(buffer, format="PNG")
-    captions = {task: caption(scene, task) for task in TASKS}
+    sample = samples.draw()
     state.metrics.samples.labels(outcome="served").inc()
     return Response(
-        content=buffer.getvalue(),
+        content=sample.png,
         media_type="image/png",
         headers={
-            CAPTIONS_HEADER: json.dumps(captions),
+            CAPTIONS_HEADER: json.dumps(sample.captions),
             "Cache-Control": "no-store",  # "random": a cached copy would not be fresh
         },
     )
