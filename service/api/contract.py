@@ -14,6 +14,8 @@ whether it has a default adapter):
   names (no null: an absent field is the default); `max_new_tokens` 1 to the limit; one of
   `adapter`/`adapters` required when the service has no default adapter, never both.
 - POST /adapters/{name}/versions: both files at least one byte.
+- POST /v1/files: `purpose` is `fine-tune`; the file at least one byte.
+- Every optional header (X-Priority): its values, no null (an absent header is the default).
 - POST /v1/chat/completions: one message, role `user`, whose content is one `image_url` part
   with a base64 `data:` URL (the server also takes empty text parts beside it, which the
   schema leaves out rather than say "exactly one image among the parts"); `n` 1; token limits
@@ -21,8 +23,9 @@ whether it has a default adapter):
 
 What no schema can say stays a documented answer, not a contract failure: that the bytes are
 an image (400 invalid_image, 413, 415), that the adapter files are a valid adapter (422
-invalid_adapter), that a named adapter exists (404). tests/e2e/schemathesis.toml lists these
-per operation.
+invalid_adapter), that a named adapter exists (404), that a training file parses and a job's model and files
+exist (400, as OpenAI answers), that a usage window ends after it starts (400).
+tests/e2e/schemathesis.toml lists these per operation.
 """
 
 from __future__ import annotations
@@ -84,7 +87,26 @@ def narrow(document: Schema, settings: Settings) -> Schema:
     chat = _body(document, schemas, "/v1/chat/completions")
     if chat is not None:
         _narrow_chat(chat, schemas, limit)
+    files = _body(document, schemas, "/v1/files")
+    if files is not None:
+        props = files["properties"]
+        props["purpose"] = _only(props["purpose"], {"type": "string", "enum": ["fine-tune"]})
+        props["file"]["minLength"] = 1
+    _headers_without_null(document)
     return document
+
+
+def _headers_without_null(document: Schema) -> None:
+    """A header carries a string or is absent: `X or null` becomes `X` on every operation."""
+    for operations in document["paths"].values():
+        for operation in operations.values():
+            for parameter in operation.get("parameters", []):
+                schema = parameter.get("schema", {})
+                if parameter.get("in") != "header" or "anyOf" not in schema:
+                    continue
+                kept = [s for s in schema["anyOf"] if s.get("type") != "null"]
+                if len(kept) == 1:
+                    parameter["schema"] = _only(schema, kept[0])
 
 
 def _body(document: Schema, schemas: dict[str, Schema], path: str) -> Schema | None:
