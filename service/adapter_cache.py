@@ -204,6 +204,13 @@ class AdapterCache(Generic[K]):
         with self._cond:
             return self._current_failure(key)
 
+    def failing(self) -> set[K]:
+        """The keys that may be failing now (a superset of those `failure` reports): the
+        step loop asks `failure` only for queued rows of these, so an idle failure list
+        costs nothing per step."""
+        with self._cond:
+            return set(self._failed)
+
     def fail(self, key: K, error: EngineError) -> None:
         """Refuse `key` for good from now on (e.g. quarantined): `failure` reports `error`,
         so queued rows of it are answered with it, and it is never loaded again."""

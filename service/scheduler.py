@@ -127,6 +127,9 @@ class Scheduler(Generic[T]):
         self._step = 0  # the latest step the worker announced (ages batch rows)
         self._closed = False
         self._draining = False  # static batches stop waiting to fill
+        # No queued row's deadline is before this (a lower bound): `expired` scans the line
+        # only once it passed, not at every step.
+        self._next_deadline = float("inf")
 
     # --- in line ------------------------------------------------------------------------------
     def enqueue(self, rows: Sequence[T]) -> None:
@@ -138,6 +141,7 @@ class Scheduler(Generic[T]):
             for row in rows:
                 self._seq += 1
                 self._line.append(_Queued(self._seq, row, self._step))
+                self._next_deadline = min(self._next_deadline, row.deadline)
             self._cond.notify_all()
 
     def requeue(self, rows: Iterable[tuple[int, T]]) -> None:
@@ -146,6 +150,7 @@ class Scheduler(Generic[T]):
         with self._cond:
             for seq, row in rows:
                 bisect.insort(self._line, _Queued(seq, row, self._step))
+                self._next_deadline = min(self._next_deadline, row.deadline)
             self._cond.notify_all()
 
     def discard(self, row: T) -> bool:
@@ -161,9 +166,12 @@ class Scheduler(Generic[T]):
     def expired(self, now: float) -> list[T]:
         """Take every queued row whose deadline passed out of line."""
         with self._cond:
+            if now < self._next_deadline:
+                return []
             gone = [q.row for q in self._line if q.row.deadline <= now]
             if gone:
                 self._line = [q for q in self._line if q.row.deadline > now]
+            self._next_deadline = min((q.row.deadline for q in self._line), default=float("inf"))
             return gone
 
     def take(self, key: Hashable) -> list[tuple[int, T]]:
@@ -215,20 +223,23 @@ class Scheduler(Generic[T]):
                 self._cond.wait(max(0.0, wake - now))
         return []
 
-    def ready_rows(self, is_ready: Callable[[Any], bool]) -> int:
-        """Queued rows whose adapter is ready (the step loop's cue to prefill a group)."""
+    def ready_rows(self, is_ready: Callable[[Any], bool], limit: int | None = None) -> int:
+        """Queued rows whose adapter is ready (the step loop's cue to prefill a group),
+        counted up to `limit` (the line is not scanned further)."""
         with self._cond:
-            return len(self._ready(is_ready))
+            return len(self._ready(is_ready, limit))
 
-    def _ready(self, is_ready: Callable[[Any], bool]) -> list[_Queued[T]]:
+    def _ready(self, is_ready: Callable[[Any], bool], limit: int | None = None) -> list[_Queued[T]]:
         known: dict[Hashable, bool] = {}
-        ready = []
+        ready: list[_Queued[T]] = []
         for queued in self._line:
             key = queued.row.key
             if key not in known:
                 known[key] = is_ready(key)
             if known[key]:
                 ready.append(queued)
+                if len(ready) == limit:
+                    break
         return ready
 
     def _choose(

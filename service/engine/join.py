@@ -68,10 +68,11 @@ class Joiner:
         if static and running:
             return []
         room = cfg.max_batch_size - running
-        if not static:
+        if running and not static:
+            # A bounded prefill beside running rows; an empty batch has nothing to stall.
             room = min(room, cfg.max_prefill_rows)
-        if running and not static and not self._prefill_due(room, step):
-            return []
+            if not self._prefill_due(room, step):
+                return []
         pinned, free = self.cache.placement()
         budget = SlotBudget(free, cfg.max_adapters_per_batch, pinned)
         timeout = 0.0 if running else IDLE_WAIT_S
@@ -102,20 +103,27 @@ class Joiner:
         return groups
 
     def _prefill_due(self, room: int, step: int) -> bool:
-        """While rows run, ready rows join in groups: once `prefill_min_rows` of them (or as
-        many as there is room for) are ready, or the first of them has waited
-        `prefill_max_wait_steps` steps. A prefill costs a fixed part per call: fewer, larger
-        ones keep the decode steps of the running rows cheaper."""
+        """While rows run, ready rows join in groups. A prefill costs a fixed part per call
+        (about a decode step of the whole batch on a CPU, a kernel launch train on a GPU):
+        fewer, larger ones keep the running rows' steps cheaper. A group is due once
+        `prefill_min_rows` ready rows have room; when fewer rows are ready than that and all
+        of them fit (arrivals are the bottleneck), once the first has waited
+        `prefill_max_wait_steps` steps. When more rows are ready than there is room for (the
+        batch is the bottleneck), they wait for a group's worth of room: the running rows
+        free it within a row's lifetime, and a one-row prefill per freed row would cost a
+        forward pass each."""
         cfg = self.config
-        ready = self.ledger.scheduler.ready_rows(self.cache.is_ready) if room > 0 else 0
+        group = min(cfg.prefill_min_rows, cfg.max_prefill_rows, cfg.max_batch_size)
+        # Counted only as far as the rule needs: whether more are ready than there is room.
+        limit = max(group, room + 1)
+        ready = self.ledger.scheduler.ready_rows(self.cache.is_ready, limit) if room > 0 else 0
         if ready == 0:
             self._held_since = None
             return False
         if self._held_since is None:
             self._held_since = step
-        if ready >= min(cfg.prefill_min_rows, room) or step - self._held_since >= (
-            cfg.prefill_max_wait_steps
-        ):
+        waited = step - self._held_since >= cfg.prefill_max_wait_steps
+        if min(ready, room) >= group or (ready <= room and waited):
             self._held_since = None
             return True
         return False

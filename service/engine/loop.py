@@ -125,9 +125,10 @@ class StepLoop:
     def _sweep_queue(self) -> None:
         try:
             self.ledger.sweep_expired()
-            for key in self.ledger.scheduler.waiting_keys():
+            failing = self.cache.failing()  # usually empty: no scan of the queue
+            for key in self.ledger.scheduler.waiting_keys() if failing else ():
                 assert isinstance(key, AdapterVersion)
-                error = self.cache.failure(key)
+                error = self.cache.failure(key) if key in failing else None
                 if error is not None:
                     self._failed_load(key, error)
         except Exception:  # e.g. a delete racing a directory scan; retried next step

@@ -219,16 +219,16 @@ def test_a_failing_queue_scan_is_contained_and_the_loop_goes_on(
 ) -> None:
     """A delete racing a directory scan once made the old worker thread die."""
     scans = 0
-    waiting_keys = engine.scheduler.waiting_keys
+    failing = engine.cache.failing
 
-    def flaky() -> list[Any]:
+    def flaky() -> set[Any]:
         nonlocal scans
         scans += 1
         if scans % 3 == 0:
             raise FileNotFoundError("injected: a folder vanished during a scan")
-        return waiting_keys()
+        return failing()
 
-    monkeypatch.setattr(engine.scheduler, "waiting_keys", flaky)
+    monkeypatch.setattr(engine.cache, "failing", flaky)
     outcomes = run_load(engine)
     check_contained(engine, outcomes, lambda names, image: False, EngineFault)
     assert engine.stats().faults["loop"] >= 1

@@ -285,6 +285,44 @@ def test_static_scheduling_runs_a_batch_to_its_end_before_the_next(
     assert e.stats().batches == 2
 
 
+def test_a_full_batch_refills_in_groups_and_an_empty_one_all_at_once(
+    engine: Callable[..., Engine],
+) -> None:
+    """An empty batch takes up to max_batch_size rows in one prefill (no running row to
+    stall, so max_prefill_rows does not apply). When more rows wait than there is room for,
+    a place freed by one row is not filled by a one-row prefill: they join once
+    prefill_min_rows places are free, even with no wait bound (prefill_max_wait_steps=0)."""
+    e = engine(max_batch_size=4, max_prefill_rows=2, prefill_min_rows=2, prefill_max_wait_steps=0)
+    e.loop.eos = -1000  # rows end at their token limits, at known steps
+    joins: list[int] = []
+
+    async def run() -> list[list[CaptionResult]]:
+        # Each row gets two tokens at its first step (the prefill's and the decode's), then
+        # one per step: limits 3 and 4 end at the second and third steps, 8 at the seventh.
+        first = [e.caption(ask(50 + i, "a0", max_new_tokens=n)) for i, n in enumerate((3, 4, 8, 8))]
+        tasks = [asyncio.create_task(c) for c in first]
+        await until_ready(e, 1)
+        await queued(e, 4)
+        await step(e)
+        assert e.stats().batches == 1 and e.stats().running == 4  # all four at once
+        tasks += [
+            asyncio.create_task(e.caption(ask(60 + i, "a0", max_new_tokens=2))) for i in range(4)
+        ]
+        await queued(e, 4)
+        while not all(t.done() for t in tasks):
+            rows = e.stats().rows
+            await step(e)
+            if e.stats().rows > rows:
+                joins.append(e.stats().rows - rows)
+            assert e.stats().running <= 4
+        return [await t for t in tasks]
+
+    results = asyncio.run(run())
+    # Step 2 frees one place (4 rows waiting): no join; step 3 frees a second: two join.
+    assert joins == [2, 2]
+    assert [len(r[0].token_ids) for r in results] == [3, 4, 8, 8, 2, 2, 2, 2]
+
+
 def test_waiting_rows_join_in_groups_or_after_the_wait_bound(
     engine: Callable[..., Engine],
 ) -> None:
