@@ -38,7 +38,7 @@ import torch
 from adapters.backbone import Backbone
 from benchmarks.plotting import save_figure
 from benchmarks.serving import TENANT, images, make_adapter
-from benchmarks.serving_args import ROOT
+from benchmarks.serving_args import ROOT, add_prefill_arguments, prefill_settings
 from benchmarks.workload import Picker, RunResult, closed_loop, open_loop
 from service.engine import CaptionRequest, Engine, EngineConfig
 from service.store import AdapterStore
@@ -70,7 +70,6 @@ def measure(
     config = EngineConfig(
         scheduling=mode,  # type: ignore[arg-type]
         max_batch_size=args.max_batch,
-        max_prefill_rows=args.prefill_rows,
         max_wait_ms=args.max_wait_ms,
         device_slots=args.slots,
         max_rank=args.rank,
@@ -80,6 +79,7 @@ def measure(
         default_max_new_tokens=high,
         max_new_tokens_limit=high,
         request_timeout_s=600,
+        **prefill_settings(args),
     )
     lengths = random.Random(seed)
     first_tokens: list[tuple[float, float]] = []  # (finished at, time to first token)
@@ -290,9 +290,9 @@ def main() -> int:
     parser.add_argument("--tokens", default="4,48", help="max_new_tokens drawn from low,high")
     parser.add_argument("--clients", type=int, default=64, help="closed-loop concurrency")
     parser.add_argument("--max-batch", type=int, default=32)
-    parser.add_argument("--prefill-rows", type=int, default=8)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--slots", type=int, default=16)
+    add_prefill_arguments(parser)
     parser.add_argument("--open-loop", default="0.5,0.8,0.95")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--warmup", type=float, default=3.0)

@@ -51,7 +51,7 @@ from adapters.presets import get_preset
 from benchmarks.baselines import BatchServer, PeftLoras, base_step, greedy
 from benchmarks.cold_load import make_adapter, registry_trials
 from benchmarks.plotting import save_figure
-from benchmarks.serving_args import ROOT, add_arguments
+from benchmarks.serving_args import ROOT, add_arguments, prefill_settings
 from benchmarks.workload import Picker, RunResult, closed_loop, open_loop
 from service.engine import CaptionRequest, Engine, EngineConfig
 from service.store import AdapterStore
@@ -113,6 +113,7 @@ def open_system(bench: Bench, system: str) -> Iterator[tuple[Submit, Counters]]:
             default_max_new_tokens=args.max_new_tokens,
             max_new_tokens_limit=args.max_new_tokens,
             max_adapters_per_batch=1 if system == "grouping-only" else None,
+            **prefill_settings(args),
         )
         with Engine(bench.backbone, bench.store, config) as engine:
 

@@ -5,8 +5,22 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def add_prefill_arguments(parser: argparse.ArgumentParser) -> None:
+    """The engine's join settings (default: the engine's defaults), to compare policies."""
+    parser.add_argument("--max-prefill-rows", type=int, default=None)
+    parser.add_argument("--prefill-min-rows", type=int, default=None)
+    parser.add_argument("--prefill-max-wait-steps", type=int, default=None)
+
+
+def prefill_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The EngineConfig keywords of the join flags that were given."""
+    names = ("max_prefill_rows", "prefill_min_rows", "prefill_max_wait_steps")
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--slots", type=int, default=16, help="device slots of the bank")
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    add_prefill_arguments(parser)
     parser.add_argument("--cpu-cache-mb", type=int, default=256)
     parser.add_argument(
         "--open-loop", default="0.5,0.8", help="Poisson rates as fractions of engine N=64"

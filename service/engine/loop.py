@@ -114,12 +114,10 @@ class StepLoop:
         # running row's next token, read together.
         parts = [t for t in (first, tokens) if t is not None]
         ids = torch.cat(parts).tolist() if parts else []
-        if self.batch.rows:  # each row's share of the step's compute (usage metering)
-            share = (time.perf_counter() - started) / len(self.batch.rows)
-            for row in self.batch.rows:
-                row.compute_s += share
+        # Each row's share of the step's compute (usage metering).
+        share = (time.perf_counter() - started) / max(1, len(self.batch.rows))
         split = 0 if first is None else first.shape[0]
-        self._advance(joined, ids[:split], ids[split:])
+        self._advance(joined, ids[:split], ids[split:], share)
 
     # --- 1. the queue ---------------------------------------------------------------------
     def _sweep_queue(self) -> None:
@@ -242,14 +240,18 @@ class StepLoop:
         return None
 
     # --- 5. tokens and answers --------------------------------------------------------------
-    def _advance(self, joined: list[Row], firsts: list[int], nexts: list[int]) -> None:
+    def _advance(
+        self, joined: list[Row], firsts: list[int], nexts: list[int], share: float
+    ) -> None:
         """Give each row its new tokens (first token of a row that just joined, then the
-        decode step's), stream them, finish the rows that ended, keep the others."""
+        decode step's) and its `share` of the step's compute, stream them, finish the rows
+        that ended, keep the others."""
         first_of = {id(row): token for row, token in zip(joined, firsts, strict=True)}
         now = time.monotonic()
         keep = []
         for pos, row in enumerate(self.batch.rows):
-            tokens = [first_of[id(row)]] if id(row) in first_of else []
+            row.compute_s += share
+            tokens = [first_of[id(row)]] if first_of and id(row) in first_of else []
             if pos < len(nexts):
                 tokens.append(nexts[pos])
             new, ending = accept(tokens, len(row.token_ids), row.max_new_tokens, self.eos)
