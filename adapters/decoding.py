@@ -237,6 +237,13 @@ class DecodeState:
         copy.cache.trim(max(copy.lengths))
         return copy
 
+    def move_into(self, cache: RowCache) -> None:
+        """Keep this state's rows in `cache`'s buffers (emptied first) instead of its own:
+        a running batch reuses its buffers when it empties and fills again."""
+        cache.clear()
+        cache.append(self.cache)
+        self.cache = cache
+
     def merge(self, other: DecodeState) -> None:
         """Append `other`'s rows (same model and weight source) after this batch's rows."""
         if other.source is not self.source:
@@ -251,8 +258,10 @@ class DecodeState:
 
 def checked(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """`ids` with NON_FINITE where a row's logits [B, V] hold a NaN or an infinity (on the
-    device: no host read)."""
-    return torch.where(logits.isfinite().all(dim=-1), ids, NON_FINITE)
+    device: no host read). One pass over the logits: a row's minimum and maximum are finite
+    exactly when all its values are (a NaN propagates into both, an infinity shows in one)."""
+    low, high = torch.aminmax(logits, dim=-1)
+    return torch.where(low.isfinite() & high.isfinite(), ids, NON_FINITE)
 
 
 def causal_mask(width: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

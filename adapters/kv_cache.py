@@ -89,9 +89,9 @@ class RowCache(Cache):
         """Add rows given as (keys, values) [new rows, heads, width, head dim] per layer."""
         template = layers[0][0]
         new, width = int(template.shape[0]), int(template.shape[-2])
-        if self.rows == 0:
-            self.start = self.end = 0  # an empty cache starts over
-        if width > self.end:  # longer than every column so far: make room on the left
+        if self.rows == 0:  # an empty cache starts over: nothing to move, the new rows
+            self.start, self.end = 0, width  # take the first columns of the buffers it has
+        elif width > self.end:  # longer than every column so far: make room on the left
             self._ensure(template, self.rows, self.end + headroom, shift=width - self.end)
         self._ensure(template, self.rows + new, self.end + headroom)
         lo = self.end - width
@@ -131,11 +131,16 @@ class RowCache(Cache):
         kept = [p for p in order if p not in gone]
         holes = [p for p in sorted(gone) if p < len(kept)]
         movers = [p for p in kept if p >= len(kept)]
-        for hole, src in zip(holes, movers, strict=True):
+        if holes:  # one gather and one scatter per buffer, whatever the number of holes
+            k_buf, _ = self.row_layers[0].buffers()
+            to = torch.tensor(holes, dtype=torch.long).to(k_buf.device, non_blocking=True)
+            src = torch.tensor(movers, dtype=torch.long).to(k_buf.device, non_blocking=True)
             for layer in self.row_layers:
                 for buf in layer.buffers():
-                    buf[hole, :, self.start : self.end] = buf[src, :, self.start : self.end]
-            order[hole] = src
+                    used = buf[:, :, self.start : self.end]
+                    used.index_copy_(0, to, used.index_select(0, src))
+            for hole, mover in zip(holes, movers, strict=True):
+                order[hole] = mover
         if self.rows > len(kept):  # the freed rows keep nothing of the rows that left
             for layer in self.row_layers:
                 for buf in layer.buffers():
@@ -143,6 +148,14 @@ class RowCache(Cache):
         self.rows = len(kept)
         self._views()
         return order[: self.rows]
+
+    def clear(self) -> None:
+        """No rows any more; the buffers stay for the rows that come next (a batch that
+        empties and fills again allocates nothing). What they hold is never visible: a row
+        that joins is written in every column it shows (`append_tensors`)."""
+        self.rows = 0
+        self.start = self.end = 0
+        self._views()
 
     def trim(self, width: int) -> None:
         """Only the last `width` columns are in use any more (the rows left are shorter)."""

@@ -13,7 +13,8 @@
 #
 # It writes into OUT_DIR: env.txt (card, driver, versions), cuda-tests.txt (the CUDA-marked
 # tests), mixed-batch-{small,paper}.json, serving-compute-{small,paper}.txt and
-# continuous-{small,paper}.json (continuous vs static scheduling), and log.txt (everything).
+# continuous-{small,paper}.json (continuous vs static scheduling), step-overhead-small.{json,txt}
+# (host time per engine step outside the forward at 1-128 rows), and log.txt (everything).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-gpu-results}}
@@ -59,4 +60,8 @@ for preset in small paper; do
         --out "$OUT_DIR/continuous-$preset.json" --plot "$OUT_DIR/continuous-$preset.png" \
         || echo "continuous $preset: exit $?"
 done
+step "host time per step outside the forward, small (device-synchronised timings)"
+CTXPEFT_SYNC_TIMING=1 timeout 150 $VPY -m benchmarks.step_overhead --preset small \
+    --rows 1,8,32,128 --seconds 4 --out "$OUT_DIR/step-overhead-small.json" \
+    > "$OUT_DIR/step-overhead-small.txt" 2>&1 || echo "step_overhead: exit $?"
 step "done"

@@ -49,9 +49,11 @@ class EngineConfig(BaseModel):
         default=32, description="Most rows running together (one forward pass per step)."
     )
     max_prefill_rows: PositiveInt = Field(
-        default=8,
-        description="Most rows that join the running batch in one step (continuous), so a "
-        "burst of arrivals cannot stall the decoding of running rows.",
+        default=32,
+        description="Most rows that join a running batch in one step (continuous): the "
+        "longest a burst of arrivals can stall the running rows is one prefill of this many "
+        "rows (lower it where streaming latency matters more than throughput). An empty "
+        "batch takes up to max_batch_size.",
     )
     prefill_min_rows: PositiveInt = Field(
         default=4,

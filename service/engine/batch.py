@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from adapters.decoding import DecodeState
+from adapters.kv_cache import RowCache
 from service.engine.rows import Row
 
 
@@ -18,12 +19,17 @@ class RunningBatch:
     def __init__(self) -> None:
         self.rows: list[Row] = []  # in the order of the state's rows
         self.state: DecodeState | None = None
+        # The KV buffers of the last state, kept when the batch empties: the next rows are
+        # copied into them instead of growing a new cache from the first group's size.
+        self._buffers: RowCache | None = None
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def merge(self, rows: Sequence[Row], state: DecodeState) -> None:
         if self.state is None:
+            if self._buffers is not None:
+                state.move_into(self._buffers)
             self.state = state
         else:
             self.state.merge(state)
@@ -41,6 +47,8 @@ class RunningBatch:
 
     def clear(self) -> list[Row]:
         """Empty the batch (its state cannot be trusted, or it ended); returns its rows."""
+        if self.state is not None:
+            self._buffers = self.state.cache
         rows, self.rows, self.state = self.rows, [], None
         return rows
 

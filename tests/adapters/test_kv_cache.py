@@ -135,3 +135,24 @@ def test_a_row_moved_into_a_hole_leaves_nothing_behind() -> None:
     assert keys[0].isnan().all()  # the poisoned row's own data moved with it
     k_buf, v_buf = cache.row_layers[0].buffers()
     assert not k_buf[2].any() and not v_buf[2].any()  # its old buffer row is clear
+
+
+def test_a_cache_emptied_and_filled_again_keeps_its_buffers_and_shows_nothing_old() -> None:
+    """A running batch that empties keeps its buffers for the next rows (no allocation);
+    what the rows before wrote (NaN here) is nowhere in what the new rows show."""
+    gen = torch.Generator().manual_seed(3)
+    cache = RowCache(LAYERS)
+    cache.append_tensors(fresh(3, 8, gen, float("nan")), headroom=4)
+    for _ in range(3):  # steps write NaN columns as well
+        cache.reserve_column(headroom=4)
+        for layer, (k, v) in zip(cache.row_layers, fresh(3, 1, gen, float("nan")), strict=True):
+            layer.update(k, v)
+        cache.advance()
+    buffers = cache.row_layers[0].buffers()
+    cache.clear()
+    assert cache.rows == 0 and cache.width == 0
+    long_row, short_row = fresh(1, 7, gen), fresh(1, 3, gen)
+    cache.append_tensors(long_row, headroom=4)
+    cache.append_tensors(short_row, headroom=4)  # 4 columns of padding over old NaN
+    assert cache.row_layers[0].buffers()[0] is buffers[0]  # the same buffers, no new ones
+    check(cache, [[(k[0], v[0]) for k, v in row] for row in (long_row, short_row)])
