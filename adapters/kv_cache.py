@@ -73,10 +73,17 @@ class RowCache(Cache):
 
     # --- construction ------------------------------------------------------------------------
     @classmethod
-    def adopt(cls, prefill: DynamicCache, headroom: int = 32) -> RowCache:
-        """A RowCache holding the rows of a prefill's cache (all of one length)."""
+    def adopt(cls, prefill: DynamicCache) -> RowCache:
+        """A RowCache holding the rows of a prefill's cache (all of one length), in the
+        prefill's own tensors: nothing is copied. They are full (no column to spare), so the
+        first step of these rows alone moves them into grown buffers, and a merge into a
+        running batch copies them once, into its buffers."""
         cache = cls(len(prefill.layers))
-        cache.append_tensors([_kv(layer) for layer in prefill.layers], headroom)
+        for layer, source in zip(cache.row_layers, prefill.layers, strict=True):
+            layer.k_buf, layer.v_buf = _kv(source)
+        keys = cache.row_layers[0].buffers()[0]
+        cache.rows, cache.start, cache.end = int(keys.shape[0]), 0, int(keys.shape[2])
+        cache._views()
         return cache
 
     def append(self, other: RowCache, headroom: int = 32) -> None:

@@ -57,7 +57,10 @@ class ContextPEFTModel(nn.Module):
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         embeddings = self.backbone.lm.get_input_embeddings()
-        return embeddings(ids.to(self.backbone.device))
+        # The table's own device (Backbone.device walks the parameters: once per step adds up).
+        weight = embeddings.weight
+        assert isinstance(weight, torch.Tensor)
+        return embeddings(ids.to(weight.device))
 
     # --- sequence layout ----------------------------------------------------------------
     def prefix(self, image_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

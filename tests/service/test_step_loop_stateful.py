@@ -292,7 +292,11 @@ class StepLoopMachine(RuleBasedStateMachine):
             overflowing = [s for s in specs if s.poison == "overflow"]
             assert overflowing and self.non_finite_rows[overflowing[0].name] >= QUARANTINE_AFTER
             return None
-        assert before + len(names) <= TENANT_LIMIT
+        # Admitted: the tenant is within its limit with these rows counted. (`before` may be
+        # stale: rows of a request cancelled just before are released while `submit` awaits,
+        # when the event loop runs their cancellation.)
+        now = self.engine.admission.inflight_of(tenant)
+        assert len(names) <= now <= TENANT_LIMIT, (before, now)
         for spec in specs:  # a quarantined version is refused at admission
             if spec.poison == "overflow":
                 assert self.non_finite_rows[spec.name] < QUARANTINE_AFTER
