@@ -57,14 +57,15 @@ class EngineConfig(BaseModel):
     )
     prefill_min_rows: PositiveInt = Field(
         default=4,
-        description="Continuous: while rows run, waiting rows join once this many are ready "
-        "(or see prefill_max_wait_steps): fewer, larger prefills cost less per row.",
+        description="Continuous: while rows run, waiting rows join once this many of them have "
+        "room (fewer, larger prefills cost less per row); when more wait than there is room, "
+        "they wait for this many free places instead of filling each one as it frees.",
     )
     prefill_max_wait_steps: int = Field(
         default=4,
         ge=0,
-        description="Continuous: ...or once they have waited this many decode steps (bounds "
-        "the time to first token; 0: join at every step).",
+        description="Continuous: ...or, when fewer are waiting and all of them fit, once the "
+        "first has waited this many decode steps (bounds the time to first token; 0: at once).",
     )
     max_wait_ms: float = Field(
         default=5.0,
