@@ -6,7 +6,7 @@ authorisation never happen inside handler bodies.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Header, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -91,3 +91,28 @@ def get_priority(
 RequestPriority = Annotated[Priority, Depends(get_priority)]
 ManagePrincipal = Annotated[Principal, Depends(_requires(MANAGE))]
 AnyPrincipal = Annotated[Principal, Depends(get_principal)]
+
+
+def only_query(*names: str, prefix: str | None = None, repeatable: tuple[str, ...] = ()) -> Any:
+    """A dependency refusing query parameters the operation does not take, and any given
+    more than once unless it is a list (`repeatable`); 400 naming it: a misspelt `limit` must
+    not silently list everything, and `purpose=a&purpose=b` is not a value the schema allows."""
+
+    def check(request: Request) -> None:
+        seen: set[str] = set()
+        for key, _ in request.query_params.multi_items():
+            if key not in names and not (prefix and key.startswith(prefix)):
+                takes = ", ".join(names) if names else "none"
+                raise ApiError(
+                    400,
+                    "invalid_request",
+                    f"unknown query parameter {key!r} (this operation takes: {takes})",
+                    param=key,
+                )
+            if key in seen and key not in repeatable:
+                raise ApiError(
+                    400, "invalid_request", f"query parameter {key!r} given twice", param=key
+                )
+            seen.add(key)
+
+    return Depends(check)

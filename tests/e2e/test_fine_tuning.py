@@ -289,6 +289,28 @@ def test_requests_the_service_cannot_honour_are_400(acme: openai.OpenAI, small_f
         assert refused.value.body["param"] == param, refused.value.body  # type: ignore[index]
 
 
+def test_list_queries_take_each_parameter_once(service: Service) -> None:
+    """What the schema allows, and nothing else: an unknown or repeated query parameter is a
+    400 naming it (schemathesis found `purpose=a&purpose=b` answered 200)."""
+    headers = bearer(ACME_ADMIN)
+    for path, query, param in [
+        ("/v1/files", "purpose=fine-tune&purpose=batch", "purpose"),
+        ("/v1/files", "limit=2&limit=3", "limit"),
+        ("/v1/fine_tuning/jobs", "after=a&after=b", "after"),
+        ("/v1/files", "colour=blue", "colour"),
+        ("/v1/usage", "start_time=0&start_time=1", "start_time"),
+        ("/v1/usage", "start_time=0&colour=blue", "colour"),
+    ]:
+        answer = httpx.get(f"{service.url}{path}?{query}", headers=headers, timeout=30)
+        assert answer.status_code == 400, (path, query, answer.text)
+        assert answer.json()["error"]["param"] == param
+    ok = httpx.get(f"{service.url}/v1/files?purpose=fine-tune&limit=2", headers=headers)
+    assert ok.status_code == 200 and ok.json()["object"] == "list"
+    lists = "start_time=0&group_by=adapter&group_by=key"  # group_by (and tenant) are lists
+    ok = httpx.get(f"{service.url}/v1/usage?{lists}", headers=headers)
+    assert ok.status_code == 200 and ok.json()["object"] == "page"
+
+
 # --- cancel, pause and resume, faults --------------------------------------------------------------
 def test_cancel_stops_the_job_and_publishes_nothing(
     service: Service, acme: openai.OpenAI, small_file: Any

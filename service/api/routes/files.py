@@ -16,13 +16,13 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path as FsPath
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, File, Form, Path, Query, Request, UploadFile
+from fastapi import APIRouter, File, Form, Path, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import FileResponse, Response
 
-from service.api.deps import ManagePrincipal, ReadyEngine
+from service.api.deps import ManagePrincipal, ReadyEngine, only_query
 from service.api.errors import ApiError, openai_error_responses
 from service.api.fine_tuning_schemas import (
     FileDeleted,
@@ -68,24 +68,6 @@ class BadRequestRoute(APIRoute):
                 raise _bad_request(list(error.errors())) from None
 
         return route
-
-
-def only_query(*names: str, prefix: str | None = None) -> Any:
-    """A dependency refusing query parameters the operation does not take (400 naming it):
-    a misspelt `limit` must not silently list everything."""
-
-    def check(request: Request) -> None:
-        for key in request.query_params:
-            if key not in names and not (prefix and key.startswith(prefix)):
-                takes = ", ".join(names) if names else "none"
-                raise ApiError(
-                    400,
-                    "invalid_request",
-                    f"unknown query parameter {key!r} (this operation takes: {takes})",
-                    param=key,
-                )
-
-    return Depends(check)
 
 
 router = APIRouter(

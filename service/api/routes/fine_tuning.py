@@ -16,7 +16,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Query, Request
 from starlette.concurrency import run_in_threadpool
 
-from service.api.deps import AnyPrincipal, ManagePrincipal, ReadyEngine
+from service.api.deps import AnyPrincipal, ManagePrincipal, ReadyEngine, only_query
 from service.api.errors import ApiError, openai_error_responses
 from service.api.fine_tuning_schemas import (
     AdapterChoice,
@@ -34,7 +34,7 @@ from service.api.fine_tuning_schemas import (
     SupervisedOut,
 )
 from service.api.openai_schemas import OPENAI_PREFIX
-from service.api.routes.files import BadRequestRoute, fine_tuning, only_query
+from service.api.routes.files import BadRequestRoute, fine_tuning
 from service.jobs.manager import CreateJob, JobRequestError
 from service.jobs.store import Job, JobNotFound
 

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
-from service.api.deps import AnyPrincipal, State
+from service.api.deps import AnyPrincipal, State, only_query
 from service.api.errors import ApiError, openai_error_responses
 from service.api.openai_schemas import OPENAI_PREFIX
 from service.auth import OPERATOR
@@ -71,6 +71,18 @@ class UsagePage(BaseModel):
     response_model=UsagePage,
     summary="Usage of your tenant (any tenant's with the operator right), in time buckets",
     responses=openai_error_responses(400, 401, 403, 422, 503),
+    dependencies=[
+        only_query(
+            "start_time",
+            "end_time",
+            "bucket_width",
+            "group_by",
+            "tenant",
+            "limit",
+            "page",
+            repeatable=("group_by", "tenant"),
+        )
+    ],
 )
 async def get_usage(
     state: State,
