@@ -439,6 +439,7 @@ def run(args: argparse.Namespace) -> int:
         args.cold_loads, args.open_loop = 5, "0.5"
     if args.compute_only:
         args.adapters, args.peft_max = "16", 16
+    given_out = args.out  # --out as given (a compute-only run writes there when given)
     # A quick or partial run never overwrites the recorded results.
     scratch = args.quick or args.compute_only
     tmp = Path(tempfile.gettempdir())
@@ -500,7 +501,7 @@ def run(args: argparse.Namespace) -> int:
         }
         print(json.dumps({"batch_seconds": compute}, indent=2), flush=True)
         if args.compute_only:
-            out = ROOT / "benchmarks" / "results" / f"compute_only_{args.preset}.json"
+            out = given_out or ROOT / "benchmarks" / "results" / f"compute_only_{args.preset}.json"
             out.write_text(json.dumps(compute, indent=2) + "\n")
             print(f"wrote {out}")
             return 0
