@@ -23,8 +23,8 @@ whether it has a default adapter):
 
 What no schema can say stays a documented answer, not a contract failure: that the bytes are
 an image (400 invalid_image, 413, 415), that the adapter files are a valid adapter (422
-invalid_adapter), that a named adapter exists (404), that a training file parses and a job's model and files
-exist (400, as OpenAI answers), that a usage window ends after it starts (400).
+invalid_adapter), that a named adapter exists (404), that a training file parses and a job's
+model and files exist (400, as OpenAI answers), that a usage window ends after it starts (400).
 tests/e2e/schemathesis.toml lists these per operation.
 """
 
@@ -36,6 +36,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from service.api.fine_tuning_schemas import ACCEPTED_PURPOSE
 from service.settings import Settings
 from service.tenancy import NAME_PATTERN
 
@@ -90,7 +91,8 @@ def narrow(document: Schema, settings: Settings) -> Schema:
     files = _body(document, schemas, "/v1/files")
     if files is not None:
         props = files["properties"]
-        props["purpose"] = _only(props["purpose"], {"type": "string", "enum": ["fine-tune"]})
+        purpose = {"type": "string", "enum": [ACCEPTED_PURPOSE]}  # what the route checks
+        props["purpose"] = _only(props["purpose"], purpose)
         props["file"]["minLength"] = 1
     _headers_without_null(document)
     return document

@@ -21,6 +21,7 @@ FilePurpose = Literal[
     "vision",
     "user_data",
 ]
+ACCEPTED_PURPOSE = "fine-tune"  # the one purpose this service keeps files for
 JobStatus = Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
 
 

@@ -25,6 +25,7 @@ from starlette.responses import FileResponse, Response
 from service.api.deps import ManagePrincipal, ReadyEngine, only_query
 from service.api.errors import ApiError, openai_error_responses
 from service.api.fine_tuning_schemas import (
+    ACCEPTED_PURPOSE,
     FileDeleted,
     FileList,
     FileObject,
@@ -113,7 +114,7 @@ async def upload_file(
 ) -> FileObject:
     service = fine_tuning(request)
     settings = service.settings
-    if purpose != "fine-tune":
+    if purpose != ACCEPTED_PURPOSE:
         raise ApiError(
             400,
             "invalid_purpose",
