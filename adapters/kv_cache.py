@@ -10,7 +10,10 @@ capacity, head dim], so that nothing is copied that does not change:
     the last lengths[i] of them, the columns before are padding (zeros, masked out of
     attention by the caller). When rows leave, `start` moves right past the columns that are
     padding for every row still there, without a copy; when `end` reaches the capacity the
-    used columns are moved back to column 0, or the buffers grow (doubling: amortised O(1)).
+    used columns are moved back to column 0 in place, the buffers growing first (doubling)
+    when fewer than the used width would be free after the move: a move happens at most once
+    per `width` steps, so it costs less than a column write per step, amortised, and a batch
+    in steady state allocates nothing.
 The layers hand attention views of the used region. `DecodeState` (adapters.decoding) drives
 it; the cache only stores.
 """
@@ -100,7 +103,8 @@ class RowCache(Cache):
             self.start, self.end = 0, width  # take the first columns of the buffers it has
         elif width > self.end:  # longer than every column so far: make room on the left
             self._ensure(template, self.rows, self.end + headroom, shift=width - self.end)
-        self._ensure(template, self.rows + new, self.end + headroom)
+        # Column room for the steps is made by `reserve_column`, when a step needs it.
+        self._ensure(template, self.rows + new, self.end)
         lo = self.end - width
         start = min(self.start, lo) if self.rows else lo
         for layer, (keys, values) in zip(self.row_layers, layers, strict=True):
@@ -116,19 +120,23 @@ class RowCache(Cache):
 
     # --- steps, rows leaving ---------------------------------------------------------------
     def reserve_column(self, headroom: int = 32) -> None:
-        """Make room for the column the next step writes (call before the forward)."""
+        """Make room for the column the next step writes (call before the forward): the used
+        columns move back to column 0, into buffers with at least `width + headroom` columns
+        free after them (grown first when they have fewer)."""
         k_buf, _ = self.row_layers[0].buffers()
-        if self.end < k_buf.shape[2]:
+        capacity = k_buf.shape[2]
+        if self.end < capacity:
             return
-        if self.start > 0:  # columns free on the left: move the used ones back to 0
-            self._ensure(k_buf, self.rows, k_buf.shape[2], shift=-self.start)
+        width = self.width
+        if capacity - width >= width + headroom:  # the move fits beside the used columns
+            self._shift_to_start()
         else:
-            self._ensure(k_buf, self.rows, 2 * k_buf.shape[2] + headroom)
+            self._ensure(k_buf, self.rows, 2 * width + headroom, shift=-self.start)
 
     def advance(self) -> None:
-        """The step's column is written in every layer: it is in use now."""
+        """The step's column is written in every layer: it is in use now (each layer's
+        `update` already handed out views that include it)."""
         self.end += 1
-        self._views()
 
     def remove(self, positions: Sequence[int]) -> list[int]:
         """Drop the rows at `positions`; the last rows move into the holes. Returns, for each
@@ -194,6 +202,19 @@ class RowCache(Cache):
             layer.k_buf, layer.v_buf = k, v
         self.start += shift
         self.end += shift
+
+    def _shift_to_start(self) -> None:
+        """Move the used columns [start, end) to [0, width) in the same buffers (they do not
+        overlap: start >= width) and zero the columns they left, so nothing a row wrote stays
+        outside the columns it uses."""
+        s, e, w = self.start, self.end, self.width
+        assert s >= w, "the used columns would overlap their new place"
+        for layer in self.row_layers:
+            for buf in layer.buffers():
+                buf[: self.rows, :, :w] = buf[: self.rows, :, s:e]
+                buf[: self.rows, :, s:e] = 0
+        self.start, self.end = 0, w
+        self._views()
 
     def _views(self) -> None:
         for layer in self.row_layers:

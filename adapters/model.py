@@ -33,6 +33,9 @@ class ContextPEFTModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         self._inject()
+        # Looked up once: Hugging Face's accessor searches the model's attributes per call.
+        # Kept outside nn.Module's registry: it is the backbone's module, not a second child.
+        object.__setattr__(self, "_embeddings", backbone.lm.get_input_embeddings())
 
     def _inject(self) -> None:
         for index, layer in enumerate(decoder_layers(self.backbone.lm)):
@@ -56,7 +59,7 @@ class ContextPEFTModel(nn.Module):
         return self.backbone.tokenizer
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        embeddings = self.backbone.lm.get_input_embeddings()
+        embeddings: nn.Module = self.__dict__["_embeddings"]
         # The table's own device (Backbone.device walks the parameters: once per step adds up).
         weight = embeddings.weight
         assert isinstance(weight, torch.Tensor)

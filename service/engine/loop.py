@@ -33,7 +33,7 @@ from collections.abc import Callable
 
 import torch
 
-from adapters.decoding import accept
+from adapters.decoding import NON_FINITE, accept
 from service.adapter_cache import AdapterCache
 from service.engine.batch import RunningBatch
 from service.engine.isolation import grouped_by, incident, isolate
@@ -249,10 +249,24 @@ class StepLoop:
         first_of = {id(row): token for row, token in zip(joined, firsts, strict=True)}
         now = time.monotonic()
         keep = []
+        stops = (self.eos, NON_FINITE)
+        steps = len(nexts)
         for pos, row in enumerate(self.batch.rows):
             row.compute_s += share
+            if pos < steps and not (first_of and id(row) in first_of):
+                token = nexts[pos]
+                if (
+                    token not in stops
+                    and len(row.token_ids) + 1 < row.max_new_tokens
+                    and row.first_token
+                ):
+                    # The common case, decided as `accept` would: one token kept, no ending.
+                    row.token_ids.append(token)
+                    row.emit((token,))
+                    keep.append(pos)
+                    continue
             tokens = [first_of[id(row)]] if first_of and id(row) in first_of else []
-            if pos < len(nexts):
+            if pos < steps:
                 tokens.append(nexts[pos])
             new, ending = accept(tokens, len(row.token_ids), row.max_new_tokens, self.eos)
             row.token_ids += new
