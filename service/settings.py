@@ -67,6 +67,13 @@ class EngineConfig(BaseModel):
         description="Continuous: ...or, when fewer are waiting and all of them fit, once the "
         "first has waited this many decode steps (bounds the time to first token; 0: at once).",
     )
+    overlap: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="Overlap scheduling: a decode step is launched before the previous "
+        "step's tokens are read, so the host's work of a step runs while the device computes "
+        "the next (auto: on for CUDA, off for CPU, where a forward runs on the calling thread "
+        "and a row's extra step past its end is pure cost). The tokens are the same.",
+    )
     max_wait_ms: float = Field(
         default=5.0,
         ge=0,

@@ -12,6 +12,15 @@ One iteration (`StepLoop.iterate`), top to bottom:
 Every row ends through the row ledger (`finish`), which releases what it held and answers it
 once. With `scheduling="static"` step 3 runs only when the batch is empty (the baseline).
 
+Overlap (`overlap`, on by default on CUDA): step 5 reads the tokens of the decode step before,
+after step 4 has queued the next one, so the device computes step N + 1 while the host reads
+step N's tokens, streams them and prepares step N + 2. The copies start as soon as the kernels
+that compute the tokens are queued (`TokenRead`), so the read waits for those kernels only. A
+row that ended at step N has run step N + 1 as well: that step's token is never read for it
+(the same tokens as without overlap, one step of compute more per row that ends). If a decode
+step raises, the tokens due are read first, so a row that had already ended is answered with
+its caption, not with the step's fault.
+
 Faults. An exception is attributed to the rows that caused it (service/engine/isolation.py):
 a decode step that raises is retried adapter by adapter on copies of the state to find the
 culprits, which end with 503 engine_fault, and the rest steps again (DecodeState.step is all
@@ -29,13 +38,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from adapters.decoding import NON_FINITE, accept
 from service.adapter_cache import AdapterCache
-from service.engine.batch import RunningBatch
+from service.engine.batch import RunningBatch, TokenRead
 from service.engine.isolation import grouped_by, incident, isolate
 from service.engine.join import Joiner
 from service.engine.ledger import RowLedger
@@ -79,6 +89,11 @@ class StepLoop:
         self.batch = RunningBatch()
         self.stopping = False
         self.steps = 0  # iterations run (the loop's clock for prefill_max_wait_steps)
+        self.overlap = config.overlap == "on" or (
+            config.overlap == "auto" and self.model.backbone.device.type == "cuda"
+        )
+        self._due = _Due([], None)  # the tokens the current step reads
+        self._clock = time.perf_counter()  # when the compute being shared out began
         self.numerics = NumericGuard(ledger, registry, events, config.quarantine_after)
 
     # --- the thread ------------------------------------------------------------------------
@@ -107,17 +122,31 @@ class StepLoop:
         self.steps += 1
         self._sweep_queue()
         self._leave()
-        started = time.perf_counter()
+        self._clock = time.perf_counter()
         joined, first = self._join()
+        # The tokens this step reads: the new rows' first ones, and one decode step's: this
+        # step's, or with overlap the previous step's (this step's are then read next time,
+        # while the device computes the step after).
+        self._due = _Due(joined, None if first is None else TokenRead(first))
+        if self.overlap:
+            self._due.decoded = self.batch.take_pending()
         tokens = self._decode() if self.batch.rows else None
-        # The one host synchronisation of the step: the new rows' first tokens and every
-        # running row's next token, read together.
-        parts = [t for t in (first, tokens) if t is not None]
-        ids = torch.cat(parts).tolist() if parts else []
-        # Each row's share of the step's compute (usage metering).
-        share = (time.perf_counter() - started) / max(1, len(self.batch.rows))
-        split = 0 if first is None else first.shape[0]
-        self._advance(joined, ids[:split], ids[split:], share)
+        if tokens is not None:
+            if self.overlap:
+                self.batch.pending = TokenRead(tokens)
+            else:
+                self._due.decoded = TokenRead(tokens)
+        self._settle()
+
+    def _settle(self) -> None:
+        """Read the tokens due (the host's one wait for the device in a step) and advance the
+        rows with them; each row gets its share of the compute since the last settle."""
+        due, self._due = self._due, _Due([], None)
+        firsts = due.first.values() if due.first is not None else []
+        nexts = due.decoded.values() if due.decoded is not None else []
+        now = time.perf_counter()
+        share, self._clock = (now - self._clock) / max(1, len(self.batch.rows)), now
+        self._advance(due.joined, firsts, nexts, share)
 
     # --- 1. the queue ---------------------------------------------------------------------
     def _sweep_queue(self) -> None:
@@ -221,19 +250,28 @@ class StepLoop:
         except Exception:
             log.exception("decode step of %d rows failed; isolating", len(batch))
             self.events.fault("decode")
+        # The tokens due first: a row they end (EOS, its limit; with overlap, a row that ended
+        # at the step before this one) ends as it would have, not with this step's fault.
+        self._settle()
+        left = batch.state
+        if left is None:  # every row ended
+            return None
 
         def adapter_of(pos: int) -> AdapterVersion:
             return batch.rows[pos].key
 
         by_adapter = grouped_by(adapter_of)(list(range(len(batch))))
-        probed = isolate(by_adapter, lambda group: state.subset(group).step())
+        probed = isolate(by_adapter, lambda group: left.subset(group).step())
         culprits = {pos for pos, _ in probed.failed}
-        if culprits and len(culprits) < len(batch):
+        # No culprit among the rows left: the step failed for a row that has ended since (or
+        # once): it is tried again as it is.
+        if len(culprits) < len(batch):
             for pos in culprits:
                 self.ledger.finish(batch.rows[pos], EngineFault("decoding failed for this adapter"))
-            batch.keep([pos for pos in range(len(batch)) if pos not in culprits])
+            if culprits:
+                batch.keep([pos for pos in range(len(batch)) if pos not in culprits])
             try:
-                return state.step()
+                return left.step()
             except Exception:
                 log.exception("decode step failed again without the culprits")
         self.fail_running(EngineFault("a decode step failed and could not be attributed"))
@@ -241,33 +279,37 @@ class StepLoop:
 
     # --- 5. tokens and answers --------------------------------------------------------------
     def _advance(
-        self, joined: list[Row], firsts: list[int], nexts: list[int], share: float
+        self,
+        joined: list[Row],
+        firsts: Sequence[int | None],
+        nexts: Sequence[int | None],
+        share: float,
     ) -> None:
         """Give each row its new tokens (first token of a row that just joined, then the
-        decode step's) and its `share` of the step's compute, stream them, finish the rows
-        that ended, keep the others."""
-        first_of = {id(row): token for row, token in zip(joined, firsts, strict=True)}
+        decode step's: nexts[i] for the row at position i, None for none) and its `share` of
+        the step's compute, stream them, finish the rows that ended, keep the others."""
+        first_of = {id(row): first for row, first in zip(joined, firsts, strict=True)}
         now = time.monotonic()
         keep = []
         stops = (self.eos, NON_FINITE)
         steps = len(nexts)
         for pos, row in enumerate(self.batch.rows):
             row.compute_s += share
-            if pos < steps and not (first_of and id(row) in first_of):
-                token = nexts[pos]
-                if (
-                    token not in stops
-                    and len(row.token_ids) + 1 < row.max_new_tokens
-                    and row.first_token
-                ):
-                    # The common case, decided as `accept` would: one token kept, no ending.
-                    row.token_ids.append(token)
-                    row.emit((token,))
-                    keep.append(pos)
-                    continue
-            tokens = [first_of[id(row)]] if first_of and id(row) in first_of else []
-            if pos < steps:
-                tokens.append(nexts[pos])
+            token = nexts[pos] if pos < steps else None
+            first = first_of.get(id(row)) if first_of else None
+            if (
+                first is None
+                and token is not None
+                and token not in stops
+                and len(row.token_ids) + 1 < row.max_new_tokens
+                and row.first_token
+            ):
+                # The common case, decided as `accept` would: one token kept, no ending.
+                row.token_ids.append(token)
+                row.emit((token,))
+                keep.append(pos)
+                continue
+            tokens = [t for t in (first, token) if t is not None]
             new, ending = accept(tokens, len(row.token_ids), row.max_new_tokens, self.eos)
             row.token_ids += new
             if new:
@@ -303,6 +345,16 @@ class StepLoop:
         """Shutdown or a stopped worker: fail running rows and everything still queued."""
         self.fail_running(error)
         self.ledger.close(error)
+
+
+@dataclass
+class _Due:
+    """What a step reads: the first tokens of the rows that joined (in `joined` order) and one
+    decode step's tokens (per running row)."""
+
+    joined: list[Row]
+    first: TokenRead | None
+    decoded: TokenRead | None = None
 
 
 def caption_result(row: Row, caption: str, now: float, ending: str) -> CaptionResult:
