@@ -40,7 +40,7 @@ from service.api.errors import ApiError, to_api_error
 from service.api.state import ServiceState
 from service.auth import Principal
 from service.engine import CaptionRequest, CaptionResult
-from service.engine.answers import pump
+from service.engine.answers import pump, results_task
 from service.exceptions import Cancelled, EngineError
 from service.metrics import ServiceMetrics
 from service.store import AdapterRef
@@ -206,7 +206,7 @@ async def run_caption(
     watching the client and the drain; engine errors come out as ApiError (404, 422, 429,
     503, 504; 499 when the client left)."""
     submission = submission or await submit(engine, caption_request)
-    task = asyncio.ensure_future(submission.results())
+    task = results_task(submission)
     try:
         while True:
             done, _ = await asyncio.wait({task}, timeout=POLL_S)

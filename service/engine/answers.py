@@ -3,6 +3,7 @@ engine's `Submission`) or in Ray replicas (`RemoteSubmission`), and how a reques
 reach it as they are made (the HTTP stream, and a replica streaming to the ingress).
 
     results = await gather_answers(waits, deadline, timeout_s)   # in the order of the names
+    task = results_task(submission)     # results() as a task; cancelling it cancels the rows
     async for token in pump(task, queue, idle_s=15):             # TokenEvent, or None when idle
         ...                                                      # then task.result()
 """
@@ -13,7 +14,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from service.engine.types import CaptionResult
 from service.exceptions import DeadlineExceeded
@@ -65,3 +66,26 @@ async def pump(
         while not queue.empty():  # tokens reach the queue before their result
             yield TokenEvent(*queue.get_nowait())
         return
+
+
+class Cancellable(Protocol):
+    """An admitted request, in this process or across replicas."""
+
+    async def results(self) -> list[CaptionResult]: ...
+
+    def cancel(self) -> None: ...
+
+
+def results_task(submission: Cancellable) -> asyncio.Task[list[CaptionResult]]:
+    """`submission.results()` as a task whose cancellation always cancels the request. The
+    coroutine cancels its rows when a cancellation reaches it, but a task cancelled before its
+    first step never runs its coroutine at all: its rows would stay queued, run for nobody and
+    count against their adapter (a caller that leaves right after admission does that)."""
+    task = asyncio.ensure_future(submission.results())
+
+    def cancelled(done: asyncio.Task[list[CaptionResult]]) -> None:
+        if done.cancelled():
+            submission.cancel()
+
+    task.add_done_callback(cancelled)
+    return task

@@ -48,7 +48,7 @@ from adapters.format import AdapterFormatError
 from service import __version__
 from service.auth import KeyStore, metrics_token
 from service.engine import CaptionRequest, CaptionResult, Engine
-from service.engine.answers import pump
+from service.engine.answers import pump, results_task
 from service.exceptions import EngineError
 from service.metrics import ServiceMetrics, private_labels_allowed
 from service.scaleout.loopback import bind_replica_grpc_to_node_ip
@@ -146,7 +146,7 @@ class EngineReplica:
             yield RemoteError.of(exc)
             return
         yield Admitted(self.replica, hit)
-        task = asyncio.ensure_future(submission.results())
+        task = results_task(submission)
         try:
             async for event in pump(task, tokens):
                 assert event is not None  # no idle_s: the pump never idles

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from service.engine import CaptionRequest, CaptionResult, Engine, EngineConfig
+from service.engine.answers import results_task
 from service.exceptions import DeadlineExceeded
 from service.store import AdapterStore
 from tests.service.adapter_fixtures import noise_image, put, random_adapter, tiny_backbone
@@ -352,3 +353,27 @@ def test_waiting_rows_join_in_groups_or_after_the_wait_bound(
 
     asyncio.run(run())
     assert e.stats().completed == 6
+
+
+def test_a_request_cancelled_before_its_results_task_ran_leaves_the_queue_at_once(
+    engine: Callable[..., Engine],
+) -> None:
+    """A caller that leaves right after admission cancels the results task before its first
+    step (the HTTP handler and the replica create it, then await other things): the rows must
+    still leave the queue and give the tenant's count back, not run for nobody."""
+    e = engine()
+
+    async def run() -> None:
+        submission = await e.submit(ask(1, "a0", "a1"))
+        await queued(e, 2)
+        task = results_task(submission)
+        task.cancel()  # before the task ever ran
+        await settle()
+        assert task.cancelled()
+        assert e.scheduler.queued == 0 and e.admission.inflight == 0
+        await step(e, 3)
+
+    asyncio.run(run())
+    stats = e.stats()
+    assert stats.rows == 0 and stats.steps == 0  # nothing joined, nothing ran
+    assert stats.dropped.get("cancelled") == 2

@@ -66,6 +66,7 @@ from adapters.model import ContextPEFTModel
 from adapters.routing import Routing, current_routing
 from service.engine import CaptionRequest, CaptionResult, Engine, EngineConfig
 from service.engine import rows as rows_module
+from service.engine.answers import results_task
 from service.exceptions import (
     AdapterLoadError,
     AdapterNonFinite,
@@ -303,7 +304,7 @@ class StepLoopMachine(RuleBasedStateMachine):
                 assert self.non_finite_rows[spec.name] < QUARANTINE_AFTER
         for row in submission.rows:
             self.wait_loaded(row.key)
-        task = self.aloop.create_task(submission.results())
+        task = self.run(_started(submission))  # as the HTTP handler and the replica do
         record = Request(
             tuple(specs), image, task, tuple(r.future for r in submission.rows), tenant
         )
@@ -460,6 +461,11 @@ class StepLoopMachine(RuleBasedStateMachine):
         assert [cache.pins(s) for s in range(engine.bank.num_slots)] == [0] * 4
         assert cache.wanted() == 0
         assert engine.loop.batch.rows == [] and engine.loop.batch.state is None
+
+
+async def _started(submission: Any) -> asyncio.Task[list[CaptionResult]]:
+    """The request's results task on the test's event loop (not run yet)."""
+    return results_task(submission)
 
 
 # --- fault injection ------------------------------------------------------------------------------
