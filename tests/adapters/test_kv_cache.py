@@ -156,3 +156,51 @@ def test_a_cache_emptied_and_filled_again_keeps_its_buffers_and_shows_nothing_ol
     cache.append_tensors(short_row, headroom=4)  # 4 columns of padding over old NaN
     assert cache.row_layers[0].buffers()[0] is buffers[0]  # the same buffers, no new ones
     check(cache, [[(k[0], v[0]) for k, v in row] for row in (long_row, short_row)])
+
+
+def test_a_batch_in_steady_state_allocates_nothing_and_moves_leave_no_copies() -> None:
+    """Rows of bounded length join, step and leave for many steps: after the buffers have
+    grown to fit, no step, join or leave allocates (the used columns move back to column 0 in
+    the same buffers, at most once per `width` steps), every row still reads exactly its own
+    keys and values, and a move leaves nothing behind beyond the columns in use."""
+    rng = random.Random(7)
+    gen = torch.Generator().manual_seed(7)
+    cache = RowCache(LAYERS)
+    reference: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+    buffers: set[int] = set()
+    moves = 0
+    for step in range(400):
+        if len(reference) < 6 and rng.random() < 0.5:  # a row joins with a short prefix
+            tensors = fresh(1, rng.randint(2, 5), gen)
+            cache.append_tensors(tensors, headroom=4)
+            reference.append([(k[0], v[0]) for k, v in tensors])
+        if not reference:
+            continue
+        start = cache.start
+        cache.reserve_column(headroom=4)
+        moved = cache.start < start
+        column = fresh(len(reference), 1, gen)
+        for layer, (k, v) in zip(cache.row_layers, column, strict=True):
+            layer.update(k, v)
+        cache.advance()
+        for r, per_layer in enumerate(reference):
+            reference[r] = [
+                (torch.cat([pk, k[r]], dim=1), torch.cat([pv, v[r]], dim=1))
+                for (pk, pv), (k, v) in zip(per_layer, column, strict=True)
+            ]
+        if moved:
+            moves += 1
+            for layer in cache.row_layers:  # nothing of the rows outside their columns
+                for buf in layer.buffers():
+                    assert not buf[: cache.rows, :, cache.end :].any()
+        gone = [r for r, row in enumerate(reference) if row[0][0].shape[1] >= 12]
+        if gone:  # rows leave at 12 tokens: widths stay bounded
+            order = cache.remove(gone)
+            reference = [reference[i] for i in order]
+            if reference:
+                cache.trim(max(r[0][0].shape[1] for r in reference))
+        check(cache, reference)
+        if step >= 100:  # grown to fit by then
+            buffers.add(id(cache.row_layers[0].buffers()[0]))
+    assert len(buffers) == 1  # the same buffers for the last 300 steps
+    assert moves >= 10  # and the used columns moved back many times within them
