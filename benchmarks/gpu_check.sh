@@ -14,7 +14,10 @@
 # It writes into OUT_DIR: env.txt (card, driver, versions), cuda-tests.txt (the CUDA-marked
 # tests), mixed-batch-{small,paper}.json, serving-compute-{small,paper}.txt and
 # continuous-{small,paper}.json (continuous vs static scheduling), step-overhead-small.{json,txt}
-# (host time per engine step outside the forward at 1-128 rows), and log.txt (everything).
+# (host time per engine step outside the forward at 1-128 rows, overlap off),
+# step-overhead-overlap-{off,on}.{json,txt} (the mean step time with and without overlap
+# scheduling: what overlap buys), and log.txt (everything). The CUDA-marked tests include the
+# engine's tokens on the GPU with overlap on and off.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-gpu-results}}
@@ -62,6 +65,14 @@ for preset in small paper; do
 done
 step "host time per step outside the forward, small (device-synchronised timings)"
 CTXPEFT_SYNC_TIMING=1 timeout 150 $VPY -m benchmarks.step_overhead --preset small \
-    --rows 1,8,32,128 --seconds 4 --out "$OUT_DIR/step-overhead-small.json" \
+    --device cuda --overlap off --rows 1,8,32,128 --seconds 4 \
+    --out "$OUT_DIR/step-overhead-small.json" \
     > "$OUT_DIR/step-overhead-small.txt" 2>&1 || echo "step_overhead: exit $?"
+for overlap in off on; do
+    step "overlap $overlap: mean step time, small (no synchronisation but the token read)"
+    timeout 150 $VPY -m benchmarks.step_overhead --preset small --device cuda \
+        --overlap "$overlap" --rows 8,32,128 --seconds 4 \
+        --out "$OUT_DIR/step-overhead-overlap-$overlap.json" \
+        > "$OUT_DIR/step-overhead-overlap-$overlap.txt" 2>&1 || echo "overlap $overlap: exit $?"
+done
 step "done"

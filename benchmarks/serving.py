@@ -60,15 +60,15 @@ TENANT = "bench"
 
 
 # --- set-up ------------------------------------------------------------------------------------
-def build_backbone(preset: str, seed: int) -> Backbone:
+def build_backbone(preset: str, seed: int, device: str = "cpu") -> Backbone:
     # Pretrained presets (smol) load their built folder when there is one: the same weights
     # as converting the packaged files again, in a second instead of a minute.
     built = ROOT / "var" / "backbones" / preset
     if not isinstance(get_preset(preset).lm, dict) and (built / "backbone.json").is_file():
-        return Backbone.load(built)
+        return Backbone.load(built, device=device)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        return Backbone.build(preset)
+        return Backbone.build(preset, device=device)
 
 
 def images(count: int, size: int, seed: int) -> list[Image.Image]:
@@ -297,7 +297,13 @@ def compute_breakdown(bench: Bench, repeats: int = 7) -> dict[str, Any]:
     rows = args.max_batch
     features = bench.backbone.encode_images(bench.pixels[:rows])
     model = ContextPEFTModel(bench.backbone)
-    bank = AdapterBank(bench.backbone.dims, connector_spec(bench.backbone), 16, args.rank)
+    bank = AdapterBank(
+        bench.backbone.dims,
+        connector_spec(bench.backbone),
+        16,
+        args.rank,
+        device=bench.backbone.device,
+    )
     for slot in range(16):
         ref = bench.store.latest(TENANT, f"a{slot}")
         assert ref is not None
@@ -439,6 +445,13 @@ def run(args: argparse.Namespace) -> int:
         args.cold_loads, args.open_loop = 5, "0.5"
     if args.compute_only:
         args.adapters, args.peft_max = "16", 16
+    if args.device != "cpu":
+        if not args.compute_only:
+            raise SystemExit(
+                "--device other than cpu needs --compute-only: the serving comparison runs "
+                "its baselines on the CPU"
+            )
+        args.peft_max = 0  # the PEFT baseline's connectors live on the CPU
     given_out = args.out  # --out as given (a compute-only run writes there when given)
     # A quick or partial run never overwrites the recorded results.
     scratch = args.quick or args.compute_only
@@ -454,7 +467,7 @@ def run(args: argparse.Namespace) -> int:
     torch.set_grad_enabled(False)
     load_before = os.getloadavg()
     sizes = [int(n) for n in args.adapters.split(",")]
-    backbone = build_backbone(args.preset, args.seed)
+    backbone = build_backbone(args.preset, args.seed, args.device)
     pics = images(64, backbone.config.image_size, args.seed)
     with tempfile.TemporaryDirectory(prefix="ctxpeft-bench-") as scratch_dir:
         work = Path(scratch_dir)
@@ -464,7 +477,7 @@ def run(args: argparse.Namespace) -> int:
         for i, adapter in enumerate(adapters):
             store.write_version(TENANT, f"a{i}", functools.partial(save_adapter, adapter))
         print(f"{len(adapters)} adapters written in {time.perf_counter() - started:.1f} s")
-        base_backbone = build_backbone(args.preset, args.seed)
+        base_backbone = build_backbone(args.preset, args.seed, args.device)
         peft_n = max([n for n in sizes if n <= args.peft_max], default=0)
         started = time.perf_counter()
         loras = None
@@ -475,6 +488,7 @@ def run(args: argparse.Namespace) -> int:
                 f"PEFT model with {peft_n} adapters built in {time.perf_counter() - started:.1f} s"
             )
         connector = torch.nn.Linear(backbone.vision_dim, backbone.dims.hidden_size).eval()
+        connector = connector.to(backbone.device)
         bench = Bench(
             args,
             backbone,
@@ -493,6 +507,7 @@ def run(args: argparse.Namespace) -> int:
         compute = compute_breakdown(bench, args.compute_repeats)
         compute["machine"] = {
             "preset": args.preset,
+            "device": str(backbone.device),
             "cpus": os.cpu_count(),
             "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(),
@@ -513,7 +528,7 @@ def run(args: argparse.Namespace) -> int:
             "cpus": os.cpu_count(),
             "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(),
-            "device": "cpu",
+            "device": str(backbone.device),
             "loadavg_before": [round(x, 2) for x in load_before],
             "loadavg_after": [round(x, 2) for x in os.getloadavg()],
         },

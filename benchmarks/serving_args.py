@@ -52,5 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--compute-repeats", type=int, default=7, help="rounds of the compute breakdown"
     )
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu, cuda, cuda:N (other than cpu: --compute-only, without the PEFT case)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="results JSON path")
     parser.add_argument("--plot", type=Path, default=None, help="plot PNG path")

@@ -4,6 +4,7 @@ its forward passes, at 1, 8, 32 and 128 running rows over 16 adapters.
 Usage:
     python -m benchmarks.step_overhead                      # demo and small presets (~3 min)
     python -m benchmarks.step_overhead --preset demo --rows 32 --seconds 4
+    python -m benchmarks.step_overhead --preset small --device cuda --overlap on
 
 The engine runs as it serves (its worker thread, an asyncio closed loop of clients on the
 main thread): `rows` clients, a batch of at most `rows` rows, adapters drawn uniformly from
@@ -19,7 +20,10 @@ Measured with the instrumented classes of whichever tree is imported (`StepLoop.
 continuous-batching engine), so the same file measures an older checkout:
     PYTHONPATH=/tmp/ctxpeft-before python benchmarks/step_overhead.py ...
 On CUDA the forward's time is its launch time (host) unless CTXPEFT_SYNC_TIMING=1 adds a
-synchronisation after each call (then it is the device's).
+synchronisation after each call (then it is the device's). With overlap on (`--overlap on`,
+the default on CUDA) the host waits for the device in the token read instead, so compare the
+mean step time (steps per second) of `--overlap off` and `--overlap on` without
+CTXPEFT_SYNC_TIMING: that is what overlap changes.
 """
 
 from __future__ import annotations
@@ -168,7 +172,13 @@ def summarise(steps: list[dict[str, float]], rows: int) -> dict[str, Any]:
 
 
 def run_point(
-    preset: str, rows: int, seconds: float, max_new_tokens: int, seed: int
+    preset: str,
+    rows: int,
+    seconds: float,
+    max_new_tokens: int,
+    seed: int,
+    device: str = "cpu",
+    overlap: str | None = None,
 ) -> dict[str, Any]:
     from adapters.format import save_adapter
     from benchmarks.cold_load import make_adapter
@@ -176,7 +186,11 @@ def run_point(
     from service.engine import CaptionRequest, Engine, EngineConfig
     from service.store import AdapterStore
 
-    backbone = build_backbone(preset, seed)
+    # (An older tree's build_backbone takes no device: only a device other than the CPU
+    # needs the argument.)
+    backbone = (
+        build_backbone(preset, seed) if device == "cpu" else build_backbone(preset, seed, device)
+    )
     generator = torch.Generator().manual_seed(seed)
     size = backbone.config.image_size
     pixels = torch.randint(0, 256, (64, size, size, 3), generator=generator, dtype=torch.uint8)
@@ -186,7 +200,10 @@ def run_point(
         for i in range(ADAPTERS):
             adapter = make_adapter(backbone, 8, seed=i)
             store.write_version(TENANT, f"a{i}", functools.partial(save_adapter, adapter))
+        # `overlap` only when asked for: a tree older than the setting measures as it is.
+        extra: dict[str, Any] = {} if overlap is None else {"overlap": overlap}
         config = EngineConfig(
+            **extra,
             max_batch_size=rows,
             device_slots=ADAPTERS,
             max_rank=8,
@@ -220,7 +237,8 @@ def run_point(
 
             asyncio.run(load())
             steps = list(clock.steps)
-    return {"preset": preset, **summarise(steps, rows)}
+    found = {"preset": preset, "device": str(backbone.device), **summarise(steps, rows)}
+    return found if overlap is None else {**found, "overlap": overlap}
 
 
 def main() -> int:
@@ -232,6 +250,13 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--label", default="", help="a name for this tree in the output")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+    parser.add_argument(
+        "--overlap",
+        choices=["auto", "on", "off"],
+        default=None,
+        help="the engine's overlap setting (default: the tree's own default)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="results JSON path")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -239,7 +264,15 @@ def main() -> int:
     points = []
     for preset in args.preset.split(","):
         for rows in (int(r) for r in args.rows.split(",")):
-            point = run_point(preset, rows, args.seconds, args.max_new_tokens, args.seed)
+            point = run_point(
+                preset,
+                rows,
+                args.seconds,
+                args.max_new_tokens,
+                args.seed,
+                args.device,
+                args.overlap,
+            )
             points.append(point)
             print(json.dumps(point), flush=True)
     result = {

@@ -3,11 +3,14 @@ are read. Driven one iteration at a time from the test (no worker thread, no tim
 CPU where `overlap="on"` runs the same code path as on CUDA: every row gets exactly the tokens
 it gets alone, the price is exactly one more decode step for the rows that end last, and a
 decode step that fails for a row that had already ended does not turn its caption into a
-fault. (The stateful differential test of the step loop runs with overlap on as well.)"""
+fault. (The stateful differential test of the step loop runs with overlap on as well.) On a
+CUDA device (skipped without one; `benchmarks/gpu_check.sh` runs it) the engine gives the CPU
+reference's tokens with overlap on, its default there, and off."""
 
 from __future__ import annotations
 
 import asyncio
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -16,8 +19,10 @@ import torch
 
 from adapters.layers import ContextLinear
 from adapters.routing import current_routing
-from service.engine import CaptionResult, Engine
+from service.engine import CaptionResult, Engine, EngineConfig
+from service.store import AdapterStore
 from tests.service import test_step_loop as step_loop
+from tests.service.adapter_fixtures import tiny_backbone
 from tests.service.test_step_loop import LIMIT, ask, expected, settle, step, until_ready
 
 # The step loop tests' fixtures: a store of four adapters, and engines built on it.
@@ -98,3 +103,22 @@ def test_a_decode_fault_after_a_row_ended_does_not_fault_that_row(
     assert long[0].token_ids == want_long
     stats = e.stats()
     assert stats.faults.get("decode") == 1 and stats.failed == 0
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("overlap", ["auto", "off"])
+def test_on_cuda_the_engine_gives_the_cpu_tokens_with_overlap_on_and_off(
+    store: AdapterStore, overlap: str
+) -> None:
+    """The engine on the GPU (float32), with overlap (the default there) and without: every
+    row gets the tokens the CPU reference gives it alone."""
+    backbone = copy.deepcopy(tiny_backbone()).to("cuda")
+    config = EngineConfig(overlap=overlap, max_new_tokens_limit=LIMIT, default_max_new_tokens=LIMIT)
+    with Engine(backbone, store, config, start=False) as e:
+        assert e.loop.overlap is (overlap == "auto")
+        results = run_to_end(e, ask(1, "a0", "a1", max_new_tokens=5), ask(2, "a2", "a3"))
+    assert [[r.token_ids for r in rs] for rs in results] == [
+        [expected(0, 1, 5), expected(1, 1, 5)],
+        [expected(2, 2), expected(3, 2)],
+    ]
