@@ -260,8 +260,9 @@ def checked(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """`ids` with NON_FINITE where a row's logits [B, V] hold a NaN or an infinity (on the
     device: no host read). Exact and cheap: 0 * x is 0 for every finite x and NaN for a NaN
     or an infinity, so a row's sum of them is exactly 0 (it cannot overflow, whatever the
-    dtype) or NaN. Two vectorised passes cost less than `aminmax` (its one pass is a
-    reduction of two values per row: 13x slower at 32 x 49152 on a CPU core)."""
+    dtype) or NaN. Two vectorised passes cost less than one reduction that keeps two values
+    or a mask per row: on a CPU core at 32 x 2048, 13 us against 155 (`isfinite().all()`)
+    and 148 (`aminmax`)."""
     zero = logits.mul(0).sum(dim=-1)
     return torch.where(zero == 0, ids, NON_FINITE)
 
